@@ -10,10 +10,14 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Lazy: `import longtune` stays cheap (no torch import) for the CLI's --help and validation.
-    if name in ("load_model", "save_model"):
-        from longtune.model import convert
+    if name == "load_model":
+        from longtune.model.convert import load_model
 
-        return getattr(convert, name)
+        return load_model
+    if name == "save_model":
+        from longtune.export.hf import save_model
+
+        return save_model
     raise AttributeError(f"module 'longtune' has no attribute {name!r}")
 
 

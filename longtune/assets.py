@@ -71,7 +71,12 @@ def smollm2_checkpoint(out_dir: str | Path | None = None, dtype: str = "bfloat16
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
     config_dict = gguf_model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+    for key in (
+        "quantization_config",
+        "_name_or_path",
+        "_model_name_or_path",
+        "transformers_version",
+    ):
         config_dict.pop(key, None)
     config = LlamaConfig(**config_dict)
     torch_dtype = getattr(torch, dtype)

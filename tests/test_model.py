@@ -1,0 +1,276 @@
+"""The native model is the same function as transformers' LlamaForCausalLM; conversion is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import make_hf_checkpoint, rel_err, write_meta_style_checkpoint
+from safetensors import safe_open
+from transformers import LlamaForCausalLM
+
+import longtune
+from longtune.export.hf import export_native, hf_state_dict
+from longtune.model.args import UnsupportedModelError
+from longtune.model.convert import (
+    CheckpointMismatchError,
+    convert_hf_to_native,
+    key_map,
+)
+from longtune.model.llama import positions_from_cu_seqlens
+
+TOL = 1e-5
+
+CONFIGS = {
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa3-tied": dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    "gqa4-untied": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64),
+    "gqa4-llama3-rope": dict(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        hidden_size=64,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def read_all(folder) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
+    out = {}
+    for f in files:
+        with safe_open(folder / f, framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def assert_same_checkpoint(a, b) -> None:
+    ta, tb = read_all(a), read_all(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype, k
+        assert ta[k].shape == tb[k].shape, k
+        assert torch.equal(ta[k], tb[k]), f"{k} differs"
+    assert json.loads((a / "config.json").read_text()) == json.loads(
+        (b / "config.json").read_text()
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (b / name).read_bytes() == (a / name).read_bytes(), name
+
+
+def hf_reference(path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def native_grads_as_hf(model, args) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if args.tie_embeddings:
+        grads["output.weight"] = grads["tok_embeddings.weight"]
+    return hf_state_dict(grads, args, with_lm_head=False)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_and_grads_match_transformers(tmp_path, name):
+    ckpt = make_hf_checkpoint(tmp_path / name, **CONFIGS[name])
+    ref = hf_reference(ckpt)
+    model = longtune.load_model(ckpt, dtype=torch.float32)
+    # Positions up to 80 go past original_max_position_embeddings=32 of the llama3 config.
+    ids = torch.randint(
+        0, ref.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(1)
+    )
+    ref_logits = ref(ids).logits
+    logits = model(ids)
+    assert logits.shape == ref_logits.shape
+    assert rel_err(logits, ref_logits) < TOL
+
+    w = torch.randn(ref_logits.shape, generator=torch.Generator().manual_seed(2))
+    (ref_logits * w).sum().backward()
+    (logits * w).sum().backward()
+    ours = native_grads_as_hf(model, model.args)
+    theirs = {n: p.grad for n, p in ref.named_parameters()}
+    for key, g in ours.items():
+        if key == "lm_head.weight" and model.args.tie_embeddings:
+            continue
+        assert rel_err(g, theirs[key]) < TOL, f"grad of {key}: {rel_err(g, theirs[key]):.2e}"
+
+
+def test_packed_documents_equal_separate_runs(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path / "ck", **CONFIGS["gqa4-llama3-rope"])
+    ref = hf_reference(ckpt)
+    model = longtune.load_model(ckpt, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    # Two packed rows of 24 tokens: [5, 9, 10] and [3, 7, 14]; row boundary is a doc boundary.
+    lengths = [5, 9, 10, 3, 7, 14]
+    docs = [torch.randint(0, 128, (n,), generator=g) for n in lengths]
+    ids = torch.cat(docs).view(2, 24)
+    cu = torch.tensor([0, 5, 14, 24, 27, 34, 48], dtype=torch.int32)
+    logits = model(ids, cu_seqlens=cu).reshape(48, -1)
+    with torch.no_grad():
+        for doc, start in zip(docs, cu[:-1].tolist(), strict=True):
+            alone = ref(doc[None]).logits[0]
+            got = logits[start : start + len(doc)]
+            assert rel_err(got, alone) < TOL
+    # Positions derived from cu_seqlens restart at 0 in every document.
+    pos = positions_from_cu_seqlens(cu, 48)
+    assert pos[:14].tolist() == list(range(5)) + list(range(9))
+    # Explicit position_ids give the same result as derived ones.
+    logits2 = model(ids, position_ids=pos.view(2, 24), cu_seqlens=cu).reshape(48, -1)
+    assert torch.equal(logits, logits2)
+
+
+@pytest.mark.parametrize("name", ["mha-untied", "gqa3-tied"])
+def test_round_trip_is_bit_identical(tmp_path, name):
+    ckpt = make_hf_checkpoint(tmp_path / "in", **CONFIGS[name])
+    model = longtune.load_model(ckpt)
+    out = longtune.save_model(model, tmp_path / "out", source=ckpt)
+    assert_same_checkpoint(ckpt, out)
+
+
+def test_meta_style_bf16_sharded_round_trip_via_native(tmp_path):
+    ckpt = write_meta_style_checkpoint(tmp_path / "meta")
+    config_text = (ckpt / "config.json").read_text()
+    model = longtune.load_model(ckpt)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16  # bf16 stays bf16
+    assert model.args.rope_scaling["rope_type"] == "llama3"
+
+    direct = longtune.save_model(model, tmp_path / "direct")
+    assert_same_checkpoint(ckpt, direct)
+    assert (direct / "config.json").read_text() == config_text  # written back verbatim
+    assert (direct / "model.safetensors.index.json").exists()
+    src_map = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    out_map = json.loads((direct / "model.safetensors.index.json").read_text())["weight_map"]
+    assert src_map == out_map
+
+    native = convert_hf_to_native(ckpt, tmp_path / "native")
+    exported = export_native(native, tmp_path / "exported")
+    assert_same_checkpoint(ckpt, exported)
+
+    # Loading through the native folder gives the same model as loading the HF folder.
+    again = longtune.load_model(native)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+
+    # And the HF reference agrees with the native model on the Meta-form config (llama3 rope,
+    # positions past original_max_position_embeddings=64).
+    ref = hf_reference(ckpt)
+    fp32 = longtune.load_model(ckpt, dtype="float32")
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(fp32(ids), ref(ids).logits) < TOL
+
+
+def test_export_with_requested_dtype_changes_only_dtype(tmp_path):
+    ckpt = write_meta_style_checkpoint(tmp_path / "meta")
+    model = longtune.load_model(ckpt)
+    out = longtune.save_model(model, tmp_path / "fp32", dtype="float32")
+    src, dst = (
+        json.loads((ckpt / "config.json").read_text()),
+        json.loads((out / "config.json").read_text()),
+    )
+    assert dst.pop("torch_dtype") == "float32"
+    src.pop("torch_dtype")
+    assert src == dst
+    a, b = read_all(ckpt), read_all(out)
+    for k in a:
+        assert b[k].dtype == torch.float32
+        assert torch.equal(b[k].to(torch.bfloat16), a[k])
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    assert reloaded.config.rope_parameters["rope_type"] == "llama3"
+
+
+def test_key_map_covers_every_parameter():
+    from longtune.model.args import PRESETS
+    from longtune.model.llama import Transformer
+
+    for tied in (False, True):
+        args = PRESETS["debug"]
+        args = type(args)(**{**args.to_dict(), "tie_embeddings": tied})
+        with torch.device("meta"):
+            model = Transformer(args)
+        names = set(model.state_dict())
+        assert names == set(key_map(args))
+
+
+# ------------------------------------------------------------------------------- clear errors
+
+
+def test_unsupported_architecture_names_itself_and_the_supported(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path / "ck")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "mistral"
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError) as e:
+        longtune.load_model(ckpt)
+    msg = str(e.value)
+    assert "mistral" in msg and "MistralForCausalLM" in msg
+    assert "llama" in msg and "LlamaForCausalLM" in msg
+
+
+def _rewrite_weights(ckpt, edit) -> None:
+    from safetensors.torch import save_file
+
+    tensors = read_all(ckpt)
+    edit(tensors)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_and_unexpected_tensors_are_listed(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path / "ck")
+
+    def edit(t):
+        del t["model.layers.1.mlp.up_proj.weight"]
+        del t["model.norm.weight"]
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
+
+    _rewrite_weights(ckpt, edit)
+    with pytest.raises(CheckpointMismatchError) as e:
+        longtune.load_model(ckpt)
+    msg = str(e.value)
+    assert "missing tensors (2): model.layers.1.mlp.up_proj.weight, model.norm.weight" in msg
+    assert "unexpected tensors (1): model.layers.0.self_attn.rotary_emb.inv_freq" in msg
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path / "ck")
+
+    def edit(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 48)
+
+    _rewrite_weights(ckpt, edit)
+    with pytest.raises(CheckpointMismatchError) as e:
+        longtune.load_model(ckpt)
+    msg = str(e.value)
+    assert "model.layers.0.self_attn.k_proj.weight" in msg
+    assert "(16, 48)" in msg and "(24, 48)" in msg
+
+
+def test_non_safetensors_checkpoint_is_refused_clearly(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path / "ck")
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        longtune.load_model(ckpt)
+
+
+def test_save_without_source_explains(tmp_path):
+    from longtune.model.args import PRESETS
+    from longtune.model.llama import Transformer
+
+    with pytest.raises(ValueError, match="source="):
+        longtune.save_model(Transformer(PRESETS["debug"]), tmp_path / "x")
