@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtune.model.args import ModelArgs
+from longtune.model.loss import chunked_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -322,6 +323,20 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+        loss_chunk_size: int = 4096,
     ) -> torch.Tensor:
-        """Logits ``(bs, seq, vocab)``. For inspection and tests; training uses the chunked loss."""
-        return self.output(self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen))
+        """Logits ``(bs, seq, vocab)``, or with ``labels`` the summed token loss.
+
+        Args:
+            input_ids, position_ids, cu_seqlens, max_seqlen: see :meth:`hidden`.
+            labels: ``(bs, seq)`` targets already shifted (``-100`` ignored). When given, the
+                output projection and cross-entropy run in chunks of ``loss_chunk_size``
+                tokens and the float32 *sum* of token losses is returned; full logits are never
+                built. (The loss is computed here, inside ``forward``, so that wrappers such as
+                FSDP see every parameter use.)
+        """
+        h = self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
+        if labels is None:
+            return self.output(h)
+        return chunked_cross_entropy(h, self.output.weight, labels, loss_chunk_size)

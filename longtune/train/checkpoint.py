@@ -1,0 +1,431 @@
+"""Resumable training checkpoints that survive ``kill -9`` at any instant.
+
+Layout of one checkpoint, ``<run_dir>/checkpoints/step-<N>/``::
+
+    .metadata, __<rank>_0.distcp   model + optimizer state, written by torch.distributed.checkpoint
+                                   (DCP): each rank writes its own shards, any world size can load
+    rank-<r>.pt                    per rank: scheduler state, RNG states, the caller's ``extra``
+    COMPLETE                       JSON manifest (step, world size, every file with its size and,
+                                   for the small files, a CRC32), written last
+
+Protocol (why no crash leaves something that looks complete but is not):
+
+1. rank 0 creates ``step-N.tmp-<pid>``; every rank writes its files there and fsyncs them
+   (DCP fsyncs its shards and ``.metadata``); barrier.
+2. rank 0 writes and fsyncs ``COMPLETE`` inside the tmp dir, fsyncs the tmp dir, then renames
+   it to ``step-N`` and fsyncs ``checkpoints/``. The rename is the commit: before it only a
+   ``*.tmp-*`` directory exists (never considered), after it a complete ``step-N`` exists.
+3. Only then are older checkpoints pruned to ``keep_last``, each first renamed to
+   ``step-K.trash-<pid>`` (so a half-deleted one never looks like a checkpoint), and stale
+   tmp/trash directories of killed runs are removed.
+
+:func:`find_latest_checkpoint` additionally checks the manifest against the files on disk and
+that DCP's metadata is readable, and skips (with a log line) anything that fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_STALE_DIR = re.compile(r"step-\d+\.(tmp|trash)-.+")
+# Files up to this size get a CRC32 in the manifest (metadata, rank files); shards only a size.
+_CRC_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _dist_state() -> tuple[bool, int, int]:
+    """(process group initialized, rank, world size)."""
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+def _barrier(initialized: bool) -> None:
+    if initialized:
+        dist.barrier()
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """Silence DCP's "assuming the intent is to save/load in a single process" warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The RNG states of Python, NumPy, torch (CPU) and, when initialized, CUDA of this process.
+
+    Returns:
+        A dict that ``torch.load(..., weights_only=True)`` can read back (no numpy objects).
+    """
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states captured by :func:`capture_rng_state`.
+
+    Args:
+        state: the dict from capture_rng_state (possibly after a torch.save/torch.load).
+    """
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["name"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """DCP-ready state: plain or FSDP2-sharded (DTensor) model and optimizer state dicts."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_SUBDIR
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    extra: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Atomically write ``run_dir/checkpoints/step-{step}`` and prune old checkpoints.
+
+    Call on every rank (collective when a process group is initialized). Model and optimizer
+    state go through DCP, so FSDP2-sharded models write only their local shards.
+
+    Args:
+        run_dir: the run directory (shared by all ranks; a shared filesystem across nodes).
+        step: the optimizer step the state corresponds to.
+        model: the model (plain or FSDP2 ``fully_shard``-ed).
+        optimizer: its optimizer, or None to save only the model.
+        scheduler: the learning-rate scheduler, or None.
+        extra: this rank's extra state (step, tokens seen, loader state, ...). Must hold only
+            tensors, numbers, strings, None and lists/tuples/dicts of them, as it is loaded with
+            ``weights_only=True``. RNG states are captured automatically.
+        keep_last: complete checkpoints to keep after this one is written (>= 1).
+
+    Returns:
+        The checkpoint directory. If a complete checkpoint for this step already exists it is
+        left untouched (a warning is logged) and returned.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    initialized, rank, world = _dist_state()
+    root = _checkpoint_root(run_dir)
+    final = root / f"step-{step}"
+
+    # Rank 0 decides the tmp directory and whether this step already has a complete checkpoint.
+    decision: list[Any] = [None, False]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        already = _verify(final) is None
+        tmp = root / f"step-{step}.tmp-{os.getpid()}"
+        if tmp.exists():  # a pid reused from a killed run
+            shutil.rmtree(tmp)
+        if not already:
+            tmp.mkdir()
+        decision = [str(tmp), already]
+    if initialized:
+        dist.broadcast_object_list(decision, src=0)
+    tmp, already = Path(decision[0]), decision[1]
+    if already:
+        if rank == 0:
+            logger.warning("checkpoint %s already exists and is complete; not overwriting", final)
+        return final
+
+    with _quiet_single_process():
+        dcp.save(
+            _app_state(model, optimizer),
+            storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+            no_dist=not initialized,
+        )
+    payload = {
+        "step": step,
+        "rank": rank,
+        "world_size": world,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "extra": extra,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _write_durable(tmp / f"rank-{rank}.pt", buffer.getvalue())
+    _barrier(initialized)
+
+    if rank == 0:
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            size = path.stat().st_size
+            files[path.name] = {"size": size}
+            if size <= _CRC_MAX_BYTES and not path.name.endswith(".distcp"):
+                files[path.name]["crc32"] = _crc32(path)
+        manifest = {"step": step, "world_size": world, "time": time.time(), "files": files}
+        _write_durable(tmp / MARKER, json.dumps(manifest, indent=1).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # incomplete (checked above): move it out of the way first
+            _remove_dir(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        logger.info("saved checkpoint %s", final)
+        _prune(root, keep_last)
+    _barrier(initialized)
+    return final
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename to a trash name (atomic), then delete: a half-deleted dir never looks valid."""
+    trash = path.with_name(f"{path.name}.trash-{os.getpid()}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``step-N`` directories, newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for path in root.iterdir():
+        if _STALE_DIR.fullmatch(path.name) and path.is_dir():
+            logger.info("removing stale partial checkpoint directory %s", path)
+            shutil.rmtree(path)
+    complete = [path for _, path in _step_dirs(root) if (path / MARKER).is_file()]
+    for path in complete[keep_last:]:
+        logger.info("removing old checkpoint %s (keep_last=%d)", path, keep_last)
+        _remove_dir(path)
+    _fsync_dir(root)
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") or (None, why it is unusable)."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return None, f"no {MARKER} marker"
+    try:
+        manifest = json.loads(marker.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, f"unreadable {MARKER} marker ({exc})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None, f"malformed {MARKER} marker"
+    return manifest, ""
+
+
+def _verify(path: Path) -> str | None:
+    """None if ``path`` is a complete, intact checkpoint, else the reason it is not."""
+    if not path.is_dir():
+        return "not a directory"
+    manifest, why = _read_manifest(path)
+    if manifest is None:
+        return why
+    for name, info in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"missing file {name}"
+        if file.stat().st_size != info.get("size"):
+            return f"{name} has {file.stat().st_size} bytes, expected {info.get('size')}"
+        if "crc32" in info and _crc32(file) != info["crc32"]:
+            return f"{name} is corrupted (CRC32 mismatch)"
+    try:
+        dcp.FileSystemReader(path).read_metadata()
+    except Exception as exc:  # any unpickling/IO failure means the checkpoint is unusable
+        return f"unreadable DCP metadata ({type(exc).__name__}: {exc})"
+    return None
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run.
+
+    Incomplete or corrupted ``step-N`` directories (no marker, missing or truncated files,
+    unreadable metadata) are skipped with a warning naming them; tmp directories are ignored.
+
+    Args:
+        run_dir: the run directory (the one given to save_checkpoint).
+
+    Returns:
+        The checkpoint directory, or None if there is no complete checkpoint.
+    """
+    for _, path in _step_dirs(_checkpoint_root(run_dir)):
+        reason = _verify(path)
+        if reason is None:
+            return path
+        logger.warning("skipping incomplete or corrupted checkpoint %s: %s", path, reason)
+    return None
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint: ``step``, ``world_size``, ``time``, ``files``.
+
+    Args:
+        path: a checkpoint directory.
+
+    Returns:
+        The parsed COMPLETE manifest.
+
+    Raises:
+        ValueError: if the checkpoint is incomplete or corrupted.
+    """
+    path = Path(path)
+    reason = _verify(path)
+    if reason is not None:
+        raise ValueError(f"{path} is not a usable checkpoint: {reason}")
+    manifest, _ = _read_manifest(path)
+    assert manifest is not None
+    return manifest
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into model, optimizer and scheduler in place, and restore RNG states.
+
+    Call on every rank (collective when a process group is initialized). The model must be
+    built (and sharded) the same way as when saving; DCP reshards if the world size changed.
+
+    Args:
+        path: a checkpoint directory (from find_latest_checkpoint or the user).
+        model: the model to load into.
+        optimizer: the optimizer to load into, or None to load only the model.
+        scheduler: the scheduler to load into, or None.
+        restore_rng: restore this rank's Python/NumPy/torch RNG states.
+
+    Returns:
+        This rank's ``extra`` dict as given to save_checkpoint. If the checkpoint was written
+        with fewer ranks than this rank's index, rank 0's extra is returned and RNG states are
+        left alone (a warning is logged).
+
+    Raises:
+        ValueError: if the checkpoint is incomplete or corrupted.
+    """
+    info = checkpoint_info(path)
+    path = Path(path)
+    initialized, rank, world = _dist_state()
+    state = _app_state(model, optimizer)
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not initialized)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+    rank_file = path / f"rank-{rank}.pt"
+    own_file = rank_file.is_file()
+    if not own_file:
+        logger.warning(
+            "checkpoint %s was written by %d ranks, this is rank %d of %d: using rank 0's "
+            "extra state and not restoring RNG states",
+            path,
+            info["world_size"],
+            rank,
+            world,
+        )
+        rank_file = path / "rank-0.pt"
+    payload = torch.load(rank_file, map_location="cpu", weights_only=True)
+    if scheduler is not None:
+        if payload["scheduler"] is None:
+            raise ValueError(f"{path} has no scheduler state; pass scheduler=None to skip it")
+        scheduler.load_state_dict(payload["scheduler"])
+    if restore_rng and own_file:
+        restore_rng_state(payload["rng"])
+    return payload["extra"]

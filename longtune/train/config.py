@@ -1,0 +1,643 @@
+"""Run configuration: nested dataclasses, one YAML file, ``--section.key=value`` overrides.
+
+Precedence is CLI > file > defaults. Everything that can be checked without knowing the world
+size is validated by :func:`load_config`, before any process group or allocation; the checks
+that need the world size live in :func:`validate_for_world`.
+
+Example::
+
+    cfg = load_config("run.yaml", ["--optim.lr=3e-5", "--task-type", "chat"])
+    dp = validate_for_world(cfg, world_size=8)
+    grad_accum = resolve_grad_accum(cfg, dp)
+
+This module imports no torch, so the CLI can validate a config cheaply.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Duration:
+    """How long to train: ``value`` epochs (``unit="ep"``) or optimizer steps (``unit="st"``)."""
+
+    value: int
+    unit: str
+
+    def __post_init__(self) -> None:
+        if self.unit not in DURATION_UNITS:
+            raise ValueError(f"duration unit {self.unit!r} is not one of ep, st")
+        if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value <= 0:
+            raise ValueError(f"duration value must be a positive integer, got {self.value!r}")
+
+    def __str__(self) -> str:
+        return f"{self.value}{self.unit}"
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        """Parse ``"3ep"`` (epochs) or ``"500st"`` (optimizer steps).
+
+        Args:
+            text: the duration string.
+
+        Returns:
+            The parsed Duration.
+
+        Raises:
+            ValueError: if the text is not of the form ``<positive int>ep`` or ``<positive int>st``.
+        """
+        match = re.fullmatch(r"\s*(\d+)\s*(ep|st)\s*", str(text))
+        if match is None or int(match.group(1)) <= 0:
+            raise ValueError(
+                f"{text!r} is not a duration; use e.g. '3ep' (epochs) or '500st' (optimizer steps)"
+            )
+        return cls(int(match.group(1)), match.group(2))
+
+
+DURATION_UNITS = ("ep", "st")
+
+
+@dataclass
+class ModelConfig:
+    path: str
+    """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files). Required."""
+
+    dtype: str = "auto"
+    """Parameter/compute dtype: auto | float32 | bfloat16 (auto = bfloat16 on CUDA, float32 on CPU)."""
+
+    activation_checkpointing: str = "selective"
+    """Activation checkpointing mode: none | selective | full."""
+
+
+@dataclass
+class DataConfig:
+    train: list[str]
+    """Training data files (JSONL or text); comma-separated on the command line. Required."""
+
+    eval: list[str] = field(default_factory=list)
+    """Evaluation data files; empty = no evaluation."""
+
+    task_type: str = "chat"
+    """Format of the data lines: chat | instruction | text."""
+
+    context_length: int = 8192
+    """Tokens per packed sequence (the full sequence, before sequence-parallel slicing)."""
+
+    loss_on: str = "all_assistant"
+    """Which tokens carry loss in chat data: all_assistant | last_assistant."""
+
+    overlength: str = "truncate"
+    """What to do with an example longer than context_length: truncate | drop."""
+
+    cache_dir: str | None = None
+    """Where to cache tokenized data; None = no cache."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas; 'b1,b2' on the command line."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 = no clipping."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear learning-rate warmup from ~0 to lr."""
+
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: cosine | linear | constant."""
+
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of lr (cosine and linear schedules)."""
+
+
+@dataclass
+class TrainConfig:
+    duration: Duration = Duration(1, "ep")
+    """Training length: 'Nep' = N epochs, 'Nst' = N optimizer steps."""
+
+    micro_batch_size: int = 1
+    """Packed sequences per forward/backward on each data-parallel rank."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; derived instead when batch_tokens is set."""
+
+    batch_tokens: int | None = None
+    """Target tokens per optimizer step over all data-parallel ranks; derives grad_accum
+    (rounded up). Leave grad_accum at 1 when setting this."""
+
+    seed: int = 0
+    """Seed for model init, data order and dropout; identical on every rank of an SP group."""
+
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 = only at the start and at the end."""
+
+    eval_batches: int = 0
+    """Micro-batches per evaluation; 0 = the whole eval set."""
+
+
+@dataclass
+class ParallelConfig:
+    sp: int = 1
+    """Sequence-parallel (Ulysses) degree: ranks that share one sequence."""
+
+    dp: int = -1
+    """Data-parallel degree; -1 = world_size / sp."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a checkpoint every N optimizer steps; 0 = only at the end."""
+
+    keep_last: int = 2
+    """Number of complete checkpoints to keep (older ones are deleted)."""
+
+    resume: str = "auto"
+    """auto = resume from the newest complete checkpoint in output.dir if any; never = start
+    fresh; otherwise a checkpoint directory to resume from."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/longtune"
+    """Run directory: checkpoints, metrics.jsonl, train.log, config.yaml, the exported model."""
+
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+
+    mlflow: bool = False
+    """Also log to MLflow (needs the mlflow package; uses MLflow's own environment settings)."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+#: Plain CLI flags and the config keys they set (``--lr 3e-5`` == ``--optim.lr=3e-5``).
+FLAG_ALIASES: dict[str, str] = {
+    "model": "model.path",
+    "data": "data.train",
+    "eval-data": "data.eval",
+    "task-type": "data.task_type",
+    "context-length": "data.context_length",
+    "duration": "train.duration",
+    "lr": "optim.lr",
+    "warmup": "optim.warmup_steps",
+    "batch-tokens": "train.batch_tokens",
+    "micro-batch-size": "train.micro_batch_size",
+    "grad-accum": "train.grad_accum",
+    "seed": "train.seed",
+    "output-dir": "output.dir",
+    "resume": "checkpoint.resume",
+    "sp": "parallel.sp",
+}
+
+#: Keys whose value must be one of a fixed set.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.activation_checkpointing": ("none", "selective", "full"),
+    "data.task_type": ("chat", "instruction", "text"),
+    "data.loss_on": ("all_assistant", "last_assistant"),
+    "data.overlength": ("truncate", "drop"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(JobConfig)
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null", "~", "")
+
+
+def _section_fields(section: str) -> dict[str, Any]:
+    """Field name -> resolved type annotation for one section."""
+    return typing.get_type_hints(_SECTIONS[section])
+
+
+def _known_keys_message(section: str) -> str:
+    return f"known keys in {section}: {', '.join(_section_fields(section))}"
+
+
+def _check_key(key: str, source: str) -> tuple[str, str]:
+    """Split ``section.name`` and check both parts exist."""
+    section, dot, name = key.partition(".")
+    if not dot or not name:
+        raise ConfigError(
+            f"{source}: {key!r} is not a config key; use section.key "
+            f"(sections: {', '.join(_SECTIONS)}) or one of the flags {', '.join(FLAG_ALIASES)}"
+        )
+    if section not in _SECTIONS:
+        raise ConfigError(
+            f"{source}: unknown section {section!r} in {key!r} (known sections: {', '.join(_SECTIONS)})"
+        )
+    if name not in _section_fields(section):
+        raise ConfigError(f"{source}: unknown key {key!r} ({_known_keys_message(section)})")
+    return section, name
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert a YAML value or a command-line string to the field's annotated type."""
+    where = f"{key} (from {source})"
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        return _coerce(value, args[0], key, source)
+    if value is None:
+        raise ConfigError(f"{where}: value must not be empty/null (expected {_type_name(tp)})")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        items = _split_list(value) if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, key, source) for v in items]
+    if origin is tuple:
+        item_tps = typing.get_args(tp)
+        items = _split_list(value) if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or len(items) != len(item_tps):
+            raise ConfigError(
+                f"{where}: expected {len(item_tps)} comma-separated values, got {value!r}"
+            )
+        return tuple(_coerce(v, t, key, source) for v, t in zip(items, item_tps, strict=True))
+    if tp is Duration:
+        if isinstance(value, Duration):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a duration like '3ep' or '500st', got {value!r}")
+        return _parse(Duration.parse, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"{where}: {value!r} is not a boolean; use true or false")
+    if tp is int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        return _parse(int, str(value).strip(), where)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        return _parse(float, str(value).strip(), where)
+    if tp is str:
+        if isinstance(value, dict | list | tuple):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config field {key} has unsupported type {tp!r}")
+
+
+def _parse(fn: Any, text: str, where: str) -> Any:
+    """Call a parser, turning its ValueError into a ConfigError naming the key."""
+    try:
+        return fn(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: could not parse {text!r}: {exc}") from None
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
+    """Turn command-line tokens into ``(section.key, raw string value)`` pairs.
+
+    Accepted forms: ``--optim.lr=3e-5``, ``optim.lr=3e-5``, ``--optim.lr 3e-5``, the aliases of
+    :data:`FLAG_ALIASES` (``--lr=3e-5``, ``--task-type chat``) and, for booleans, a bare
+    ``--output.tensorboard`` meaning true. Dashes in key names are read as underscores.
+
+    Args:
+        overrides: the tokens, in command-line order (later ones win).
+
+    Returns:
+        ``(dotted key, value string, flag as typed)`` triples, keys checked against the config
+        sections.
+
+    Raises:
+        ConfigError: for an unknown key, an unknown flag or a flag without a value.
+    """
+    pairs: list[tuple[str, str, str]] = []
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        i += 1
+        body = token[2:] if token.startswith("--") else token
+        if not token.startswith("--") and "=" not in token:
+            raise ConfigError(
+                f"unexpected argument {token!r}; overrides look like --section.key=value"
+            )
+        name, eq, value = body.partition("=")
+        key = FLAG_ALIASES.get(name) or _normalize_key(name)
+        section, field_name = _check_key(key, f"--{name}")
+        if not eq:
+            is_bool = _section_fields(section)[field_name] is bool
+            has_value = i < len(overrides) and not overrides[i].startswith("--")
+            if has_value:
+                value = overrides[i]
+                i += 1
+            elif is_bool:
+                value = "true"
+            else:
+                raise ConfigError(f"--{name} needs a value: --{name}=VALUE or --{name} VALUE")
+        pairs.append((key, value, f"--{name}"))
+    return pairs
+
+
+def _normalize_key(name: str) -> str:
+    section, dot, rest = name.partition(".")
+    return f"{section}{dot}{rest.replace('-', '_')}"
+
+
+def _read_yaml(path: str) -> dict[str, dict[str, Any]]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist or is not a file")
+    data = yaml.safe_load(file.read_text())
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    for section, body in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"config file {path}: unknown section {section!r} "
+                f"(known sections: {', '.join(_SECTIONS)})"
+            )
+        if body is None:
+            data[section] = {}
+        elif not isinstance(body, dict):
+            raise ConfigError(
+                f"config file {path}: section {section!r} must be a mapping of keys, got {body!r}"
+            )
+    return data
+
+
+def load_config(path: str | None, overrides: list[str]) -> JobConfig:
+    """Build and validate the run configuration from defaults, a YAML file and CLI overrides.
+
+    Args:
+        path: YAML file with one mapping per section (``model:``, ``optim:``, ...), or None.
+        overrides: command-line tokens such as ``["--optim.lr=3e-5", "--task-type", "chat"]``;
+            they take precedence over the file.
+
+    Returns:
+        The validated JobConfig.
+
+    Raises:
+        ConfigError: naming the key, for unknown keys, missing required keys, unparsable
+            values and values out of range (choices are listed).
+    """
+    values: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _SECTIONS}
+    if path is not None:
+        for section, body in _read_yaml(path).items():
+            for name, value in body.items():
+                _check_key(f"{section}.{name}", f"config file {path}")
+                values[section][name] = (value, f"config file {path}")
+    for key, value, flag in parse_overrides(overrides):
+        section, name = key.split(".", 1)
+        values[section][name] = (value, flag)
+
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        hints = _section_fields(section)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if f.name in values[section]:
+                raw, source = values[section][f.name]
+                kwargs[f.name] = _coerce(raw, hints[f.name], key, source)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                flag = next((a for a, k in FLAG_ALIASES.items() if k == key), None)
+                hint = f" or --{flag}" if flag else ""
+                raise ConfigError(
+                    f"missing required key {key!r}: set it in the config file or with --{key}=...{hint}"
+                )
+        sections[section] = cls(**kwargs)
+    cfg = JobConfig(**sections)
+    validate_config(cfg)
+    return cfg
+
+
+def _ensure(ok: bool, key: str, value: Any, requirement: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is invalid; {requirement}")
+
+
+def validate_config(cfg: JobConfig) -> None:
+    """Check every value and cross-field constraint that does not need the world size.
+
+    Args:
+        cfg: the configuration to check (load_config already calls this).
+
+    Raises:
+        ConfigError: naming the first bad key, its value and what would be valid.
+    """
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    m, d, o, t, p, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.checkpoint
+    _ensure(bool(m.path.strip()), "model.path", m.path, "give the Hugging Face checkpoint folder")
+    _ensure(len(d.train) > 0, "data.train", d.train, "give at least one training data file")
+    _ensure(d.context_length > 0, "data.context_length", d.context_length, "must be > 0")
+    _ensure(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
+    _ensure(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _ensure(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", o.betas, "each must be in [0, 1)")
+    _ensure(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _ensure(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
+    _ensure(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _ensure(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    if t.duration.unit == "st":
+        _ensure(
+            o.warmup_steps <= t.duration.value,
+            "optim.warmup_steps",
+            o.warmup_steps,
+            f"must be <= the {t.duration.value} optimizer steps of train.duration={t.duration}",
+        )
+    _ensure(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _ensure(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
+    if t.batch_tokens is not None:
+        _ensure(t.batch_tokens > 0, "train.batch_tokens", t.batch_tokens, "must be > 0 or null")
+        _ensure(
+            t.grad_accum == 1,
+            "train.grad_accum",
+            t.grad_accum,
+            f"train.batch_tokens={t.batch_tokens} derives grad_accum; set only one of the two",
+        )
+    _ensure(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = start and end)")
+    _ensure(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0 (0 = all)")
+    _ensure(p.sp >= 1, "parallel.sp", p.sp, "must be >= 1")
+    _ensure(p.dp == -1 or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1, or -1 for world_size/sp")
+    _ensure(
+        d.context_length % p.sp == 0,
+        "data.context_length",
+        d.context_length,
+        f"must be divisible by parallel.sp={p.sp}; the nearest valid lengths are "
+        f"{d.context_length // p.sp * p.sp} and {(d.context_length // p.sp + 1) * p.sp}",
+    )
+    _ensure(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
+    _ensure(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    _ensure(
+        bool(c.resume.strip()), "checkpoint.resume", c.resume, "use auto, never or a checkpoint dir"
+    )
+    _ensure(bool(cfg.output.dir.strip()), "output.dir", cfg.output.dir, "give a run directory")
+
+
+def validate_for_world(cfg: JobConfig, world_size: int) -> int:
+    """Check the parallel degrees against the world size and resolve the data-parallel degree.
+
+    Args:
+        cfg: a validated configuration.
+        world_size: the number of processes in the job.
+
+    Returns:
+        The data-parallel degree (``parallel.dp``, or world_size / sp when it is -1).
+
+    Raises:
+        ConfigError: printing every degree and the world size when they do not fit.
+    """
+    sp, dp = cfg.parallel.sp, cfg.parallel.dp
+    degrees = f"world_size={world_size}, parallel.sp={sp}, parallel.dp={dp}"
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1 ({degrees})")
+    if world_size % sp != 0:
+        valid = [s for s in range(1, world_size + 1) if world_size % s == 0]
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.sp={sp} ({degrees}); "
+            f"valid sp degrees for this world size: {', '.join(map(str, valid))}"
+        )
+    resolved = world_size // sp if dp == -1 else dp
+    if resolved * sp != world_size:
+        raise ConfigError(
+            f"parallel.dp * parallel.sp must equal the world size: {dp} * {sp} = {dp * sp} "
+            f"!= {world_size} ({degrees}); set parallel.dp={world_size // sp} or -1"
+        )
+    return resolved
+
+
+def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step.
+
+    With ``train.batch_tokens`` set this is ``ceil(batch_tokens / (micro_batch_size *
+    context_length * dp_size))`` (SP ranks share one sequence, so only dp counts);
+    otherwise ``train.grad_accum``.
+
+    Args:
+        cfg: the configuration.
+        dp_size: the data-parallel degree (from :func:`validate_for_world`).
+
+    Returns:
+        The gradient-accumulation steps, >= 1.
+    """
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    if cfg.train.batch_tokens is None:
+        return cfg.train.grad_accum
+    per_micro_step = cfg.train.micro_batch_size * cfg.data.context_length * dp_size
+    return max(1, math.ceil(cfg.train.batch_tokens / per_micro_step))
+
+
+def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of the config (YAML/JSON-safe: durations as strings, tuples as lists).
+
+    Args:
+        cfg: the configuration.
+
+    Returns:
+        ``{section: {key: value}}`` for every field, defaults included.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for section in _SECTIONS:
+        obj = getattr(cfg, section)
+        out[section] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Duration):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_config(cfg: JobConfig, path: str | Path) -> None:
+    """Write the fully resolved configuration as YAML; ``load_config(path, [])`` gives it back.
+
+    Args:
+        cfg: the configuration.
+        path: the YAML file to write (parent directories are created).
+    """
+    file = Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+@cache
+def field_docs() -> dict[str, str]:
+    """The docstring of every config field, keyed ``section.key`` (for CLI help).
+
+    Returns:
+        Mapping from dotted key to the field's docstring, whitespace collapsed.
+    """
+    tree = ast.parse(inspect.getsource(inspect.getmodule(JobConfig)))
+    by_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        docs: dict[str, str] = {}
+        for stmt, nxt in zip(node.body, node.body[1:], strict=False):
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and is_doc:
+                docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+        by_class[node.name] = docs
+    return {
+        f"{section}.{name}": doc
+        for section, cls in _SECTIONS.items()
+        for name, doc in by_class.get(cls.__name__, {}).items()
+    }

@@ -1,0 +1,210 @@
+"""Tests for the run configuration: precedence, typed overrides, errors, round trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from longtune.train.config import (
+    FLAG_ALIASES,
+    ConfigError,
+    Duration,
+    JobConfig,
+    config_to_dict,
+    field_docs,
+    load_config,
+    resolve_grad_accum,
+    save_config,
+    validate_for_world,
+)
+
+REQUIRED = ["--model=/models/llama", "--data=train.jsonl"]
+
+
+def write_yaml(tmp_path, data) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_with_only_required_keys():
+    cfg = load_config(None, REQUIRED)
+    assert cfg.model.path == "/models/llama"
+    assert cfg.data.train == ["train.jsonl"]
+    assert cfg.data.eval == []
+    assert cfg.optim.lr == 1e-5
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.train.duration == Duration(1, "ep")
+    assert cfg.parallel.dp == -1
+    assert cfg.checkpoint.resume == "auto"
+    assert cfg.output.tensorboard is False
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        {
+            "model": {"path": "/from/file"},
+            "data": {"train": ["a.jsonl"], "context_length": 4096},
+            "optim": {"lr": "2e-5", "schedule": "linear"},  # PyYAML reads 2e-5 as a string
+        },
+    )
+    cfg = load_config(path, ["--optim.lr=3e-5", "--model", "/from/cli"])
+    assert cfg.optim.lr == 3e-5  # CLI beats file
+    assert cfg.model.path == "/from/cli"
+    assert cfg.optim.schedule == "linear"  # file beats default
+    assert cfg.data.context_length == 4096
+    assert cfg.optim.weight_decay == 0.0  # default
+
+
+def test_typed_overrides_and_all_syntaxes():
+    cfg = load_config(
+        None,
+        [
+            "--model",
+            "m",
+            "data.train=a.jsonl,b.jsonl",
+            "--eval-data=e.jsonl",
+            "--task-type",
+            "text",
+            "--context-length=1024",
+            "--optim.betas=0.8,0.99",
+            "--output.tensorboard",
+            "--output.mlflow=false",
+            "--train.batch-tokens",
+            "65536",
+            "--duration=100st",
+            "--warmup",
+            "10",
+            "--data.cache_dir=none",
+            "--seed=-3",
+        ],
+    )
+    assert cfg.data.train == ["a.jsonl", "b.jsonl"]
+    assert cfg.data.eval == ["e.jsonl"]
+    assert cfg.data.task_type == "text"
+    assert cfg.data.context_length == 1024
+    assert cfg.optim.betas == (0.8, 0.99)
+    assert cfg.output.tensorboard is True and cfg.output.mlflow is False
+    assert cfg.train.batch_tokens == 65536
+    assert cfg.train.duration == Duration(100, "st")
+    assert cfg.optim.warmup_steps == 10
+    assert cfg.data.cache_dir is None
+    assert cfg.train.seed == -3
+
+
+def test_every_alias_targets_a_real_key():
+    for flag, key in FLAG_ALIASES.items():
+        section, name = key.split(".")
+        assert name in config_to_dict(load_config(None, REQUIRED))[section], flag
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["--optim.schedule=cosin"],
+            "optim.schedule: 'cosin' is not one of cosine, linear, constant",
+        ),
+        (["--optim.lrr=1"], "unknown key 'optim.lrr' (known keys in optim: lr, weight_decay,"),
+        (["--optimizer.lr=1"], "unknown section 'optimizer'"),
+        (["--bogus=1"], "'bogus' is not a config key"),
+        (["--lr=abc"], "optim.lr (from --lr): could not parse 'abc'"),
+        (["--lr=0"], "optim.lr: 0.0 is invalid; must be a finite number > 0"),
+        (["--duration=3"], "train.duration (from --duration)"),
+        (["--context-length=1.5"], "data.context_length (from --context-length): could not parse"),
+        (["--output.tensorboard=maybe"], "'maybe' is not a boolean"),
+        (["--optim.betas=0.9"], "optim.betas (from --optim.betas): expected 2 comma-separated"),
+        (["--checkpoint.keep_last=0"], "checkpoint.keep_last: 0 is invalid; must be >= 1"),
+        (["--model.dtype=fp16"], "model.dtype: 'fp16' is not one of auto, float32, bfloat16"),
+        (["--sp=3"], "data.context_length: 8192 is invalid; must be divisible by parallel.sp=3"),
+        (["--batch-tokens=100", "--grad-accum=4"], "set only one of the two"),
+        (["--duration=5st", "--warmup=10"], "optim.warmup_steps: 10 is invalid; must be <= the 5"),
+        (["--lr"], "--lr needs a value"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, REQUIRED + overrides)
+    assert message in str(info.value)
+
+
+def test_missing_required_keys_are_named():
+    with pytest.raises(ConfigError, match="missing required key 'model.path'.*--model"):
+        load_config(None, ["--data=a.jsonl"])
+    with pytest.raises(ConfigError, match="missing required key 'data.train'"):
+        load_config(None, ["--model=m"])
+
+
+def test_file_errors(tmp_path):
+    bad_key = write_yaml(tmp_path, {"model": {"path": "m", "pth": "x"}, "data": {"train": ["a"]}})
+    with pytest.raises(ConfigError, match=r"config file .*unknown key 'model.pth'"):
+        load_config(bad_key, [])
+    bad_section = write_yaml(tmp_path, {"modle": {"path": "m"}})
+    with pytest.raises(ConfigError, match="unknown section 'modle'"):
+        load_config(bad_section, [])
+    bad_type = write_yaml(
+        tmp_path, {"model": {"path": "m"}, "data": {"train": ["a"]}, "train": {"seed": 1.5}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.seed \(from config file .*\): expected an integer"
+    ):
+        load_config(bad_type, [])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"), [])
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(
+        None,
+        REQUIRED
+        + [
+            "--eval-data=e1,e2",
+            "--optim.betas=0.5,0.6",
+            "--duration=7st",
+            "--data.cache_dir=/c",
+            "--lr=1e-4",
+            "--batch-tokens=4096",
+            "--output.tensorboard=true",
+            "--parallel.dp=2",
+        ],
+    )
+    path = tmp_path / "out" / "config.yaml"
+    save_config(cfg, path)
+    again = load_config(str(path), [])
+    assert again == cfg
+    assert isinstance(again, JobConfig)
+    # The saved file is plain YAML with every key, durations as strings.
+    data = yaml.safe_load(path.read_text())
+    assert data["train"]["duration"] == "7st"
+    assert set(data["optim"]) >= {"lr", "betas", "warmup_steps", "min_lr_ratio"}
+
+
+def test_validate_for_world():
+    cfg = load_config(None, REQUIRED + ["--sp=2"])
+    assert validate_for_world(cfg, 8) == 4
+    with pytest.raises(ConfigError) as info:
+        validate_for_world(load_config(None, REQUIRED + ["--sp=4", "--context-length=64"]), 6)
+    assert "world_size=6, parallel.sp=4, parallel.dp=-1" in str(info.value)
+    assert "valid sp degrees for this world size: 1, 2, 3, 6" in str(info.value)
+    with pytest.raises(ConfigError, match=r"3 \* 2 = 6 != 8"):
+        validate_for_world(load_config(None, REQUIRED + ["--sp=2", "--parallel.dp=3"]), 8)
+
+
+def test_resolve_grad_accum():
+    cfg = load_config(None, REQUIRED + ["--grad-accum=3"])
+    assert resolve_grad_accum(cfg, dp_size=4) == 3
+    cfg = load_config(
+        None, REQUIRED + ["--context-length=1000", "--micro-batch-size=2", "--batch-tokens=10001"]
+    )
+    # 10001 / (2 * 1000 * 2) = 2.5 -> 3 (rounded up); never below 1.
+    assert resolve_grad_accum(cfg, dp_size=2) == 3
+    assert resolve_grad_accum(cfg, dp_size=100) == 1
+
+
+def test_every_field_has_a_docstring():
+    docs = field_docs()
+    for section, body in config_to_dict(load_config(None, REQUIRED)).items():
+        for name in body:
+            assert docs.get(f"{section}.{name}"), f"{section}.{name} has no docstring"
