@@ -1,0 +1,662 @@
+"""The fine-tuning run: a thin loop that reads top to bottom.
+
+Order of a run (everything that can be wrong with the input fails before any process group or
+large allocation):
+
+1. resolve and validate the config; validate every data line; read the model's config.json;
+   check the parallel degrees against the world size and the model's heads;
+2. start the process group (gloo on CPU, NCCL on GPU; a world of one without torchrun);
+3. tokenize + pack (rank 0 first, others reuse its cache), build the per-rank loader;
+4. load the model, apply activation checkpointing and FSDP2, build AdamW and the schedule;
+5. resume from the newest complete checkpoint (``checkpoint.resume=auto``);
+6. train: micro-batches of one optimizer step are fetched together so the loss can be divided
+   by the supervised-token count of the whole global batch; gradient clipping; NaN stop;
+   metrics, periodic eval and checkpoints;
+7. export ``hf/`` and check it by loading it back in ``transformers``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longtune.train.config import (
+    FLAG_ALIASES,
+    JobConfig,
+    config_to_dict,
+    field_docs,
+    load_config,
+    resolve_grad_accum,
+    save_config,
+    validate_for_world,
+)
+
+logger = logging.getLogger("longtune.train")
+
+SOURCE_SUBDIR = "source"
+EXPORT_SUBDIR = "hf"
+EXPORT_CHECK = "export_check.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    """What a finished (or failed) run left behind."""
+
+    status: str
+    """``completed`` or ``failed``."""
+    run_dir: Path
+    export_dir: Path | None = None
+    final_step: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    """Every record of ``metrics.jsonl`` (train steps and eval records)."""
+    export_check: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def eval_losses(self) -> list[float]:
+        return [m["eval_loss"] for m in self.metrics if m.get("kind") == "eval"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preflight: everything checkable without a process group or a big allocation
+# ---------------------------------------------------------------------------------------------
+
+
+def preflight(cfg: JobConfig, world_size: int) -> int:
+    """Validate data, model config and parallel layout; returns the data-parallel degree."""
+    from longtune.data import validate_files
+    from longtune.model.args import ModelArgs
+    from longtune.parallel.dims import ParallelDims
+
+    model_dir = Path(cfg.model.path)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint folder "
+            "(no config.json)"
+        )
+    for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for p in paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"{key}: {p} does not exist")
+    errors = validate_files(list(cfg.data.train) + list(cfg.data.eval), cfg.data.task_type)
+    if errors:
+        raise errors[0]
+    args = ModelArgs.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    dp = validate_for_world(cfg, world_size)
+    dims = ParallelDims.from_config(dp, cfg.parallel.sp, world_size)
+    dims.check_model(args.n_heads, args.n_kv_heads)
+    if dims.sp > 1:
+        raise NotImplementedError(
+            f"parallel.sp={dims.sp}: sequence parallelism is not available yet; use parallel.sp=1 "
+            "(data parallel over all ranks)"
+        )
+    return dp
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _copy_source(model_dir: Path, run_dir: Path) -> None:
+    """Keep config.json, tokenizer files and the tensor layout of the source model in the run,
+    so checkpoints can be exported without the original folder."""
+    from longtune.model.convert import copy_meta_files, read_hf_source
+
+    _, src = read_hf_source(model_dir)
+    dst = run_dir / SOURCE_SUBDIR
+    copy_meta_files(model_dir, dst)
+    (dst / "hf_source.json").write_text(json.dumps(src.to_json(), indent=1))
+
+
+def _run_source(run_dir: Path):  # noqa: ANN202
+    from longtune.model.convert import HFSource
+
+    d = run_dir / SOURCE_SUBDIR
+    meta = json.loads((d / "hf_source.json").read_text())
+    return HFSource(
+        config_text=meta["config_text"],
+        weight_map=meta["weight_map"],
+        dtypes=meta["dtypes"],
+        meta_dir=d,
+        sharded=meta["sharded"],
+    )
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past the step a run resumes from (they will be produced again)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
+    """Run a fine-tuning job described by ``cfg`` (one process, or one rank under torchrun).
+
+    Args:
+        cfg: the validated job config.
+        _fault: test hook, called as ``_fault(step, loss_sum)`` and returning the loss sum to
+            use (used to inject a NaN).
+
+    Returns:
+        The run's result (rank 0 has the export check; every rank has the status).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = preflight(cfg, world_size)
+
+    from longtune.parallel.dims import init_distributed
+
+    rank, world, device = init_distributed()
+    try:
+        return _run(cfg, rank, world, dp, device, _fault)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(
+    cfg: JobConfig, rank: int, world: int, dp: int, device: torch.device, fault: Any
+) -> RunResult:
+    from longtune.data import PackedLoader, build_packed_dataset
+    from longtune.model.convert import load_model
+    from longtune.parallel.dims import ParallelDims
+    from longtune.parallel.parallelize import parallelize
+    from longtune.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+    from longtune.train.metrics import MetricsWriter, ProgressLine, setup_logging
+    from longtune.train.schedule import build_lr_scheduler
+
+    run_dir = Path(cfg.output.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    setup_logging(run_dir, rank)
+    dims = ParallelDims.from_config(dp, cfg.parallel.sp, world)
+    dp_rank, sp_rank = dims.coords(rank)
+    torch.manual_seed(cfg.train.seed)
+
+    # ---- data: rank 0 tokenizes (and fills the cache) first, the others then read the cache.
+    def build(paths: list[str]):  # noqa: ANN202
+        return build_packed_dataset(
+            paths,
+            cfg.model.path,
+            cfg.data.task_type,
+            cfg.data.context_length,
+            loss_on=cfg.data.loss_on,
+            overlength=cfg.data.overlength,
+            cache_dir=cfg.data.cache_dir,
+        )
+
+    datasets = {}
+    for turn in (0, 1):
+        if (rank == 0) == (turn == 0):
+            datasets["train"] = build(cfg.data.train)
+            datasets["eval"] = build(cfg.data.eval) if cfg.data.eval else None
+        dist.barrier()
+    mbs = cfg.train.micro_batch_size
+    loader = PackedLoader(
+        datasets["train"],
+        micro_batch_size=mbs,
+        dp_rank=dp_rank,
+        dp_size=dims.dp,
+        sp_rank=sp_rank,
+        sp_size=dims.sp,
+        seed=cfg.train.seed,
+    )
+    eval_loader = (
+        PackedLoader(
+            datasets["eval"],
+            micro_batch_size=mbs,
+            dp_rank=dp_rank,
+            dp_size=dims.dp,
+            sp_rank=sp_rank,
+            sp_size=dims.sp,
+            seed=cfg.train.seed,
+        )
+        if datasets["eval"] is not None
+        else None
+    )
+    accum = resolve_grad_accum(cfg, dims.dp)
+    duration = cfg.train.duration
+    steps_per_epoch = max(1, math.ceil(len(loader) / accum))
+    total_steps = duration.value if duration.unit == "st" else duration.value * steps_per_epoch
+
+    # ---- model, parallelism, optimizer
+    on_gpu = device.type == "cuda"
+    if cfg.model.dtype == "auto":
+        compute_dtype = torch.bfloat16 if on_gpu else torch.float32
+    else:
+        compute_dtype = getattr(torch, cfg.model.dtype)
+    model = load_model(cfg.model.path, dtype=torch.float32, device="cpu")
+    args = model.args
+    if rank == 0 and not (run_dir / SOURCE_SUBDIR / "hf_source.json").exists():
+        _copy_source(Path(cfg.model.path), run_dir)
+    mesh = dims.build_mesh(device.type)
+    parallelize(
+        model,
+        mesh,
+        cfg.model.activation_checkpointing,
+        param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+    )
+    model.init_buffers(device=device)
+    model.train()
+    opt = cfg.optim
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=opt.lr,
+        betas=tuple(opt.betas),
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        fused=on_gpu,
+        foreach=None if on_gpu else True,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer, opt.schedule, opt.warmup_steps, total_steps, opt.min_lr_ratio
+    )
+
+    # ---- resume
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    ckpt = None
+    if cfg.checkpoint.resume == "auto":
+        found = [str(find_latest_checkpoint(run_dir) or "")] if rank == 0 else [None]
+        dist.broadcast_object_list(found, src=0)
+        ckpt = Path(found[0]) if found[0] else None
+    elif cfg.checkpoint.resume != "never":
+        ckpt = Path(cfg.checkpoint.resume)
+    if ckpt is not None:
+        extra = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        step, tokens_seen = extra["step"], extra["tokens_seen"]
+        elapsed_before = extra["elapsed_s"]
+        loader.load_state_dict(extra["loader"])
+        logger.info("resumed from %s at step %d", ckpt, step)
+    if rank == 0:
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        save_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+
+    metrics = MetricsWriter(
+        run_dir, rank, tensorboard=cfg.output.tensorboard, mlflow=cfg.output.mlflow
+    )
+    if rank == 0 and ckpt is None:
+        metrics.log_params({k: v for s in config_to_dict(cfg).values() for k, v in s.items()})
+    progress = ProgressLine(total_steps, rank)
+    logger.info(
+        "training %s: %d params, %d steps (%d per epoch), %d micro-batches x %d seq x %d tokens "
+        "per rank per step, world %d (dp %d, sp %d), %s on %s",
+        cfg.model.path,
+        args.num_params(),
+        total_steps,
+        steps_per_epoch,
+        accum,
+        mbs,
+        cfg.data.context_length,
+        world,
+        dims.dp,
+        dims.sp,
+        compute_dtype,
+        device,
+    )
+
+    def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()
+        }
+
+    def evaluate() -> dict[str, float] | None:
+        if eval_loader is None:
+            return None
+        model.eval()
+        n = len(eval_loader) if cfg.train.eval_batches <= 0 else cfg.train.eval_batches
+        loss_sum, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(n):
+                b = to_device(eval_loader.batch(i // len(eval_loader), i % len(eval_loader)))
+                loss_sum += float(
+                    model(
+                        b["input_ids"],
+                        position_ids=b["position_ids"],
+                        cu_seqlens=b["cu_seqlens"],
+                        max_seqlen=b["max_seqlen"],
+                        labels=b["labels"],
+                    )
+                )
+                count += b["num_supervised"]
+        loss_sum, count = _all_reduce_sum([loss_sum, count / dims.sp], device)
+        model.train()
+        loss = loss_sum / max(count, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+    def log_eval(at: int) -> None:
+        result = evaluate()
+        if result is not None:
+            metrics.log(at, {"kind": "eval", **result})
+            logger.info(
+                "eval at step %d: loss %.4f, ppl %.2f", at, result["eval_loss"], result["eval_ppl"]
+            )
+
+    if step == 0:
+        log_eval(0)
+    t_start = time.monotonic()
+    progress.start(step)
+    while step < total_steps:
+        t0 = time.monotonic()
+        batches = [next(loader) for _ in range(accum)]
+        local_count = sum(b["num_supervised"] for b in batches)
+        (global_count,) = _all_reduce_sum([local_count / dims.sp], device)
+        scale = world / max(global_count, 1.0)
+        loss_sum = 0.0
+        for b in batches:
+            b = to_device(b)
+            part = model(
+                b["input_ids"],
+                position_ids=b["position_ids"],
+                cu_seqlens=b["cu_seqlens"],
+                max_seqlen=b["max_seqlen"],
+                labels=b["labels"],
+            )
+            if fault is not None:
+                part = fault(step + 1, part)
+            (part * scale).backward()
+            loss_sum += float(part.detach())
+        (loss_sum,) = _all_reduce_sum([loss_sum], device)
+        loss = loss_sum / max(global_count, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            samples = [None] * world
+            dist.all_gather_object(samples, [s for b in batches for s in b["sample_ids"]])
+            raise TrainingDivergedError(
+                f"non-finite loss {loss} / grad norm {grad_norm} at step {step + 1} "
+                f"(packed sequences per rank: {samples}); stopped without writing a checkpoint. "
+                "Lower optim.lr, check the data of these samples, or resume from the last "
+                "checkpoint"
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_tokens = accum * mbs * cfg.data.context_length * dims.dp
+        tokens_seen += step_tokens
+        dt = time.monotonic() - t0
+        metrics.log(
+            step,
+            {
+                "kind": "train",
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": step_tokens,
+                "supervised_tokens": int(global_count),
+                "tokens_seen": tokens_seen,
+                "tokens_per_s": step_tokens / dt,
+                "peak_memory_gb": _peak_memory_gb(device),
+                "elapsed_s": elapsed_before + time.monotonic() - t_start,
+                "epoch": batches[-1]["epoch"],
+            },
+        )
+        progress.update(step, loss, step_tokens, lr=lr)
+        if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
+            log_eval(step)
+        if step == total_steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0):
+            save_checkpoint(
+                run_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                extra={
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "elapsed_s": elapsed_before + time.monotonic() - t_start,
+                    "loader": loader.state_dict(),
+                },
+                keep_last=cfg.checkpoint.keep_last,
+            )
+    log_eval(step)
+
+    # ---- export (rank 0 writes; gathering the full state is collective)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    result = RunResult(status="completed", run_dir=run_dir, final_step=step)
+    if rank == 0:
+        export_dir = run_dir / EXPORT_SUBDIR
+        result.export_dir = export_and_check(full, args, _run_source(run_dir), export_dir, run_dir)
+        result.export_check = json.loads((run_dir / EXPORT_CHECK).read_text())
+        logger.info("exported %s (self-check: %s)", export_dir, result.export_check)
+    metrics.close()
+    dist.barrier()
+    result.metrics = read_metrics(run_dir)
+    return result
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Export with a self-check in transformers
+# ---------------------------------------------------------------------------------------------
+
+
+def export_and_check(
+    state: dict[str, torch.Tensor],
+    args: Any,
+    source: Any,
+    export_dir: Path,
+    run_dir: Path,
+    dtype: str | None = None,
+) -> Path:
+    """Write the HF folder, load it back with transformers and compare logits on a probe.
+
+    The comparison is between ``transformers``' ``LlamaForCausalLM`` loaded from the written
+    folder and the native model holding the trained weights as written (cast to the export
+    dtype), both run in float32. The drift from the un-rounded trained weights is recorded too.
+    The result goes to ``run_dir/export_check.json``; a failed check raises.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longtune.export.hf import save_model
+    from longtune.model.convert import load_model
+    from longtune.model.llama import Transformer
+
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    save_model(None, export_dir, source=source, dtype=dtype, state_dict=state)
+    hf = AutoModelForCausalLM.from_pretrained(
+        export_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    probe_text = "Long-context fine-tuning check: the quick brown fox jumps over the lazy dog."
+    ids = torch.tensor([tokenizer(probe_text)["input_ids"]])
+
+    with torch.no_grad():
+        ref = hf(ids).logits
+        # The trained weights exactly as written (export dtype), and as trained (unrounded).
+        written = load_model(export_dir, dtype=torch.float32)(ids)
+        trained = Transformer(args)
+        trained.load_state_dict({k: v.float() for k, v in state.items()})
+        trained.tie_weights()
+        unrounded = trained.eval()(ids)
+
+    def rel(a: torch.Tensor) -> float:
+        return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+    check = {
+        "probe_tokens": int(ids.numel()),
+        "rel_err_vs_transformers": rel(written),
+        "rel_err_trained_weights_unrounded": rel(unrounded),
+        "tokenizer_loaded": True,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+    check["passed"] = check["rel_err_vs_transformers"] < 1e-4
+    (run_dir / EXPORT_CHECK).write_text(json.dumps(check, indent=2))
+    if not check["passed"]:
+        raise RuntimeError(f"export self-check failed: {check}")
+    return export_dir
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """``longtune export RUN_DIR/checkpoints/step-N OUT``: an HF folder from a training checkpoint.
+
+    The run folder's ``source/`` (config.json, tokenizer files, tensor layout of the model the run
+    started from) supplies everything but the weights. Runs in one process.
+    """
+    from longtune.model.args import ModelArgs
+    from longtune.model.llama import Transformer
+    from longtune.train.checkpoint import checkpoint_info, load_checkpoint
+
+    ckpt_dir = Path(ckpt_dir)
+    checkpoint_info(ckpt_dir)  # raises on an incomplete checkpoint
+    run_dir = ckpt_dir.parent.parent
+    if not (run_dir / SOURCE_SUBDIR / "hf_source.json").is_file():
+        raise FileNotFoundError(
+            f"{ckpt_dir} is not inside a longtune run folder (no {run_dir / SOURCE_SUBDIR})"
+        )
+    source = _run_source(run_dir)
+    args = ModelArgs.from_hf_config(source.config)
+    model = Transformer(args)
+    load_checkpoint(ckpt_dir, model=model, optimizer=None, scheduler=None, restore_rng=False)
+    model.tie_weights()
+    out = Path(out_dir)
+    return export_and_check(model.state_dict(), args, source, out, out.parent, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points: CLI and Python API
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_HELP = """usage: longtune train [CONFIG.yaml] [--section.key=value ...] [--flag value ...]
+
+Fine-tune a Llama-family model. Settings come from defaults, then CONFIG.yaml, then flags
+(flags win). Run under torchrun for several processes (gloo on CPU, NCCL on GPU).
+
+Common flags: {aliases}
+
+All settings (--section.key=value):
+{fields}
+"""
+
+
+def train_main(argv: list[str]) -> int:
+    """``longtune train``: parse, validate, run. Returns the exit code."""
+    from longtune.data import DataValidationError
+    from longtune.train.config import ConfigError
+
+    if any(a in ("-h", "--help") for a in argv):
+        aliases = ", ".join(f"--{k} ({v})" for k, v in FLAG_ALIASES.items())
+        fields = "\n".join(f"  {k}: {doc}" for k, doc in field_docs().items())
+        print(TRAIN_HELP.format(aliases=aliases, fields=fields))
+        return 0
+    path = argv[0] if argv and not argv[0].startswith("-") else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(path, overrides)
+        result = run_training(cfg)
+    except (ConfigError, DataValidationError, FileNotFoundError, NotImplementedError) as e:
+        print(f"longtune train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as e:
+        print(f"longtune train: stopped: {e}", file=sys.stderr)
+        return 3
+    if result.export_dir is not None:
+        print(f"done: {result.final_step} steps; Hugging Face checkpoint in {result.export_dir}")
+    return 0
+
+
+def finetune(
+    model: str,
+    train_data: str | list[str],
+    task_type: str = "chat",
+    context_length: int = 8192,
+    duration: str = "1ep",
+    learning_rate: float = 1e-5,
+    output_dir: str = "runs/longtune",
+    eval_data: str | list[str] | None = None,
+    config: str | None = None,
+    **more: Any,
+) -> RunResult:
+    """Fine-tune ``model`` on ``train_data`` and export a Hugging Face checkpoint.
+
+    Args:
+        model: HF checkpoint folder of a Llama-family model.
+        train_data: JSONL / text file(s) or folder(s).
+        task_type: chat, instruction or text.
+        context_length: tokens per packed sequence.
+        duration: ``3ep`` (epochs) or ``500st`` (optimizer steps).
+        learning_rate: peak learning rate.
+        output_dir: run folder (``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``hf/``).
+        eval_data: optional held-out data, evaluated at start, every ``eval_every`` steps
+            and at the end.
+        config: optional YAML file; the arguments here override it.
+        **more: any other setting as ``section__key=value`` or ``"section.key": value``
+            (e.g. ``train__grad_accum=4``, ``optim__warmup_steps=10``).
+
+    Returns:
+        The run's :class:`RunResult` (status, metrics, export path, export self-check).
+    """
+    as_list = lambda x: [x] if isinstance(x, str) else list(x)  # noqa: E731
+    overrides = [
+        f"--model.path={model}",
+        f"--data.train={','.join(as_list(train_data))}",
+        f"--data.task_type={task_type}",
+        f"--data.context_length={context_length}",
+        f"--train.duration={duration}",
+        f"--optim.lr={learning_rate}",
+        f"--output.dir={output_dir}",
+    ]
+    if eval_data:
+        overrides.append(f"--data.eval={','.join(as_list(eval_data))}")
+    for key, value in more.items():
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        overrides.append(f"--{key.replace('__', '.')}={value}")
+    cfg = load_config(config, overrides)
+    return run_training(cfg)
+
+
+def clean_run_dir(run_dir: str | Path) -> None:
+    """Remove a run folder (tests and the demo start fresh with it)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
