@@ -1,0 +1,42 @@
+"""The training-data path: validate, tokenize (cached), pack, load per rank.
+
+Public API (the trainer and the CLI use only these names):
+
+- :func:`validate_files`, :class:`DataValidationError` — structure checks, no tokenizer.
+- :func:`build_packed_dataset` → :class:`PackedDataset` — tokenized, packed sequences.
+- :class:`PackedLoader` — deterministic, resumable micro-batches for one DP × SP rank.
+- :func:`validate_command` — the body of ``longtune validate``.
+"""
+
+from longtune.data.command import validate_command
+from longtune.data.loader import PackedLoader, pad_to_multiple
+from longtune.data.packing import (
+    IGNORE_INDEX,
+    DatasetStats,
+    FileStats,
+    PackedDataset,
+    build_packed_dataset,
+    pack_lengths,
+    pack_sequence,
+)
+from longtune.data.tokenize import Encoder, tokenize_files
+from longtune.data.validation import DataValidationError, Record, iter_records, validate_files
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataValidationError",
+    "DatasetStats",
+    "Encoder",
+    "FileStats",
+    "PackedDataset",
+    "PackedLoader",
+    "Record",
+    "build_packed_dataset",
+    "iter_records",
+    "pack_lengths",
+    "pack_sequence",
+    "pad_to_multiple",
+    "tokenize_files",
+    "validate_command",
+    "validate_files",
+]

@@ -1,0 +1,89 @@
+"""Tokenize-and-pack throughput of the data path, first run and cached run.
+
+Generates a chat JSONL file of at least ``--mb`` megabytes (random multi-turn conversations),
+then times ``build_packed_dataset`` twice with a fresh cache folder: the first run validates,
+tokenizes with the model's chat template and packs; the second finds the token store and only
+validates and packs. Prints tokens/s for both.
+
+    python benchmarks/bench_data.py --mb 50 --context-length 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from longtune.data import build_packed_dataset
+
+WORDS = (
+    "the model reads long documents and answers questions about them with care while the "
+    "sequence parallel group shares one packed sequence across ranks token context window "
+    "gradient loss mask assistant user system tool parquet lorem ipsum dolor sit amet 42 7 "
+    "naïve café 数据 训练 — “quoted” text, with punctuation; and numbers 3.14159 too!"
+).split()
+
+
+def generate(path: Path, megabytes: float, seed: int = 0) -> int:
+    """Write random chat examples until the file holds ``megabytes`` MB; return the count."""
+    rng = random.Random(seed)
+    target = int(megabytes * 1e6)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < target:
+            msgs = [{"role": "system", "content": "You are a helpful assistant."}]
+            for _ in range(rng.randint(1, 4)):
+                for role in ("user", "assistant"):
+                    k = rng.randint(5, 400)
+                    msgs.append({"role": role, "content": " ".join(rng.choices(WORDS, k=k))})
+            f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=50.0, help="size of the generated file")
+    parser.add_argument("--context-length", type=int, default=8192)
+    parser.add_argument("--model", default=None, help="HF folder (default: SmolLM2 asset)")
+    parser.add_argument("--workdir", default=None, help="where to put the file and cache")
+    args = parser.parse_args()
+
+    if args.model is None:
+        from longtune.assets import smollm2_checkpoint
+
+        args.model = str(smollm2_checkpoint())
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "chat.jsonl"
+    cache = work / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    t = time.perf_counter()
+    n = generate(data, args.mb)
+    size = data.stat().st_size / 1e6
+    print(f"generated {n} examples, {size:.1f} MB in {time.perf_counter() - t:.1f} s")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+
+    for run in ("first", "cached"):
+        t = time.perf_counter()
+        ds = build_packed_dataset(
+            [str(data)], args.model, "chat", args.context_length, cache_dir=cache
+        )
+        dt = time.perf_counter() - t
+        s = ds.stats
+        print(
+            f"{run:>6} run: {dt:7.2f} s  {s.tokens / dt:12,.0f} tokens/s  {size / dt:6.2f} MB/s  "
+            f"({s.documents} docs, {s.tokens:,} tokens, {s.packed_sequences} sequences of "
+            f"{args.context_length}, padding {s.padding_fraction:.4f})"
+        )
+    shutil.rmtree(work) if args.workdir is None else None
+
+
+if __name__ == "__main__":
+    main()

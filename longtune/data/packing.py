@@ -1,0 +1,299 @@
+"""Packing tokenized documents into fixed-length sequences with document boundaries.
+
+Documents are assigned to sequences of ``context_length`` tokens by best-fit decreasing
+(longest first, each into the fullest sequence that still has room). A packed sequence holds
+its documents back to back, then padding: ``cu_seqlens`` marks where every document starts
+(the padding is one more segment), ``position_ids`` restart at 0 for each segment, and
+``labels`` are shifted here, once: ``labels[t]`` is the target for position ``t`` (the next
+token of the same document when that token is supervised), ``-100`` otherwise — in particular
+at the last token of every document and everywhere in the padding.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from longtune.data.tokenize import TokenStore, tokenize_files
+from longtune.data.validation import expand_paths, validate_files
+
+IGNORE_INDEX = -100
+OVERLENGTH = ("truncate", "drop")
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Assign items to bins of ``capacity`` by best-fit decreasing.
+
+    Deterministic: ties in length keep input order.
+
+    Args:
+        lengths: item sizes, each in ``[1, capacity]``.
+        capacity: bin size.
+
+    Returns:
+        Bins as lists of item indices (in placement order), fullest-first creation order.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(
+            f"lengths must be in [1, {capacity}], got min {lengths.min()} max {lengths.max()}"
+        )
+    order = np.argsort(-lengths, kind="stable")
+    bins: list[list[int]] = []
+    # Bins that still have room, sorted by (remaining room, bin index).
+    free_room: list[int] = []
+    free_bin: list[int] = []
+    for i in order.tolist():
+        n = int(lengths[i])
+        j = bisect.bisect_left(free_room, n)
+        if j < len(free_room):
+            room, b = free_room.pop(j), free_bin.pop(j)
+            bins[b].append(i)
+            room -= n
+        else:
+            b = len(bins)
+            bins.append([i])
+            room = capacity - n
+        if room > 0:
+            k = bisect.bisect_left(free_room, room)
+            free_room.insert(k, room)
+            free_bin.insert(k, b)
+    return bins
+
+
+def pack_sequence(
+    docs: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Lay out documents back to back in one sequence of ``length`` tokens.
+
+    Args:
+        docs: per document (token ids, target mask); total length at most ``length``.
+        length: the sequence length; the rest is padding (its own segment).
+        pad_id: token id used for padding.
+
+    Returns:
+        ``input_ids``, ``labels`` (int64, shifted once), ``position_ids`` (int64, restarting at
+        0 for each segment) and ``cu_seqlens`` (int32, ``[n_segments + 1]``, 0 ... ``length``).
+    """
+    input_ids = np.full(length, pad_id, dtype=np.int64)
+    labels = np.full(length, IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.empty(length, dtype=np.int64)
+    cu = [0]
+    for ids, mask in docs:
+        s, n = cu[-1], len(ids)
+        if s + n > length:
+            raise ValueError(f"documents total more than length={length} tokens")
+        input_ids[s : s + n] = ids
+        target = np.asarray(ids[1:], dtype=np.int64)
+        labels[s : s + n - 1] = np.where(np.asarray(mask[1:]) > 0, target, IGNORE_INDEX)
+        position_ids[s : s + n] = np.arange(n)
+        cu.append(s + n)
+    if cu[-1] < length:
+        position_ids[cu[-1] :] = np.arange(length - cu[-1])
+        cu.append(length)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seqlens": np.asarray(cu, dtype=np.int32),
+    }
+
+
+@dataclass
+class FileStats:
+    """Statistics of one data file after tokenization and the overlength policy."""
+
+    file: str
+    examples: int
+    token_min: int
+    token_median: float
+    token_p95: float
+    token_max: int
+    tokens: int
+    supervised_tokens: int
+    overlength: int
+    truncated: int
+    dropped: int
+    dropped_unsupervised: int
+    packed_sequences: int = 0
+    padding_fraction: float = 0.0
+
+
+@dataclass
+class DatasetStats:
+    """Statistics of a packed dataset: totals plus one :class:`FileStats` per file."""
+
+    files: list[FileStats]
+    documents: int
+    tokens: int
+    supervised_tokens: int
+    packed_sequences: int
+    padding_fraction: float
+    context_length: int
+    overlength: str
+    extra: dict = field(default_factory=dict)
+
+
+def _usable_docs(
+    store: TokenStore, context_length: int, overlength: str
+) -> tuple[np.ndarray, np.ndarray, FileStats]:
+    """Documents kept from one store and their (possibly truncated) lengths."""
+    lengths = store.lengths
+    over = lengths > context_length
+    kept_len = np.minimum(lengths, context_length)
+    keep = np.ones(len(lengths), dtype=bool)
+    if overlength == "drop":
+        keep &= ~over
+    # Supervised targets per document: mask[1:] over the kept (truncated) tokens.
+    csum = np.concatenate([[0], np.cumsum(store.mask, dtype=np.int64)])
+    first = store.offsets[:-1]
+    sup = csum[first + kept_len] - csum[first + np.minimum(kept_len, 1)]
+    unsupervised = keep & (sup == 0)
+    keep &= ~unsupervised
+    stats = FileStats(
+        file=store.file,
+        examples=store.num_docs,
+        token_min=int(lengths.min()),
+        token_median=float(np.median(lengths)),
+        token_p95=float(np.percentile(lengths, 95)),
+        token_max=int(lengths.max()),
+        tokens=int(kept_len[keep].sum()),
+        supervised_tokens=int(sup[keep].sum()),
+        overlength=int(over.sum()),
+        truncated=int((over & keep).sum()) if overlength == "truncate" else 0,
+        dropped=int(over.sum()) if overlength == "drop" else 0,
+        dropped_unsupervised=int(unsupervised.sum()),
+    )
+    return np.flatnonzero(keep), kept_len[keep], stats
+
+
+class PackedDataset:
+    """Packed sequences over cached token stores; ``ds[i]`` builds sequence ``i``.
+
+    Args:
+        stores: the token stores (one per data file).
+        context_length: tokens per packed sequence.
+        pad_id: token id for padding.
+        overlength: ``truncate`` (keep the first ``context_length`` tokens) or ``drop``.
+    """
+
+    def __init__(
+        self,
+        stores: list[TokenStore],
+        context_length: int,
+        pad_id: int,
+        overlength: str = "truncate",
+    ) -> None:
+        if overlength not in OVERLENGTH:
+            raise ValueError(f"overlength={overlength!r} is not one of {OVERLENGTH}")
+        if context_length < 2:
+            raise ValueError(f"context_length={context_length} must be at least 2")
+        self.stores = stores
+        self.context_length = context_length
+        self.pad_id = pad_id
+        self.overlength = overlength
+        store_idx, doc_idx, lengths, file_stats = [], [], [], []
+        for s, store in enumerate(stores):
+            docs, lens, stats = _usable_docs(store, context_length, overlength)
+            # Per-file packing, for the per-file statistics only.
+            n_seq = len(pack_lengths(lens, context_length)) if len(lens) else 0
+            stats.packed_sequences = n_seq
+            stats.padding_fraction = float(1.0 - lens.sum() / max(n_seq * context_length, 1))
+            file_stats.append(stats)
+            store_idx.append(np.full(len(docs), s, dtype=np.int64))
+            doc_idx.append(docs)
+            lengths.append(lens)
+        self.doc_store = np.concatenate(store_idx) if stores else np.zeros(0, np.int64)
+        self.doc_index = np.concatenate(doc_idx) if stores else np.zeros(0, np.int64)
+        self.doc_length = np.concatenate(lengths) if stores else np.zeros(0, np.int64)
+        if len(self.doc_length) == 0:
+            raise ValueError(
+                f"no usable document: all were dropped (overlength={overlength!r}, "
+                f"context_length={context_length}) or had no supervised token"
+            )
+        self.bins = pack_lengths(self.doc_length, context_length)
+        total = int(self.doc_length.sum())
+        self.stats = DatasetStats(
+            files=file_stats,
+            documents=len(self.doc_length),
+            tokens=total,
+            supervised_tokens=sum(f.supervised_tokens for f in file_stats),
+            packed_sequences=len(self.bins),
+            padding_fraction=1.0 - total / (len(self.bins) * context_length),
+            context_length=context_length,
+            overlength=overlength,
+        )
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def document(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and target mask of usable document ``d`` (truncated to the context)."""
+        store = self.stores[self.doc_store[d]]
+        start = int(store.offsets[self.doc_index[d]])
+        n = int(self.doc_length[d])
+        return store.ids[start : start + n], store.mask[start : start + n]
+
+    def source(self, i: int) -> list[str]:
+        """``file:line`` of every document in packed sequence ``i`` (for error messages)."""
+        out = []
+        for d in self.bins[i]:
+            store = self.stores[self.doc_store[d]]
+            out.append(f"{store.file}:{int(store.lines[self.doc_index[d]])}")
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        """Packed sequence ``i``: ``input_ids``, ``labels``, ``position_ids``, ``cu_seqlens``,
+        ``num_docs`` (segments after the first ``num_docs`` are padding)."""
+        if not 0 <= i < len(self.bins):
+            raise IndexError(f"sequence {i} out of range for {len(self.bins)} packed sequences")
+        docs = [self.document(d) for d in self.bins[i]]
+        item = pack_sequence(docs, self.context_length, self.pad_id)
+        item["num_docs"] = np.asarray(len(docs))
+        return item
+
+
+def build_packed_dataset(
+    paths: list[str],
+    tokenizer_dir: str | os.PathLike,
+    task_type: str,
+    context_length: int,
+    *,
+    loss_on: str = "all_assistant",
+    overlength: str = "truncate",
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> PackedDataset:
+    """Validate, tokenize (cached) and pack data files.
+
+    Validation runs first and raises before the tokenizer is loaded.
+
+    Args:
+        paths: data files or folders.
+        tokenizer_dir: HF folder with the tokenizer files and chat template.
+        task_type: ``chat``, ``instruction`` or ``text``.
+        context_length: tokens per packed sequence.
+        loss_on: ``all_assistant`` or ``last_assistant``.
+        overlength: ``truncate`` or ``drop`` examples longer than ``context_length``.
+        seed: unused by packing (best-fit decreasing is deterministic); the loader shuffles.
+        cache_dir: token store folder (default ``~/.cache/longtune/tokens``).
+
+    Returns:
+        The packed dataset.
+
+    Raises:
+        DataValidationError: the first broken rule (file, line, rule).
+    """
+    del seed
+    if overlength not in OVERLENGTH:
+        raise ValueError(f"overlength={overlength!r} is not one of {OVERLENGTH}")
+    errors = validate_files(paths, task_type)
+    if errors:
+        raise errors[0]
+    files = expand_paths(paths, task_type)
+    stores = tokenize_files(files, tokenizer_dir, task_type, loss_on, cache_dir)
+    return PackedDataset(stores, context_length, stores[0].pad_id, overlength)

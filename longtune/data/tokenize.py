@@ -1,0 +1,367 @@
+"""Tokenization with the model's own chat template, the loss mask, and a cached token store.
+
+A document is stored as its token ids and a *target mask*: ``mask[t] == 1`` when token ``t``
+is a token the model must learn to produce (assistant content and its end-of-turn token for
+chat data, every token for text). Labels are derived from it exactly once, when a packed
+sequence is built (:mod:`longtune.data.packing`): ``labels[t] = ids[t + 1] if mask[t + 1]``.
+
+The assistant spans come from the rendered text, not from guessing token patterns: for each
+supervised assistant turn ``i`` the template is rendered for ``messages[:i]`` with the
+generation prompt; everything the model would write after that prompt — up to the end of the
+message content and the special end-of-turn token right after it (``<|eot_id|>``,
+``<|im_end|>``) — is supervised. Tokens are marked from the fast tokenizer's
+character-to-token map, so the ids are exactly ``apply_chat_template``'s.
+
+The token store of one data file is a folder of ``.npy`` arrays read with ``numpy`` memory
+mapping; its name hashes the file content, the tokenizer files and the settings, so a second
+run with nothing changed loads it instead of tokenizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from longtune.data.validation import DataValidationError, Record, iter_records
+
+LOSS_ON = ("all_assistant", "last_assistant")
+STORE_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+)
+BATCH_SIZE = 512
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Any:
+    """Load the fast tokenizer of an HF folder (``AutoTokenizer.from_pretrained``).
+
+    Args:
+        tokenizer_dir: an HF model or tokenizer folder.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        ValueError: the tokenizer is not a fast (Rust) tokenizer, which offsets need.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not tok.is_fast:
+        raise ValueError(
+            f"{tokenizer_dir}: the tokenizer is not a fast tokenizer ({type(tok).__name__}); "
+            "add a tokenizer.json to the folder"
+        )
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
+    """Hash of the tokenizer files of an HF folder (what the token store depends on)."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.is_file():
+            h.update(name.encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def file_fingerprint(file: str | os.PathLike) -> str:
+    """SHA-256 of a data file's content."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class Encoder:
+    """Turns validated records into (token ids, target mask) with the model's chat template.
+
+    Args:
+        tokenizer: an HF fast tokenizer (with a chat template for ``chat``/``instruction``).
+        task_type: ``chat``, ``instruction`` or ``text``.
+        loss_on: ``all_assistant`` (every assistant turn) or ``last_assistant`` (the last only).
+    """
+
+    def __init__(self, tokenizer: Any, task_type: str, loss_on: str = "all_assistant") -> None:
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on={loss_on!r} is not one of {LOSS_ON}")
+        if task_type != "text" and not tokenizer.chat_template:
+            raise ValueError(
+                f"task_type={task_type!r} needs a chat template, but the tokenizer has none; "
+                "add chat_template.jinja to the model folder or use task_type='text'"
+            )
+        self.tokenizer = tokenizer
+        self.task_type = task_type
+        self.loss_on = loss_on
+        # Longest first, so e.g. "<|eot_id|>" is not shadowed by a shorter token it contains.
+        specials = {str(t) for t in tokenizer.added_tokens_encoder}
+        self.special_tokens = sorted(specials, key=len, reverse=True)
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def render(self, record: Record) -> tuple[str, list[tuple[int, int]]]:
+        """Render one chat record and find the character spans to supervise.
+
+        Args:
+            record: a validated chat or instruction record.
+
+        Returns:
+            The rendered text and the ``[start, end)`` character spans of supervised text.
+
+        Raises:
+            DataValidationError: the template does not render the conversation verbatim (drops
+                a tool message, is not prefix-stable), named with the record's file and line.
+        """
+        messages = record.messages
+        assert messages is not None
+        full = self._render(messages, False)
+        for i, m in enumerate(messages):
+            if m["role"] == "tool" and m["content"].strip() not in full:
+                raise DataValidationError(
+                    record.file,
+                    record.line,
+                    "tool-role-unsupported",
+                    f"the chat template dropped messages[{i}] (role 'tool'); "
+                    "remove tool messages or use a model whose template renders them",
+                )
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.loss_on == "last_assistant":
+            turns = turns[-1:]
+        spans = []
+        for i in turns:
+            prompt = self._render(messages[:i], True)
+            if not full.startswith(prompt):
+                raise DataValidationError(
+                    record.file,
+                    record.line,
+                    "template-not-prefix-stable",
+                    f"the rendering of messages[:{i}] with the generation prompt is not a prefix "
+                    "of the whole conversation; this template cannot be masked per turn",
+                )
+            content = messages[i]["content"].strip()
+            start = full.find(content, len(prompt))
+            if start < 0:
+                raise DataValidationError(
+                    record.file,
+                    record.line,
+                    "template-drops-content",
+                    f"the content of messages[{i}] is not in the rendered conversation",
+                )
+            end = start + len(content)
+            for token in self.special_tokens:
+                if full.startswith(token, end):
+                    end += len(token)
+                    break
+            spans.append((len(prompt), end))
+        return full, spans
+
+    def encode(self, records: list[Record]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Tokenize a batch of records with one batched fast-tokenizer call.
+
+        Args:
+            records: validated records of this encoder's task type.
+
+        Returns:
+            Per record: token ids (uint32) and target mask (uint8), same length.
+        """
+        tok = self.tokenizer
+        if self.task_type == "text":
+            enc = tok([r.text for r in records], add_special_tokens=True)
+            out = []
+            for ids in enc["input_ids"]:
+                if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+                    ids = ids + [tok.eos_token_id]
+                arr = np.asarray(ids, dtype=np.uint32)
+                out.append((arr, np.ones(len(arr), dtype=np.uint8)))
+            return out
+        rendered = [self.render(r) for r in records]
+        # The Rust tokenizer directly (no special tokens added: the template wrote them), in
+        # one parallel batch; spans become token ranges through char_to_token.
+        encodings = tok.backend_tokenizer.encode_batch(
+            [text for text, _ in rendered], add_special_tokens=False
+        )
+        out = []
+        for enc, (_, spans) in zip(encodings, rendered, strict=True):
+            mask = np.zeros(len(enc.ids), dtype=np.uint8)
+            for s, e in spans:
+                first, last = enc.char_to_token(s), enc.char_to_token(e - 1)
+                if first is None or last is None:  # a span edge on a char no token covers
+                    off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+                    mask |= ((off[:, 0] < e) & (off[:, 1] > s)).astype(np.uint8)
+                    continue
+                # Several tokens can share one character (bytes of a multi-byte character):
+                # take every token that overlaps the span.
+                while first > 0 and enc.token_to_chars(first - 1)[1] > s:
+                    first -= 1
+                while last + 1 < len(enc.ids) and enc.token_to_chars(last + 1)[0] < e:
+                    last += 1
+                mask[first : last + 1] = 1
+            out.append((np.asarray(enc.ids, dtype=np.uint32), mask))
+        return out
+
+
+@dataclass
+class TokenStore:
+    """The tokenized documents of one data file, memory-mapped.
+
+    Attributes:
+        file: the data file.
+        ids: all token ids, documents back to back (uint32).
+        mask: target mask, aligned with ``ids`` (uint8).
+        offsets: document ``d`` is ``ids[offsets[d]:offsets[d + 1]]`` (int64, ``[n_docs + 1]``).
+        lines: source line of each document (int64).
+        path: the store folder.
+        pad_id: the tokenizer's pad token id (its eos id when it has no pad token).
+    """
+
+    file: str
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+    lines: np.ndarray
+    path: Path
+    pad_id: int
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def open(cls, file: str, path: Path) -> TokenStore:
+        """Memory-map an existing store folder."""
+        arrays = {
+            name: np.load(path / f"{name}.npy", mmap_mode="r")
+            for name in ("ids", "mask", "offsets", "lines")
+        }
+        meta = json.loads((path / "meta.json").read_text())
+        return cls(file=file, path=path, pad_id=int(meta["pad_id"]), **arrays)
+
+
+def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    batch: list[Record] = []
+    for r in records:
+        batch.append(r)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def store_key(file: str, tokenizer_dir: str | os.PathLike, task_type: str, loss_on: str) -> str:
+    """Cache key of a token store: file content, tokenizer files, settings, store version."""
+    settings = json.dumps(
+        {
+            "file": file_fingerprint(file),
+            "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+            "task_type": task_type,
+            "loss_on": loss_on if task_type != "text" else None,
+            "version": STORE_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(settings.encode()).hexdigest()[:32]
+
+
+def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
+    """Tokenize one (already validated) file into a store folder at ``path``, atomically.
+
+    Args:
+        file: the data file.
+        encoder: the encoder for its task type.
+        path: the store folder to create (written to a temporary sibling, then renamed).
+
+    Returns:
+        The memory-mapped store.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    ids_parts, mask_parts, lengths, lines = [], [], [], []
+    for batch in _batches(iter_records(file, encoder.task_type), BATCH_SIZE):
+        for r, (ids, mask) in zip(batch, encoder.encode(batch), strict=True):
+            ids_parts.append(ids)
+            mask_parts.append(mask)
+            lengths.append(len(ids))
+            lines.append(r.line)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(tmp / "ids.npy", np.concatenate(ids_parts).astype(np.uint32, copy=False))
+    np.save(tmp / "mask.npy", np.concatenate(mask_parts).astype(np.uint8, copy=False))
+    np.save(tmp / "offsets.npy", offsets)
+    np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
+    tok = encoder.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    meta = {"file": os.path.abspath(file), "pad_id": int(pad_id or 0)}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    # Ranks of one job may build the same store at once: the first rename wins, the others
+    # find a complete store in place and drop their copy.
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp)
+    return TokenStore.open(file, path)
+
+
+def tokenize_files(
+    files: list[str],
+    tokenizer_dir: str | os.PathLike,
+    task_type: str,
+    loss_on: str = "all_assistant",
+    cache_dir: str | os.PathLike | None = None,
+    tokenizer: Any | None = None,
+) -> list[TokenStore]:
+    """Tokenize validated files into cached token stores, reusing stores that are up to date.
+
+    The tokenizer is loaded only if some file has no store yet.
+
+    Args:
+        files: validated data files.
+        tokenizer_dir: HF folder with the tokenizer files and chat template.
+        task_type: ``chat``, ``instruction`` or ``text``.
+        loss_on: ``all_assistant`` or ``last_assistant``.
+        cache_dir: where stores live; defaults to ``longtune.assets.cache_dir() / "tokens"``.
+        tokenizer: the tokenizer of ``tokenizer_dir`` if the caller has it loaded already.
+
+    Returns:
+        One memory-mapped store per file.
+    """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on={loss_on!r} is not one of {LOSS_ON}")
+    if cache_dir is None:
+        from longtune.assets import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir() / "tokens"
+    stores = []
+    encoder: Encoder | None = None
+    for file in files:
+        path = Path(cache_dir) / store_key(file, tokenizer_dir, task_type, loss_on)
+        if (path / "meta.json").is_file():
+            stores.append(TokenStore.open(file, path))
+            continue
+        if encoder is None:
+            tok = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
+            encoder = Encoder(tok, task_type, loss_on)
+        stores.append(build_store(file, encoder, path))
+    return stores

@@ -1,0 +1,336 @@
+"""Structural validation of training data, before any tokenizer, process group or tensor exists.
+
+Every error names the file, the (1-based) line and the rule broken:
+``"{file}:{line}: {rule}: {detail}"``. Validation is pure Python (json + UTF-8 decoding), so
+the trainer can call it first and fail in seconds on a bad line 2,000,000.
+
+Input formats (``task_type``):
+
+- ``chat``: JSONL, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line. Roles
+  ``system`` (first message only), ``user``, ``assistant`` and ``tool`` (answers an assistant
+  turn). User and assistant alternate; a tool message follows an assistant or another tool
+  message and is followed by an assistant message; the last message is the assistant's.
+- ``instruction``: JSONL with ``prompt`` and ``response`` (or ``completion``).
+- ``text``: ``.txt`` files (one document each) or JSONL with a ``text`` field.
+
+A folder expands to its files with a known suffix (``.jsonl``, ``.json``, and ``.txt`` for
+``text``), sorted by path. Blank lines in JSONL files are skipped (their line numbers still
+count).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TASK_TYPES = ("chat", "instruction", "text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt",)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+# Which roles may follow which (None: start of the conversation).
+_NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
+    None: ("system", "user"),
+    "system": ("user",),
+    "user": ("assistant",),
+    "assistant": ("user", "tool"),
+    "tool": ("tool", "assistant"),
+}
+
+
+class DataValidationError(ValueError):
+    """One broken rule in one line of one data file.
+
+    Attributes:
+        file: the file (as given or expanded from a folder).
+        line: 1-based line number (0 for a whole-file problem).
+        rule: short rule name, e.g. ``"invalid-json"`` or ``"roles-not-alternating"``.
+        detail: what was found and how to fix it.
+    """
+
+    def __init__(self, file: str, line: int, rule: str, detail: str) -> None:
+        self.file = str(file)
+        self.line = line
+        self.rule = rule
+        self.detail = detail
+        super().__init__(f"{self.file}:{line}: {rule}: {detail}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated example: where it came from and its normalized content.
+
+    ``messages`` for ``chat`` and ``instruction`` (turned into a user/assistant pair),
+    ``text`` for ``text``.
+    """
+
+    file: str
+    line: int
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+
+def expand_paths(paths: list[str], task_type: str) -> list[str]:
+    """Expand folders into their data files and check that every path exists.
+
+    Args:
+        paths: files or folders.
+        task_type: ``chat``, ``instruction`` or ``text`` (decides which suffixes a folder yields).
+
+    Returns:
+        The data files, folders expanded in sorted order.
+
+    Raises:
+        DataValidationError: a path does not exist, a file has an unknown suffix, or a folder
+            holds no data file.
+    """
+    check_task_type(task_type)
+    suffixes = JSONL_SUFFIXES + (TEXT_SUFFIXES if task_type == "text" else ())
+    files: list[str] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix in suffixes)
+            if not found:
+                raise DataValidationError(
+                    p, 0, "no-data-files", f"folder has no file ending in {' or '.join(suffixes)}"
+                )
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix == ".parquet":
+                raise DataValidationError(
+                    p, 0, "unsupported-file-type", "parquet is not supported yet; convert to JSONL"
+                )
+            if path.suffix not in suffixes:
+                raise DataValidationError(
+                    p,
+                    0,
+                    "unsupported-file-type",
+                    f"suffix {path.suffix!r} is not one of {suffixes} for task type {task_type!r}",
+                )
+            files.append(p)
+        else:
+            raise DataValidationError(p, 0, "file-not-found", "no such file or folder")
+    if not files:
+        raise DataValidationError("<none>", 0, "no-data-files", "no data path was given")
+    return files
+
+
+def check_task_type(task_type: str) -> None:
+    """Raise ``ValueError`` unless ``task_type`` is one of :data:`TASK_TYPES`."""
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type={task_type!r} is not one of {TASK_TYPES}")
+
+
+def _check_string(file: str, line: int, value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataValidationError(
+            file, line, "wrong-type", f"{where} must be a string, got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise DataValidationError(
+            file, line, "empty-content", f"{where} is empty; remove the example or fill it in"
+        )
+    return value
+
+
+def _check_keys(file: str, line: int, obj: dict, required: set[str], optional: set[str]) -> None:
+    missing = sorted(required - obj.keys())
+    if missing:
+        raise DataValidationError(
+            file, line, "missing-key", f"missing key(s) {missing}; found {sorted(obj.keys())}"
+        )
+    unknown = sorted(obj.keys() - required - optional)
+    if unknown:
+        raise DataValidationError(
+            file,
+            line,
+            "unknown-key",
+            f"unknown key(s) {unknown}; allowed: {sorted(required | optional)}",
+        )
+
+
+def _chat_record(file: str, line: int, obj: dict) -> Record:
+    _check_keys(file, line, obj, {"messages"}, set())
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataValidationError(
+            file, line, "wrong-type", "'messages' must be a non-empty list of {role, content}"
+        )
+    prev: str | None = None
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataValidationError(
+                file, line, "wrong-type", f"messages[{i}] must be an object, got {type(m).__name__}"
+            )
+        _check_keys(file, line, m, {"role", "content"}, set())
+        role = m["role"]
+        if role not in CHAT_ROLES:
+            raise DataValidationError(
+                file, line, "unknown-role", f"messages[{i}].role={role!r}; use one of {CHAT_ROLES}"
+            )
+        if role not in _NEXT_ROLES[prev]:
+            if role == "system":
+                raise DataValidationError(
+                    file,
+                    line,
+                    "system-not-first",
+                    f"messages[{i}] is a system message; only the first may be",
+                )
+            raise DataValidationError(
+                file,
+                line,
+                "roles-not-alternating",
+                f"messages[{i}].role={role!r} follows {prev or 'the start'!r}; "
+                f"expected one of {_NEXT_ROLES[prev]}",
+            )
+        content = _check_string(file, line, m["content"], f"messages[{i}].content")
+        out.append({"role": role, "content": content})
+        prev = role
+    if prev != "assistant":
+        raise DataValidationError(
+            file,
+            line,
+            "last-not-assistant",
+            f"the last message is {prev!r}; a training example must end with an assistant message",
+        )
+    return Record(file, line, messages=out)
+
+
+def _instruction_record(file: str, line: int, obj: dict) -> Record:
+    if "response" in obj and "completion" in obj:
+        raise DataValidationError(
+            file, line, "unknown-key", "give either 'response' or 'completion', not both"
+        )
+    answer_key = "completion" if "completion" in obj else "response"
+    _check_keys(file, line, obj, {"prompt", answer_key}, set())
+    prompt = _check_string(file, line, obj["prompt"], "prompt")
+    answer = _check_string(file, line, obj[answer_key], answer_key)
+    return Record(
+        file,
+        line,
+        messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+    )
+
+
+def _text_record(file: str, line: int, obj: dict) -> Record:
+    _check_keys(file, line, obj, {"text"}, set())
+    return Record(file, line, text=_check_string(file, line, obj["text"], "text"))
+
+
+_RECORD_BUILDERS = {"chat": _chat_record, "instruction": _instruction_record, "text": _text_record}
+
+
+def iter_records(file: str, task_type: str) -> Iterator[Record]:
+    """Yield the validated examples of one data file, raising on the first broken rule.
+
+    Args:
+        file: a ``.jsonl``/``.json`` (one JSON object per line) or, for ``text``, a ``.txt`` file.
+        task_type: ``chat``, ``instruction`` or ``text``.
+
+    Yields:
+        One :class:`Record` per example, in file order.
+
+    Raises:
+        DataValidationError: naming the file, the line and the rule.
+    """
+    check_task_type(task_type)
+    if Path(file).suffix in TEXT_SUFFIXES:
+        raw = Path(file).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataValidationError(
+                file,
+                line,
+                "invalid-utf8",
+                f"byte {e.start} is not UTF-8 ({e.reason}); re-encode as UTF-8",
+            ) from None
+        yield Record(file, 1, text=_check_string(file, 1, text, "file text"))
+        return
+    n = 0
+    with open(file, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            if not raw_line.strip():
+                continue
+            n += 1
+            yield _check_line(file, line_no, raw_line, task_type)
+    if n == 0:
+        raise DataValidationError(file, 0, "empty-file", "the file holds no example")
+
+
+def validate_files(
+    paths: list[str], task_type: str, all_errors: bool = False
+) -> list[DataValidationError]:
+    """Check every example of every file against the rules of ``task_type``.
+
+    Needs no tokenizer and starts nothing: call it before loading models or process groups.
+
+    Args:
+        paths: data files or folders.
+        task_type: ``chat``, ``instruction`` or ``text``.
+        all_errors: collect every error (one per line at most) instead of stopping at the first.
+
+    Returns:
+        The errors found (empty when the data is valid); at most one unless ``all_errors``.
+    """
+    try:
+        files = expand_paths(paths, task_type)
+    except DataValidationError as e:
+        return [e]
+    errors: list[DataValidationError] = []
+    for file in files:
+        errors.extend(_validate_file(file, task_type, all_errors))
+        if errors and not all_errors:
+            return errors[:1]
+    return errors
+
+
+def _validate_file(file: str, task_type: str, all_errors: bool) -> list[DataValidationError]:
+    if not all_errors or Path(file).suffix in TEXT_SUFFIXES:
+        try:
+            for _ in iter_records(file, task_type):
+                pass
+        except DataValidationError as e:
+            return [e]
+        return []
+    # All errors: validate line by line so one bad line does not hide the next.
+    errors: list[DataValidationError] = []
+    n = 0
+    with open(file, "rb") as f:
+        for line_no, raw_line in enumerate(f, start=1):
+            if not raw_line.strip():
+                continue
+            n += 1
+            try:
+                _check_line(file, line_no, raw_line, task_type)
+            except DataValidationError as e:
+                errors.append(e)
+    if n == 0:
+        errors.append(DataValidationError(file, 0, "empty-file", "the file holds no example"))
+    return errors
+
+
+def _check_line(file: str, line_no: int, raw_line: bytes, task_type: str) -> Record:
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataValidationError(
+            file, line_no, "invalid-utf8", f"column {e.start + 1} is not UTF-8 ({e.reason})"
+        ) from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataValidationError(
+            file, line_no, "invalid-json", f"{e.msg} at column {e.colno}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataValidationError(
+            file, line_no, "not-an-object", f"expected a JSON object, got {type(obj).__name__}"
+        )
+    return _RECORD_BUILDERS[task_type](file, line_no, obj)

@@ -1,0 +1,197 @@
+"""Packing: property-based layout checks, best-fit quality, datasets, overlength, cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from data_fixtures import chat_rows, tiny_tokenizer_dir, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import longtune.data.tokenize as tokenize_mod
+from longtune.data import (
+    IGNORE_INDEX,
+    build_packed_dataset,
+    pack_lengths,
+    pack_sequence,
+    pad_to_multiple,
+)
+
+
+@st.composite
+def documents(draw):
+    capacity = draw(st.integers(2, 64))
+    n = draw(st.integers(1, 25))
+    docs = []
+    for d in range(n):
+        length = draw(st.integers(1, capacity))
+        mask = draw(st.lists(st.booleans(), min_size=length, max_size=length))
+        ids = np.arange(length, dtype=np.uint32) + 1000 * (d + 1)  # unique ids per document
+        docs.append((ids, np.asarray(mask, dtype=np.uint8)))
+    return capacity, docs
+
+
+@settings(max_examples=150, deadline=None)
+@given(documents(), st.integers(1, 4))
+def test_packing_layout_property(case, sp):
+    capacity, docs = case
+    bins = pack_lengths([len(ids) for ids, _ in docs], capacity)
+    placed = sorted(i for b in bins for i in b)
+    assert placed == list(range(len(docs)))  # every document exactly once
+    for b in bins:
+        assert sum(len(docs[i][0]) for i in b) <= capacity
+        item = pack_sequence([docs[i] for i in b], capacity, pad_id=7)
+        item["num_docs"] = np.asarray(len(b))
+        item = pad_to_multiple(item, sp, pad_id=7)
+        length = len(item["input_ids"])
+        assert length % sp == 0 and length - capacity < sp
+        cu = item["cu_seqlens"]
+        assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == length
+        assert np.all(np.diff(cu) > 0)
+        n_docs = len(b)
+        assert len(cu) - 1 in (n_docs, n_docs + 1)  # one extra segment: the padding
+        for k in range(len(cu) - 1):
+            s, e = int(cu[k]), int(cu[k + 1])
+            np.testing.assert_array_equal(item["position_ids"][s:e], np.arange(e - s))
+            assert item["labels"][e - 1] == IGNORE_INDEX  # never predict across a boundary
+            if k >= n_docs:  # padding
+                assert np.all(item["input_ids"][s:e] == 7)
+                assert np.all(item["labels"][s:e] == IGNORE_INDEX)
+                continue
+            ids, mask = docs[b[k]]
+            np.testing.assert_array_equal(item["input_ids"][s:e], ids)
+            want = np.where(mask[1:] > 0, ids[1:].astype(np.int64), IGNORE_INDEX)
+            np.testing.assert_array_equal(item["labels"][s : e - 1], want)
+        # Every label is a token of the same document: ids are unique per document.
+        sup = item["labels"] != IGNORE_INDEX
+        assert np.all(item["labels"][sup] // 1000 == item["input_ids"][sup] // 1000)
+        # SP slices concatenate back to the whole sequence.
+        chunk = length // sp
+        for key in ("input_ids", "labels", "position_ids"):
+            parts = [item[key][r * chunk : (r + 1) * chunk] for r in range(sp)]
+            np.testing.assert_array_equal(np.concatenate(parts), item[key])
+
+
+def test_best_fit_decreasing_beats_concatenation_order():
+    lengths = [6, 3, 6, 4, 5, 4, 2]  # total 30, fits 3 bins of 10 only when sorted
+    bins = pack_lengths(lengths, 10)
+    assert len(bins) == 3
+    assert sorted(sum(lengths[i] for i in b) for b in bins) == [10, 10, 10]
+    assert pack_lengths(lengths, 10) == bins  # deterministic
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 10\]"):
+        pack_lengths([11], 10)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return tiny_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+def test_chat_dataset_shapes_and_stats(tmp_path, tiny_model):
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(40, seed=1))
+    ds = build_packed_dataset([str(path)], tiny_model, "chat", 512, cache_dir=tmp_path / "c")
+    assert ds.stats.documents == 40 and len(ds) == ds.stats.packed_sequences
+    total = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert (
+            item["input_ids"].shape == item["labels"].shape == item["position_ids"].shape == (512,)
+        )
+        total += int((item["labels"] != IGNORE_INDEX).sum())
+        assert len(ds.source(i)) == int(item["num_docs"])
+    assert total == ds.stats.supervised_tokens > 0
+    assert 0 <= ds.stats.padding_fraction < 0.5
+
+
+def test_instruction_and_text_masks(tmp_path, tiny_model):
+    inst = write_jsonl(tmp_path / "i.jsonl", [{"prompt": "PROMPT", "response": "ANSWER"}])
+    ds = build_packed_dataset([str(inst)], tiny_model, "instruction", 64, cache_dir=tmp_path / "c")
+    item = ds[0]
+    # Byte-level tiny tokenizer: supervised targets spell the response and <|im_end|>.
+    targets = item["labels"][item["labels"] != IGNORE_INDEX]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert tok.decode(targets.tolist()) == "ANSWER<|im_end|>"
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text")
+    ds = build_packed_dataset([str(folder)], tiny_model, "text", 64, cache_dir=tmp_path / "c")
+    item = ds[0]
+    n = int(item["cu_seqlens"][1])
+    # Every token but the first is a target; the document ends with eos.
+    np.testing.assert_array_equal(item["labels"][: n - 1], item["input_ids"][1:n])
+    assert item["input_ids"][n - 1] == tok.eos_token_id and item["labels"][n - 1] == IGNORE_INDEX
+
+
+def test_overlength_truncate_and_drop(tmp_path, tiny_model):
+    rows = [
+        {"text": "short one"},
+        {"text": "x" * 200},  # 201 tokens with eos: over a context of 64
+    ]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    kw = dict(cache_dir=tmp_path / "c")
+    trunc = build_packed_dataset([str(path)], tiny_model, "text", 64, overlength="truncate", **kw)
+    f = trunc.stats.files[0]
+    assert (f.examples, f.overlength, f.truncated, f.dropped) == (2, 1, 1, 0)
+    assert trunc.stats.documents == 2 and trunc.stats.tokens == 10 + 64
+    drop = build_packed_dataset([str(path)], tiny_model, "text", 64, overlength="drop", **kw)
+    f = drop.stats.files[0]
+    assert (f.overlength, f.truncated, f.dropped) == (1, 0, 1)
+    assert drop.stats.documents == 1 and len(drop) == 1
+
+
+def test_cache_reused_and_invalidated(tmp_path, tiny_model, monkeypatch):
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(20, seed=2))
+    cache = tmp_path / "cache"
+    first = build_packed_dataset([str(path)], tiny_model, "chat", 256, cache_dir=cache)
+    loads = []
+    real = tokenize_mod.load_tokenizer
+    monkeypatch.setattr(tokenize_mod, "load_tokenizer", lambda d: loads.append(d) or real(d))
+    # Same file, tokenizer and settings (another context length is a packing setting): reused.
+    again = build_packed_dataset([str(path)], tiny_model, "chat", 128, cache_dir=cache)
+    assert loads == [] and len(list(cache.iterdir())) == 1
+    assert again.stores[0].path == first.stores[0].path
+    # Another loss_on setting, then a changed file: new stores, tokenizer loaded.
+    build_packed_dataset(
+        [str(path)], tiny_model, "chat", 256, loss_on="last_assistant", cache_dir=cache
+    )
+    assert len(loads) == 1 and len(list(cache.iterdir())) == 2
+    write_jsonl(path, chat_rows(21, seed=2))
+    changed = build_packed_dataset([str(path)], tiny_model, "chat", 256, cache_dir=cache)
+    assert len(loads) == 2 and changed.stats.files[0].examples == 21
+
+
+def test_template_without_end_of_turn_token_and_multibyte_edges(tmp_path):
+    """No special end-of-turn token: the span ends with the content, whose last character is
+    several byte tokens long; all of them are supervised, nothing after them."""
+    model = tiny_tokenizer_dir(tmp_path / "tok")
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### assistant: ' }}{% endif %}"
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": "数据?"},
+            {"role": "assistant", "content": "是数据"},
+        ]
+    }
+    path = write_jsonl(tmp_path / "c.jsonl", [row])
+    ds = build_packed_dataset([str(path)], model, "chat", 64, cache_dir=tmp_path / "c")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    labels = ds[0]["labels"]
+    assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == "是数据"
+
+
+def test_concurrent_store_builds_keep_one_copy(tmp_path, tiny_model):
+    """Two ranks tokenizing the same file at once: the second finds the first's store."""
+    from longtune.data.tokenize import Encoder, build_store, load_tokenizer
+
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(5, seed=4))
+    encoder = Encoder(load_tokenizer(tiny_model), "chat")
+    a = build_store(str(path), encoder, tmp_path / "cache" / "key")
+    b = build_store(str(path), encoder, tmp_path / "cache" / "key")
+    assert a.path == b.path and np.array_equal(a.ids, b.ids)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["key"]
