@@ -1,0 +1,263 @@
+"""End-to-end training runs on a tiny model: kill -9 and resume, data parallel parity, failure
+policy, export.
+
+Each run is a real `python -m longtune train` process (or torchrun with 2 processes), so what is
+tested is what a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_hf_checkpoint
+from test_model import read_all
+
+import longtune.train.trainer as T
+
+pytestmark = pytest.mark.slow
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = make_hf_checkpoint(root / "model", vocab_size=128)
+    rng = random.Random(0)
+
+    def write(path: Path, n: int) -> Path:
+        with open(path, "w") as f:
+            for _ in range(n):
+                a, b = rng.randint(1, 99), rng.randint(1, 99)
+                turns = [
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                ]
+                f.write(json.dumps({"messages": turns}) + "\n")
+        return path
+
+    return {
+        "root": root,
+        "model": model,
+        "train": write(root / "train.jsonl", 48),
+        "eval": write(root / "eval.jsonl", 8),
+        "cache": root / "cache",
+    }
+
+
+def train_args(setup, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        str(setup["model"]),
+        "--data",
+        str(setup["train"]),
+        "--eval-data",
+        str(setup["eval"]),
+        "--context-length",
+        "96",
+        "--duration",
+        "8st",
+        "--lr",
+        "3e-3",
+        "--output-dir",
+        str(out),
+        f"--data.cache_dir={setup['cache']}",
+        "--optim.warmup_steps=2",
+        *extra,
+    ]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-m", "longtune", *args], env=env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in T.read_metrics(run_dir) if m["kind"] == "train"}
+
+
+def assert_losses_equal(a: dict[int, float], b: dict[int, float], rel: float) -> None:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(b[step]), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def baseline(setup):
+    out = setup["root"] / "baseline"
+    r = run_cli(train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_baseline_run_learns_and_exports(baseline):
+    m = T.read_metrics(baseline)
+    train = [r for r in m if r["kind"] == "train"]
+    evals = [r for r in m if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    for key in ("loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
+                "peak_memory_gb", "elapsed_s"):
+        assert key in train[0]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 8
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    check = json.loads((baseline / "export_check.json").read_text())
+    assert check["passed"] and check["rel_err_vs_transformers"] < 1e-5
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(baseline / "hf")
+    tok = AutoTokenizer.from_pretrained(baseline / "hf")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True,
+        return_tensors="pt", return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 5
+    assert (baseline / "config.yaml").is_file() and (baseline / "train.log").is_file()
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready()``; False if it ended first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            return False
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    raise TimeoutError("the run never reached the kill point")
+
+
+def test_kill9_at_random_moments_then_resume_gives_identical_run(setup, baseline):
+    out = setup["root"] / "killed"
+    args = [PY, "-m", "longtune", *train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1")]
+    ckpts = out / "checkpoints"
+    rng = random.Random(1234)
+
+    def steps_done() -> int:
+        return len(train_losses(out)) if (out / "metrics.jsonl").exists() else 0
+
+    def writing_checkpoint() -> bool:
+        return ckpts.exists() and any(".tmp-" in p.name for p in ckpts.iterdir())
+
+    kill_points = [
+        # during a checkpoint write (the tmp dir exists and is being filled)
+        writing_checkpoint,
+        # at a random moment after some progress
+        lambda: steps_done() >= 3 and rng.random() < 0.02,
+        # during a checkpoint write again, later in the run
+        lambda: steps_done() >= 5 and writing_checkpoint(),
+        lambda: steps_done() >= 6 and rng.random() < 0.05,
+    ]
+    kills = 0
+    for ready in kill_points:
+        proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        kills += _kill_when(proc, ready)
+    assert kills >= 3
+    final = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resumed from" in (out / "train.log").read_text()
+
+    assert_losses_equal(train_losses(out), train_losses(baseline), rel=1e-6)
+    a, b = read_all(out / "hf"), read_all(baseline / "hf")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_process_data_parallel_matches_one_process(setup, baseline):
+    """torchrun --nproc-per-node 2 (grad_accum 1) == one process (grad_accum 2): same global batch."""
+    out = setup["root"] / "dp2"
+    cmd = [
+        PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "longtune", *train_args(setup, out, "--grad-accum", "1"),
+    ]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_losses_equal(train_losses(out), train_losses(baseline), rel=1e-5)
+    assert "dp 2" in (out / "train.log").read_text()
+
+
+def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path):
+    from longtune.train.config import load_config
+
+    out = tmp_path / "nan"
+    cfg = load_config(None, train_args(setup, out, "--checkpoint.every=1")[1:])
+
+    def fault(step, loss_sum):
+        return loss_sum * float("nan") if step == 3 else loss_sum
+
+    with pytest.raises(T.TrainingDivergedError, match="step 3"):
+        T.run_training(cfg, _fault=fault)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-1", "step-2"]
+    assert max(train_losses(out)) == 2
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_previous(setup, baseline, tmp_path):
+    out = tmp_path / "corrupt"
+    r = run_cli(train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1",
+                           "--duration", "8st", "--checkpoint.keep_last=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    newest = out / "checkpoints" / "step-8"
+    victim = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    # Resume the same 8-step run: step-8 is corrupted, so step 7 is used and step 8 redone.
+    (out / "hf").rename(out / "hf-first")
+    r = run_cli(train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1",
+                           "--checkpoint.keep_last=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "skipping incomplete or corrupted checkpoint" in log and "step-8" in log
+    assert "resumed from" in log and "step-7" in log
+    assert_losses_equal(train_losses(out), train_losses(baseline), rel=1e-6)
+
+
+def test_bad_config_value_names_key_and_choices(setup, tmp_path):
+    out = tmp_path / "bad"
+    r = run_cli(train_args(setup, out, "--optim.schedule=cosin"))
+    assert r.returncode == 2
+    assert "optim.schedule" in r.stderr and "cosine, linear, constant" in r.stderr
+    assert not out.exists()  # stopped before anything was created
+    r = run_cli(train_args(setup, out, "--task-type", "chats"))
+    assert r.returncode == 2 and "chat, instruction, text" in r.stderr
+
+
+def test_bad_data_line_stops_before_anything_starts(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(setup["train"].read_text().splitlines()[0] + "\n{not json\n")
+    out = tmp_path / "run"
+    args = train_args(setup, out)
+    args[args.index(str(setup["train"]))] = str(bad)
+    r = run_cli(args)
+    assert r.returncode == 2
+    assert f"{bad}:2" in r.stderr
+    assert not out.exists()
+
+
+def test_export_command_from_a_checkpoint(baseline, tmp_path):
+    r = run_cli(["export", str(baseline / "checkpoints" / "step-8"), str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_all(tmp_path / "hf"), read_all(baseline / "hf")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
