@@ -85,7 +85,7 @@ def validate(
     )
 
 
-def demo(output_dir: str = "runs/demo", steps: int = 30) -> int:
+def demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
     """Fine-tune the bundled SmolLM2-135M-Instruct on the bundled long-context data and export it.
 
     Args:

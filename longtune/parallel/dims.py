@@ -76,16 +76,16 @@ def init_distributed() -> tuple[int, int, torch.device]:
     Works as one plain process (a world of one on a local TCP store) or under ``torchrun``.
     """
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(
-                RANK="0",
-                WORLD_SIZE="1",
-                LOCAL_RANK="0",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()),
-            )
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if "RANK" in os.environ:  # torchrun (or another launcher) set the rendezvous
+            dist.init_process_group(backend=backend)
+        else:  # a plain process: a world of one on a private local store
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+            )
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
