@@ -21,8 +21,12 @@ def test_twenty_steps_on_demo_data_lower_eval_loss(smollm2_dir, tmp_path):
 
     torch.manual_seed(0)
     cfg = llama_config(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True,
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path / "model")

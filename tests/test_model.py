@@ -274,3 +274,18 @@ def test_save_without_source_explains(tmp_path):
 
     with pytest.raises(ValueError, match="source="):
         longtune.save_model(Transformer(PRESETS["debug"]), tmp_path / "x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen_attn needs a CUDA GPU")
+def test_gpu_varlen_attention_matches_cpu_per_document_path():
+    from longtune.model.llama import attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 64, 8, 32, generator=g)
+    k = torch.randn(2, 64, 2, 32, generator=g)
+    v = torch.randn(2, 64, 2, 32, generator=g)
+    cu = torch.tensor([0, 10, 64, 100, 128], dtype=torch.int32)
+    ref = attention(q, k, v, cu)  # CPU: one SDPA per document
+    qc, kc, vc = (t.cuda().bfloat16() for t in (q, k, v))
+    out = attention(qc, kc, vc, cu.cuda(), 54).float().cpu()
+    assert rel_err(out, ref) < 2e-2  # bf16 kernel vs fp32 reference

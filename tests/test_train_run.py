@@ -112,8 +112,16 @@ def test_baseline_run_learns_and_exports(baseline):
     train = [r for r in m if r["kind"] == "train"]
     evals = [r for r in m if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 9))
-    for key in ("loss", "lr", "grad_norm", "tokens", "supervised_tokens", "tokens_per_s",
-                "peak_memory_gb", "elapsed_s"):
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "supervised_tokens",
+        "tokens_per_s",
+        "peak_memory_gb",
+        "elapsed_s",
+    ):
         assert key in train[0]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 8
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
@@ -125,8 +133,10 @@ def test_baseline_run_learns_and_exports(baseline):
     model = AutoModelForCausalLM.from_pretrained(baseline / "hf")
     tok = AutoTokenizer.from_pretrained(baseline / "hf")
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
+        [{"role": "user", "content": "What is 2 plus 3?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 5
@@ -149,7 +159,12 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
 
 def test_kill9_at_random_moments_then_resume_gives_identical_run(setup, baseline):
     out = setup["root"] / "killed"
-    args = [PY, "-m", "longtune", *train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1")]
+    args = [
+        PY,
+        "-m",
+        "longtune",
+        *train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1"),
+    ]
     ckpts = out / "checkpoints"
     rng = random.Random(1234)
 
@@ -183,13 +198,26 @@ def test_kill9_at_random_moments_then_resume_gives_identical_run(setup, baseline
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
+    # Starting the finished run again resumes at its last step and changes nothing.
+    again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = [(m["kind"], m["step"]) for m in T.read_metrics(out)]
+    assert len(records) == len(set(records)) == len(T.read_metrics(baseline))
+
 
 def test_two_process_data_parallel_matches_one_process(setup, baseline):
     """torchrun --nproc-per-node 2 (grad_accum 1) == one process (grad_accum 2): same global batch."""
     out = setup["root"] / "dp2"
     cmd = [
-        PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "longtune", *train_args(setup, out, "--grad-accum", "1"),
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "longtune",
+        *train_args(setup, out, "--grad-accum", "1"),
     ]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -215,16 +243,31 @@ def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path):
 
 def test_corrupted_newest_checkpoint_falls_back_to_previous(setup, baseline, tmp_path):
     out = tmp_path / "corrupt"
-    r = run_cli(train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1",
-                           "--duration", "8st", "--checkpoint.keep_last=3"))
+    r = run_cli(
+        train_args(
+            setup,
+            out,
+            "--grad-accum",
+            "2",
+            "--checkpoint.every=1",
+            "--duration",
+            "8st",
+            "--checkpoint.keep_last=3",
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     newest = out / "checkpoints" / "step-8"
-    victim = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    victim = max(
+        (p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size
+    )
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     # Resume the same 8-step run: step-8 is corrupted, so step 7 is used and step 8 redone.
     (out / "hf").rename(out / "hf-first")
-    r = run_cli(train_args(setup, out, "--grad-accum", "2", "--checkpoint.every=1",
-                           "--checkpoint.keep_last=3"))
+    r = run_cli(
+        train_args(
+            setup, out, "--grad-accum", "2", "--checkpoint.every=1", "--checkpoint.keep_last=3"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "skipping incomplete or corrupted checkpoint" in log and "step-8" in log

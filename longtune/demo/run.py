@@ -23,7 +23,9 @@ DEMO_SETTINGS = {
 }
 
 
-def generate_answer(model_dir: str | Path, messages: list[dict[str, str]], max_new_tokens: int = 48) -> str:
+def generate_answer(
+    model_dir: str | Path, messages: list[dict[str, str]], max_new_tokens: int = 48
+) -> str:
     """Greedy answer of an HF checkpoint to a chat (the conversation up to the user turn)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

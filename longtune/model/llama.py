@@ -10,6 +10,9 @@ tensor shapes, so the model does not know it is sharded.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import math
 
 import torch
@@ -100,11 +103,20 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
 def _varlen_available(q: torch.Tensor) -> bool:
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+@functools.cache
+def _varlen_causal_kwargs() -> tuple[dict, bool]:
+    """Keyword arguments that make ``varlen_attn`` causal, and whether it takes ``enable_gqa``.
+
+    torch 2.10/2.11 spell causality ``is_causal=True``; later releases ``window_size=(-1, 0)``.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return causal, "enable_gqa" in params
 
 
 def attention(
@@ -144,13 +156,17 @@ def attention(
     if _varlen_available(q):
         from torch.nn.attention.varlen import varlen_attn
 
+        causal, has_gqa = _varlen_causal_kwargs()
         if n_kv != n_heads:
-            kf = kf.repeat_interleave(n_heads // n_kv, dim=1)
-            vf = vf.repeat_interleave(n_heads // n_kv, dim=1)
+            if has_gqa:
+                causal = {**causal, "enable_gqa": True}
+            else:
+                kf = kf.repeat_interleave(n_heads // n_kv, dim=1)
+                vf = vf.repeat_interleave(n_heads // n_kv, dim=1)
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
             max_seqlen = int((cu[1:] - cu[:-1]).max())
-        out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, is_causal=True)
+        out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, **causal)
         return out.reshape(bs, seq, n_heads, head_dim)
 
     # Reference / CPU path: one SDPA call per document (same function as the varlen kernel).

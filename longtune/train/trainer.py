@@ -151,14 +151,19 @@ def _run_source(run_dir: Path):  # noqa: ANN202
     )
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past the step a run resumes from (they will be produced again)."""
+def _truncate_metrics(path: Path, last_step: int, total_steps: int) -> None:
+    """Drop records that a run resuming at ``last_step`` will produce again: every record past
+    it, and the final eval (it follows the last checkpoint)."""
     if not path.exists():
         return
+
+    def keep(rec: dict[str, Any]) -> bool:
+        if rec["step"] > last_step:
+            return False
+        return not (rec.get("kind") == "eval" and rec["step"] == total_steps and last_step > 0)
+
     kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
+        line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))
     ]
     path.write_text("".join(line + "\n" for line in kept))
 
@@ -302,7 +307,7 @@ def _run(
         loader.load_state_dict(extra["loader"])
         logger.info("resumed from %s at step %d", ckpt, step)
     if rank == 0:
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        _truncate_metrics(run_dir / "metrics.jsonl", step, total_steps)
         save_config(cfg, run_dir / "config.yaml")
     dist.barrier()
 

@@ -1,0 +1,54 @@
+"""The command line: convert/export round trip, validate exit codes, help built from docstrings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import make_hf_checkpoint
+from test_model import assert_same_checkpoint
+
+from longtune.cli import main
+
+
+def run(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def test_convert_then_export_round_trip(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", tie_word_embeddings=True, num_attention_heads=6)
+    assert run(["convert", str(ckpt), str(tmp_path / "native")]) == 0
+    assert (tmp_path / "native" / "longtune.json").is_file()
+    assert run(["export", str(tmp_path / "native"), str(tmp_path / "out")]) == 0
+    assert_same_checkpoint(ckpt, tmp_path / "out")
+
+
+def test_convert_error_is_a_message_not_a_traceback(tmp_path, capsys):
+    assert run(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json not found" in err and "Traceback" not in err
+
+
+def test_validate_exit_codes(tmp_path, capsys):
+    ckpt = make_hf_checkpoint(tmp_path / "hf")
+    good = tmp_path / "good.jsonl"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    good.write_text(json.dumps({"messages": msgs}) + "\n")
+    assert run(["validate", str(good), "--model", str(ckpt), "--context-length", "64"]) == 0
+    assert "packed sequences" in capsys.readouterr().out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": msgs[:1]}) + "\n")
+    assert run(["validate", str(bad), "--model", str(ckpt)]) == 1
+    assert f"{bad}:1" in capsys.readouterr().err
+
+
+def test_help_comes_from_docstrings(capsys):
+    assert run(["convert", "--help"]) == 0
+    assert "Hugging Face checkpoint folder" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "optim.schedule" in out and "--context-length" in out
