@@ -143,6 +143,34 @@ def test_baseline_run_learns_and_exports(baseline):
     assert (baseline / "config.yaml").is_file() and (baseline / "train.log").is_file()
 
 
+def test_initial_eval_loss_equals_transformers_on_each_document(setup, baseline):
+    """The step-0 eval of a run (data path + model loading + sharding + chunked loss) equals the
+    loss transformers computes on the original model, document by document."""
+    from transformers import LlamaForCausalLM
+
+    from longtune.data import build_packed_dataset
+
+    ds = build_packed_dataset(
+        [str(setup["eval"])], setup["model"], "chat", 96, cache_dir=setup["cache"]
+    )
+    hf = LlamaForCausalLM.from_pretrained(setup["model"], dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            cu = item["cu_seqlens"].tolist()
+            for a, b in zip(cu[:-1], cu[1:], strict=True):
+                labels = torch.as_tensor(item["labels"][a:b])
+                if (labels == -100).all():
+                    continue
+                logits = hf(torch.as_tensor(item["input_ids"][a:b])[None]).logits[0]
+                total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                count += int((labels != -100).sum())
+    first_eval = next(m for m in T.read_metrics(baseline) if m["kind"] == "eval")
+    assert first_eval["step"] == 0 and first_eval["eval_tokens"] == count
+    assert abs(first_eval["eval_loss"] - total / count) < 1e-5 * (total / count)
+
+
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
     """SIGKILL ``proc`` as soon as ``ready()``; False if it ended first."""
     end = time.monotonic() + timeout

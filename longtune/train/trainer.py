@@ -195,8 +195,16 @@ def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
 def _run(
     cfg: JobConfig, rank: int, world: int, dp: int, device: torch.device, fault: Any
 ) -> RunResult:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
     from longtune.data import PackedLoader, build_packed_dataset
+    from longtune.model.args import ModelArgs
     from longtune.model.convert import load_model
+    from longtune.model.llama import Transformer
     from longtune.parallel.dims import ParallelDims
     from longtune.parallel.parallelize import parallelize
     from longtune.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
@@ -264,10 +272,16 @@ def _run(
         compute_dtype = torch.bfloat16 if on_gpu else torch.float32
     else:
         compute_dtype = getattr(torch, cfg.model.dtype)
-    model = load_model(cfg.model.path, dtype=torch.float32, device="cpu")
-    args = model.args
-    if rank == 0 and not (run_dir / SOURCE_SUBDIR / "hf_source.json").exists():
-        _copy_source(Path(cfg.model.path), run_dir)
+    # Only rank 0 reads the checkpoint; the others build on the meta device and receive their
+    # shards by broadcast once the model is sharded, so no rank but 0 ever holds it whole.
+    args = ModelArgs.from_hf_config(json.loads((Path(cfg.model.path) / "config.json").read_text()))
+    full_state = None
+    if rank == 0:
+        full_state = load_model(cfg.model.path, dtype=torch.float32, device="cpu").state_dict()
+        if not (run_dir / SOURCE_SUBDIR / "hf_source.json").exists():
+            _copy_source(Path(cfg.model.path), run_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
     mesh = dims.build_mesh(device.type)
     parallelize(
         model,
@@ -275,6 +289,15 @@ def _run(
         cfg.model.activation_checkpointing,
         param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
     )
+    model.to_empty(device=device)
+    if args.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
+        raise RuntimeError("tied embeddings were untied while sharding the model")
+    set_model_state_dict(
+        model,
+        full_state if rank == 0 else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    del full_state
     model.init_buffers(device=device)
     model.train()
     opt = cfg.optim
@@ -458,8 +481,6 @@ def _run(
     log_eval(step)
 
     # ---- export (rank 0 writes; gathering the full state is collective)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
