@@ -7,6 +7,10 @@ configuration (CPU: peak RSS of the process; GPU: ``torch.cuda.max_memory_alloca
     .venv/bin/python benchmarks/bench_train_step.py                 # SmolLM2-135M, CPU or GPU
     .venv/bin/python benchmarks/bench_train_step.py --lengths 1024 4096 --model /models/llama
 
+Columns: median step time; peak memory (process); "saved": bytes autograd keeps for the backward
+pass (activations), each storage counted once; ratios are longtune / transformers for memory and
+transformers / longtune for time (speedup).
+
 transformers computes full ``[seq, vocab]`` logits and their loss; longtune uses the chunked
 loss. Both use SDPA attention; packed sequences (3 documents per sequence) use document-masked
 attention in longtune and are run as one causal sequence in transformers (it has no packed
@@ -68,7 +72,26 @@ def measure(impl: str, model_dir: str, length: int, repeats: int, ac: str) -> di
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"time_s": statistics.median(times), "peak_gb": peak, "device": device}
+    # Bytes autograd keeps for the backward pass (activations, saved logits, ...), each storage
+    # counted once: the memory that grows with sequence length, independent of the allocator.
+    storages: dict[int, int] = {}
+
+    def pack(t):  # noqa: ANN001, ANN202
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    saved = sum(storages.values()) / 2**30
+    del loss
+    return {
+        "time_s": statistics.median(times),
+        "peak_gb": peak,
+        "saved_gb": saved,
+        "device": device,
+    }
 
 
 def main() -> None:
@@ -88,20 +111,37 @@ def main() -> None:
 
         a.model = str(smollm2_checkpoint())
     print(f"model {a.model}, activation checkpointing {a.ac}, median of {a.repeats} steps")
-    print(f"{'tokens':>7} | {'transformers s':>14} {'GB':>6} | {'longtune s':>10} {'GB':>6} | {'speedup':>7} {'mem ratio':>9}")
+    print(
+        f"{'tokens':>7} | {'transformers s':>14} {'peak GB':>7} {'saved GB':>8} | "
+        f"{'longtune s':>10} {'peak GB':>7} {'saved GB':>8} | {'speedup':>7} {'peak':>5} {'saved':>5}"
+    )
     for length in a.lengths:
         res = {}
         for impl in ("transformers", "longtune"):
             out = subprocess.run(
-                [sys.executable, __file__, "--_one", impl, a.model, str(length),
-                 "--repeats", str(a.repeats), "--ac", a.ac],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--_one",
+                    impl,
+                    a.model,
+                    str(length),
+                    "--repeats",
+                    str(a.repeats),
+                    "--ac",
+                    a.ac,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
         hf, lt = res["transformers"], res["longtune"]
         print(
-            f"{length:>7} | {hf['time_s']:>14.2f} {hf['peak_gb']:>6.2f} | {lt['time_s']:>10.2f} "
-            f"{lt['peak_gb']:>6.2f} | {hf['time_s'] / lt['time_s']:>6.2f}x {lt['peak_gb'] / hf['peak_gb']:>9.2f}",
+            f"{length:>7} | {hf['time_s']:>14.2f} {hf['peak_gb']:>7.2f} {hf['saved_gb']:>8.3f} | "
+            f"{lt['time_s']:>10.2f} {lt['peak_gb']:>7.2f} {lt['saved_gb']:>8.3f} | "
+            f"{hf['time_s'] / lt['time_s']:>6.2f}x {lt['peak_gb'] / hf['peak_gb']:>5.2f} "
+            f"{lt['saved_gb'] / hf['saved_gb']:>5.2f}",
             flush=True,
         )
     print(f"device: {res['longtune']['device']}")

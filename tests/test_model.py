@@ -289,3 +289,28 @@ def test_gpu_varlen_attention_matches_cpu_per_document_path():
     qc, kc, vc = (t.cuda().bfloat16() for t in (q, k, v))
     out = attention(qc, kc, vc, cu.cuda(), 54).float().cpu()
     assert rel_err(out, ref) < 2e-2  # bf16 kernel vs fp32 reference
+
+
+def test_packed_attention_saves_no_quadratic_state():
+    """The CPU per-document path must use a fused SDPA kernel: what autograd keeps for backward
+    grows with the sequence length, not its square (the math fallback keeps the attention
+    matrix)."""
+    from longtune.model.llama import attention
+
+    def saved_bytes(length: int) -> int:
+        q = torch.randn(1, length, 8, 16, requires_grad=True)
+        k = torch.randn(1, length, 2, 16, requires_grad=True)
+        v = torch.randn(1, length, 2, 16, requires_grad=True)
+        cu = torch.tensor([0, length // 2, length], dtype=torch.int32)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attention(q, k, v, cu)
+        return sum(storages.values())
+
+    small, large = saved_bytes(256), saved_bytes(2048)
+    assert large < 10 * small  # 8x the tokens: linear growth, far from the 64x of quadratic

@@ -170,19 +170,21 @@ def attention(
         return out.reshape(bs, seq, n_heads, head_dim)
 
     # Reference / CPU path: one SDPA call per document (same function as the varlen kernel).
+    # Inputs keep a batch dimension of 1: without one, CPU SDPA falls back to the math kernel,
+    # which materializes and saves the (heads, len, len) attention matrix.
     bounds = cu_seqlens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
         o = F.scaled_dot_product_attention(
-            qf[start:end].transpose(0, 1),  # (n_heads, len, head_dim)
-            kf[start:end].transpose(0, 1),
-            vf[start:end].transpose(0, 1),
+            qf[None, start:end].transpose(1, 2),  # (1, n_heads, len, head_dim)
+            kf[None, start:end].transpose(1, 2),  # (1, n_kv_heads, len, head_dim)
+            vf[None, start:end].transpose(1, 2),
             is_causal=True,
             enable_gqa=n_kv != n_heads,
         )
-        outs.append(o.transpose(0, 1))
+        outs.append(o[0].transpose(0, 1))  # (len, n_heads, head_dim)
     return torch.cat(outs, dim=0).reshape(bs, seq, n_heads, head_dim)
 
 
