@@ -11,6 +11,7 @@ import argparse
 import inspect
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable
 
@@ -131,7 +132,7 @@ def _add_command(sub: argparse._SubParsersAction, name: str, fn: Callable) -> No
         help_text = docs.get(pname, "")
         is_list = typing.get_origin(hint) is list
         base = typing.get_args(hint)[0] if is_list else hint
-        if typing.get_origin(hint) in (typing.Union, __import__("types").UnionType):
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
             base = next(a for a in typing.get_args(hint) if a is not type(None))
         required = param.default is inspect.Parameter.empty
         if required and param.kind is inspect.Parameter.KEYWORD_ONLY:

@@ -342,7 +342,7 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
-        loss_chunk_size: int = 4096,
+        loss_chunk_size: int = 1024,
     ) -> torch.Tensor:
         """Logits ``(bs, seq, vocab)``, or with ``labels`` the summed token loss.
 

@@ -61,7 +61,7 @@ def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Sum of token cross-entropies of ``hidden @ weight.T`` against ``labels``.
 
