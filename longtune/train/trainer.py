@@ -330,7 +330,8 @@ def _run(
         loader.load_state_dict(extra["loader"])
         logger.info("resumed from %s at step %d", ckpt, step)
     if rank == 0:
-        _truncate_metrics(run_dir / "metrics.jsonl", step, total_steps)
+        # A fresh start (no checkpoint) drops every earlier record, the step-0 eval included.
+        _truncate_metrics(run_dir / "metrics.jsonl", step if ckpt is not None else -1, total_steps)
         save_config(cfg, run_dir / "config.yaml")
     dist.barrier()
 
