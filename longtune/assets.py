@@ -12,9 +12,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from longtune.fsutil import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -88,9 +88,7 @@ def smollm2_checkpoint(out_dir: str | Path | None = None, dtype: str = "bfloat16
     model.tie_weights()
     del gguf_model
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # Sanity: the folder must describe itself as a llama checkpoint.
@@ -98,10 +96,4 @@ def smollm2_checkpoint(out_dir: str | Path | None = None, dtype: str = "bfloat16
         if cfg.get("model_type") != "llama":
             raise RuntimeError(f"unexpected model_type {cfg.get('model_type')!r} in {tmp}")
         (tmp / ".longtune-complete").write_text(stamp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -11,15 +11,13 @@ tensor comes back bit-identical.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from longtune.fsutil import atomic_dir
 from longtune.model.args import ModelArgs
 from longtune.model.convert import (
     HF_INDEX,
@@ -124,9 +122,7 @@ def save_model(
         weight_map = _plan_layout(tensors, want, max_shard_bytes)
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         by_file: dict[str, list[str]] = {}
         for key, fname in weight_map.items():
             by_file.setdefault(fname, []).append(key)
@@ -149,12 +145,6 @@ def save_model(
             (tmp / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         copy_meta_files(src.meta_dir, tmp)
         (tmp / "config.json").write_text(_config_text(src.config_text, want))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

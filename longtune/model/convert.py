@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from longtune.fsutil import atomic_dir
 from longtune.model.args import ModelArgs
 from longtune.model.llama import Transformer
 
@@ -398,9 +398,7 @@ def convert_hf_to_native(
     args, source = read_hf_source(hf_dir)
     kmap = key_map(args)
     reader = _ShardReader(hf_dir, source.weight_map)
-    native_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=native_dir.name + ".tmp-", dir=native_dir.parent))
-    try:
+    with atomic_dir(native_dir) as tmp:
         names = _native_tensor_names(args)
         weight_map = _write_sharded(
             tmp,
@@ -419,12 +417,6 @@ def convert_hf_to_native(
             "weight_map": weight_map,
         }
         (tmp / NATIVE_META).write_text(json.dumps(meta, indent=2))
-        if native_dir.exists():
-            shutil.rmtree(native_dir)
-        os.replace(tmp, native_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return native_dir
 
 
