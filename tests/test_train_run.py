@@ -253,7 +253,7 @@ def test_two_process_data_parallel_matches_one_process(setup, baseline):
     assert "dp 2" in (out / "train.log").read_text()
 
 
-def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path):
+def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path, monkeypatch):
     from longtune.train.config import load_config
 
     out = tmp_path / "nan"
@@ -267,6 +267,20 @@ def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path):
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-1", "step-2"]
     assert max(train_losses(out)) == 2
+
+    # Through the Python API the same stop is a failed run object, not an exception.
+    real = T.run_training
+    monkeypatch.setattr(T, "run_training", lambda cfg: real(cfg, _fault=fault))
+    run = T.finetune(
+        model=str(setup["model"]),
+        train_data=str(setup["train"]),
+        context_length=96,
+        duration="8st",
+        output_dir=str(tmp_path / "nan-api"),
+        data__cache_dir=str(setup["cache"]),
+    )
+    assert run.status == "failed" and "step 3" in run.error
+    assert [m["step"] for m in run.metrics if m["kind"] == "train"] == [1, 2]
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_previous(setup, baseline, tmp_path):

@@ -662,7 +662,13 @@ def finetune(
             (e.g. ``train__grad_accum=4``, ``optim__warmup_steps=10``).
 
     Returns:
-        The run's :class:`RunResult` (status, metrics, export path, export self-check).
+        The run's :class:`RunResult` (status, metrics, export path, export self-check); a run
+        stopped by a NaN/Inf loss comes back with ``status="failed"`` and the reason in
+        ``error``.
+
+    Raises:
+        ConfigError, DataValidationError, FileNotFoundError: bad settings or data, found
+            before anything was started.
     """
     as_list = lambda x: [x] if isinstance(x, str) else list(x)  # noqa: E731
     overrides = [
@@ -681,7 +687,16 @@ def finetune(
             value = ",".join(str(v) for v in value)
         overrides.append(f"--{key.replace('__', '.')}={value}")
     cfg = load_config(config, overrides)
-    return run_training(cfg)
+    try:
+        return run_training(cfg)
+    except TrainingDivergedError as e:
+        # The run started and stopped on a NaN: report it like a finished run, with its metrics.
+        return RunResult(
+            status="failed",
+            run_dir=Path(cfg.output.dir),
+            metrics=read_metrics(cfg.output.dir),
+            error=str(e),
+        )
 
 
 def clean_run_dir(run_dir: str | Path) -> None:
