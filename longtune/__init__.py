@@ -3,6 +3,7 @@
 Public API:
     load_model(path, dtype=None, device="cpu") -> native Transformer
     save_model(model, out_dir, source=hf_dir)  -> writes a Hugging Face checkpoint folder
+    finetune(model=..., train_data=..., ...)   -> RunResult (status, metrics, export path)
 """
 
 __version__ = "0.1.0"
@@ -18,7 +19,11 @@ def __getattr__(name: str):
         from longtune.export.hf import save_model
 
         return save_model
+    if name == "finetune":
+        from longtune.train.trainer import finetune
+
+        return finetune
     raise AttributeError(f"module 'longtune' has no attribute {name!r}")
 
 
-__all__ = ["load_model", "save_model"]
+__all__ = ["finetune", "load_model", "save_model"]

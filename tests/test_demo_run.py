@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import llama_config
 
+import longtune
 from longtune.demo.run import DATA_DIR, generate_answer
-from longtune.train.trainer import finetune
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_twenty_steps_on_demo_data_lower_eval_loss(smollm2_dir, tmp_path):
     )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path / "model")
-    run = finetune(
+    run = longtune.finetune(
         model=str(tmp_path / "model"),
         train_data=str(DATA_DIR / "train.jsonl"),
         eval_data=str(DATA_DIR / "eval.jsonl"),
