@@ -37,9 +37,20 @@ def test_all_ignored_gives_zero_loss_and_grads():
     assert not h.grad.any() and not w.grad.any()
 
 
-def test_no_grad_path():
-    h, w = torch.randn(5, 8), torch.randn(10, 8)
+def test_no_grad_path_computes_no_gradients(monkeypatch):
+    """Under no_grad (evaluation) the loss comes without the gradient work, even for
+    parameters that require grad."""
+    import longtune.model.loss as loss_module
+
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
     labels = torch.randint(0, 10, (5,))
+    labels[1] = -100
     ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="sum")
+
+    def forbidden(*args):
+        raise AssertionError("the gradient-computing path ran under no_grad")
+
+    monkeypatch.setattr(loss_module._ChunkedLinearCrossEntropy, "apply", forbidden)
     with torch.no_grad():
         assert rel_err(chunked_cross_entropy(h, w, labels, chunk_size=2), ref) < 1e-6

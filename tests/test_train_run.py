@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
         "root": root,
         "model": model,
         "train": write(root / "train.jsonl", 48),
-        "eval": write(root / "eval.jsonl", 8),
+        "eval": write(root / "eval.jsonl", 10),  # packs into an odd number of sequences
         "cache": root / "cache",
     }
 
@@ -251,6 +251,15 @@ def test_two_process_data_parallel_matches_one_process(setup, baseline):
     assert r.returncode == 0, r.stderr[-3000:]
     assert_losses_equal(train_losses(out), train_losses(baseline), rel=1e-5)
     assert "dp 2" in (out / "train.log").read_text()
+    # Eval too: every eval sequence scored once however many ranks share the eval set.
+    evals = {m["step"]: m for m in T.read_metrics(out) if m["kind"] == "eval"}
+    base = {m["step"]: m for m in T.read_metrics(baseline) if m["kind"] == "eval"}
+    assert sorted(evals) == sorted(base) == [0, 8]
+    for step in evals:
+        assert evals[step]["eval_tokens"] == base[step]["eval_tokens"]
+        assert (
+            abs(evals[step]["eval_loss"] - base[step]["eval_loss"]) < 1e-5 * base[step]["eval_loss"]
+        )
 
 
 def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path, monkeypatch):
@@ -343,6 +352,41 @@ def test_export_command_from_a_checkpoint(baseline, tmp_path):
     r = run_cli(["export", str(baseline / "checkpoints" / "step-8"), str(tmp_path / "hf")])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_all(tmp_path / "hf"), read_all(baseline / "hf")
+    assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert not (tmp_path / "hf" / "hf_source.json").exists()
+    check = json.loads((tmp_path / "hf.export_check.json").read_text())
+    assert check["passed"] and check["tensors_equal_trained"]
+
+
+def test_start_that_would_mix_with_older_checkpoints_is_refused(setup, baseline, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(baseline, out)
+    r = run_cli(train_args(setup, out, "--resume", "never"))
+    assert r.returncode == 2 and "checkpoint.resume=never" in r.stderr and "step-8" in r.stderr
+    older = out / "checkpoints" / "step-7"
+    r = run_cli(train_args(setup, out, "--resume", str(older)))
+    assert r.returncode == 2 and "newer checkpoint (step-8)" in r.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-7", "step-8"]
+
+
+def test_epoch_durations_count_micro_batches():
+    from longtune.train.config import Duration
+
+    # 5 micro-batches per epoch, 4 per optimizer step: 3 epochs = 15 micro-batches = 4 steps.
+    assert T.total_optimizer_steps(Duration.parse("3ep"), 5, 4) == 4
+    assert T.total_optimizer_steps(Duration.parse("1ep"), 5, 4) == 2
+    assert T.total_optimizer_steps(Duration.parse("2ep"), 6, 1) == 12
+    assert T.total_optimizer_steps(Duration.parse("7st"), 5, 4) == 7
+
+
+def test_metrics_truncation_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"kind": "eval", "step": 0}, {"kind": "train", "step": 1}, {"kind": "train", "step": 2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra')
+    T._truncate_metrics(path, 1, 10)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == recs[:2]

@@ -427,7 +427,7 @@ def copy_meta_files(src: Path, dst: Path) -> list[str]:
     for p in sorted(src.iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.name.endswith(WEIGHT_SUFFIXES):
             continue
-        if p.name in (HF_INDEX, NATIVE_META):
+        if p.name in (HF_INDEX, NATIVE_META, "hf_source.json"):  # longtune's own bookkeeping
             continue
         shutil.copy2(p, dst / p.name)
         copied.append(p.name)

@@ -75,6 +75,21 @@ def chunked_cross_entropy(
         Scalar float32 sum over supervised tokens (divide by the global supervised-token count).
     """
     dim = hidden.shape[-1]
-    return _ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, dim), weight, labels.reshape(-1), chunk_size
-    )
+    hidden, labels = hidden.reshape(-1, dim), labels.reshape(-1)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        # Evaluation: the loss only. (Inside the autograd function, needs_input_grad is true
+        # under no_grad too, and it would compute and store both gradients for nothing.)
+        return _loss_sum(hidden, weight, labels, chunk_size)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+
+
+def _loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = (hidden[start : start + chunk_size] @ weight.t()).float()
+        total += torch.nn.functional.cross_entropy(
+            logits, labels[start : start + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    return total

@@ -30,6 +30,9 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
+# The op behind torch.nn.attention.varlen.varlen_attn (the packed-sequence GPU path).
+if hasattr(torch.ops, "torch_attn") and hasattr(torch.ops.torch_attn, "_varlen_attn"):
+    _SAVE_OPS.add(torch.ops.torch_attn._varlen_attn.default)
 
 
 def _selective_policy(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003

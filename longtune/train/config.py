@@ -107,7 +107,7 @@ class DataConfig:
     """What to do with an example longer than context_length: truncate | drop."""
 
     cache_dir: str | None = None
-    """Where to cache tokenized data; None = no cache."""
+    """Where to cache tokenized data; None = ~/.cache/longtune/tokens."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from longtune.train.config import (
     FLAG_ALIASES,
+    ConfigError,
     JobConfig,
     config_to_dict,
     field_docs,
@@ -101,12 +102,36 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
     dp = validate_for_world(cfg, world_size)
     dims = ParallelDims.from_config(dp, cfg.parallel.sp, world_size)
     dims.check_model(args.n_heads, args.n_kv_heads)
+    _check_resume(cfg)
     if dims.sp > 1:
         raise NotImplementedError(
             f"parallel.sp={dims.sp}: sequence parallelism is not available yet; use parallel.sp=1 "
             "(data parallel over all ranks)"
         )
     return dp
+
+
+def _check_resume(cfg: JobConfig) -> None:
+    """Refuse a start that would mix a new run with the checkpoints of an older one."""
+    from longtune.train.checkpoint import checkpoint_info, find_latest_checkpoint
+
+    run_dir = Path(cfg.output.dir)
+    latest = find_latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    resume = cfg.checkpoint.resume
+    if resume == "never" and latest is not None:
+        raise ConfigError(
+            f"checkpoint.resume=never, but output.dir={run_dir} already holds checkpoints "
+            f"(newest: {latest.name}); use another output.dir, delete {run_dir / 'checkpoints'}, "
+            "or continue it with checkpoint.resume=auto"
+        )
+    if resume not in ("auto", "never"):
+        start = checkpoint_info(resume)["step"]  # raises on an incomplete checkpoint
+        if latest is not None and checkpoint_info(latest)["step"] > start:
+            raise ConfigError(
+                f"checkpoint.resume={resume} is at step {start}, but output.dir={run_dir} "
+                f"holds a newer checkpoint ({latest.name}) that the new run would mix with; "
+                "resume into another output.dir or move the newer checkpoints away"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +178,8 @@ def _run_source(run_dir: Path):  # noqa: ANN202
 
 def _truncate_metrics(path: Path, last_step: int, total_steps: int) -> None:
     """Drop records that a run resuming at ``last_step`` will produce again: every record past
-    it, and the final eval (it follows the last checkpoint)."""
+    it, and the final eval (it follows the last checkpoint). Rewritten atomically; a line torn
+    by a crash mid-write is dropped."""
     if not path.exists():
         return
 
@@ -162,10 +188,21 @@ def _truncate_metrics(path: Path, last_step: int, total_steps: int) -> None:
             return False
         return not (rec.get("kind") == "eval" and rec["step"] == total_steps and last_step > 0)
 
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [line for line in _metric_lines(path) if keep(json.loads(line))]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _metric_lines(path: Path) -> list[str]:
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:  # a record torn by a crash while it was being written
+            continue
+        lines.append(line)
+    return lines
 
 
 def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
@@ -201,7 +238,7 @@ def _run(
         set_model_state_dict,
     )
 
-    from longtune.data import PackedLoader, build_packed_dataset
+    from longtune.data import IGNORE_INDEX, PackedLoader, build_packed_dataset
     from longtune.model.args import ModelArgs
     from longtune.model.convert import load_model
     from longtune.model.llama import Transformer
@@ -262,9 +299,14 @@ def _run(
         else None
     )
     accum = resolve_grad_accum(cfg, dims.dp)
-    duration = cfg.train.duration
-    steps_per_epoch = max(1, math.ceil(len(loader) / accum))
-    total_steps = duration.value if duration.unit == "st" else duration.value * steps_per_epoch
+    total_steps = total_optimizer_steps(cfg.train.duration, len(loader), accum)
+    steps_per_epoch = len(loader) / accum
+    if cfg.optim.warmup_steps > total_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={cfg.optim.warmup_steps} is longer than the run "
+            f"({total_steps} optimizer steps for train.duration={cfg.train.duration}); "
+            "lower it or train longer"
+        )
 
     # ---- model, parallelism, optimizer
     on_gpu = device.type == "cuda"
@@ -342,7 +384,7 @@ def _run(
         metrics.log_params({k: v for s in config_to_dict(cfg).values() for k, v in s.items()})
     progress = ProgressLine(total_steps, rank)
     logger.info(
-        "training %s: %d params, %d steps (%d per epoch), %d micro-batches x %d seq x %d tokens "
+        "training %s: %d params, %d steps (%.1f per epoch), %d micro-batches x %d seq x %d tokens "
         "per rank per step, world %d (dp %d, sp %d), %s on %s",
         cfg.model.path,
         args.num_params(),
@@ -368,11 +410,21 @@ def _run(
         if eval_loader is None:
             return None
         model.eval()
-        n = len(eval_loader) if cfg.train.eval_batches <= 0 else cfg.train.eval_batches
+        n = len(eval_loader)
+        if cfg.train.eval_batches > 0:
+            n = min(n, cfg.train.eval_batches)
+        n_seq = len(eval_loader.dataset)
         loss_sum, count = 0.0, 0
         with torch.no_grad():
             for i in range(n):
-                b = to_device(eval_loader.batch(i // len(eval_loader), i % len(eval_loader)))
+                b = eval_loader.batch(0, i)
+                # The last step of an epoch is filled up with sequences from its start; score
+                # each eval sequence once, whatever the number of ranks.
+                first = (i * dims.dp + dp_rank) * mbs
+                for j in range(mbs):
+                    if first + j >= n_seq:
+                        b["labels"][j] = IGNORE_INDEX
+                b = to_device(b)
                 loss_sum += float(
                     model(
                         b["input_ids"],
@@ -382,8 +434,8 @@ def _run(
                         labels=b["labels"],
                     )
                 )
-                count += b["num_supervised"]
-        loss_sum, count = _all_reduce_sum([loss_sum, count / dims.sp], device)
+                count += int((b["labels"] != IGNORE_INDEX).sum())  # this rank's slice
+        loss_sum, count = _all_reduce_sum([loss_sum, count], device)
         model.train()
         loss = loss_sum / max(count, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
@@ -488,7 +540,9 @@ def _run(
     result = RunResult(status="completed", run_dir=run_dir, final_step=step)
     if rank == 0:
         export_dir = run_dir / EXPORT_SUBDIR
-        result.export_dir = export_and_check(full, args, _run_source(run_dir), export_dir, run_dir)
+        result.export_dir = export_and_check(
+            full, args, _run_source(run_dir), export_dir, run_dir / EXPORT_CHECK
+        )
         result.export_check = json.loads((run_dir / EXPORT_CHECK).read_text())
         logger.info("exported %s (self-check: %s)", export_dir, result.export_check)
     metrics.close()
@@ -497,11 +551,19 @@ def _run(
     return result
 
 
+def total_optimizer_steps(duration: Any, micro_batches_per_epoch: int, accum: int) -> int:
+    """Optimizer steps of a run: ``Nst`` as given; ``Nep`` = the steps that consume N epochs of
+    micro-batches (the last step may reach into the next epoch)."""
+    if duration.unit == "st":
+        return duration.value
+    return max(1, math.ceil(duration.value * micro_batches_per_epoch / accum))
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _metric_lines(path)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,15 +576,17 @@ def export_and_check(
     args: Any,
     source: Any,
     export_dir: Path,
-    run_dir: Path,
+    check_path: Path,
     dtype: str | None = None,
 ) -> Path:
-    """Write the HF folder, load it back with transformers and compare logits on a probe.
+    """Write the HF folder, then check it.
 
-    The comparison is between ``transformers``' ``LlamaForCausalLM`` loaded from the written
-    folder and the native model holding the trained weights as written (cast to the export
-    dtype), both run in float32. The drift from the un-rounded trained weights is recorded too.
-    The result goes to ``run_dir/export_check.json``; a failed check raises.
+    Checks, each on what was written to disk: every tensor equals the trained one cast to its
+    export dtype (exactly); ``transformers``' ``LlamaForCausalLM`` loaded from the folder gives
+    the same logits as the native model on a probe (float32, relative error < 1e-4); the
+    tokenizer loads. The drift of the export-dtype rounding from the un-rounded trained weights
+    is recorded too. One model is held at a time. The result goes to ``check_path``; a failed
+    check raises.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -532,34 +596,43 @@ def export_and_check(
 
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     save_model(None, export_dir, source=source, dtype=dtype, state_dict=state)
-    hf = AutoModelForCausalLM.from_pretrained(
-        export_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+
+    written = load_model(export_dir)  # tensors as stored
+    mismatched = [
+        k for k, v in written.state_dict().items() if not torch.equal(v, state[k].to(v.dtype))
+    ]
+    del written
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     probe_text = "Long-context fine-tuning check: the quick brown fox jumps over the lazy dog."
     ids = torch.tensor([tokenizer(probe_text)["input_ids"]])
-
     with torch.no_grad():
-        ref = hf(ids).logits
-        # The trained weights exactly as written (export dtype), and as trained (unrounded).
-        written = load_model(export_dir, dtype=torch.float32)(ids)
+        hf = AutoModelForCausalLM.from_pretrained(
+            export_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        ref = hf(ids).logits.double()
+        del hf
+
+        def rel(logits: torch.Tensor) -> float:
+            return float((logits.double() - ref).norm() / ref.norm())
+
+        err_written = rel(load_model(export_dir, dtype=torch.float32)(ids))
         trained = Transformer(args)
         trained.load_state_dict({k: v.float() for k, v in state.items()})
         trained.tie_weights()
-        unrounded = trained.eval()(ids)
-
-    def rel(a: torch.Tensor) -> float:
-        return float((a.double() - ref.double()).norm() / ref.double().norm())
+        err_unrounded = rel(trained.eval()(ids))
+        del trained
 
     check = {
         "probe_tokens": int(ids.numel()),
-        "rel_err_vs_transformers": rel(written),
-        "rel_err_trained_weights_unrounded": rel(unrounded),
+        "tensors_equal_trained": not mismatched,
+        "mismatched_tensors": mismatched,
+        "rel_err_vs_transformers": err_written,
+        "rel_err_trained_weights_unrounded": err_unrounded,
         "tokenizer_loaded": True,
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
-    check["passed"] = check["rel_err_vs_transformers"] < 1e-4
-    (run_dir / EXPORT_CHECK).write_text(json.dumps(check, indent=2))
+    check["passed"] = not mismatched and err_written < 1e-4
+    check_path.write_text(json.dumps(check, indent=2))
     if not check["passed"]:
         raise RuntimeError(f"export self-check failed: {check}")
     return export_dir
@@ -569,7 +642,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | No
     """``longtune export RUN_DIR/checkpoints/step-N OUT``: an HF folder from a training checkpoint.
 
     The run folder's ``source/`` (config.json, tokenizer files, tensor layout of the model the run
-    started from) supplies everything but the weights. Runs in one process.
+    started from) supplies everything but the weights. Runs in one process. The self-check
+    result goes beside the folder, to ``OUT.export_check.json``.
     """
     from longtune.model.args import ModelArgs
     from longtune.model.llama import Transformer
@@ -588,7 +662,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | No
     load_checkpoint(ckpt_dir, model=model, optimizer=None, scheduler=None, restore_rng=False)
     model.tie_weights()
     out = Path(out_dir)
-    return export_and_check(model.state_dict(), args, source, out, out.parent, dtype=dtype)
+    check = out.with_name(out.name + ".export_check.json")
+    return export_and_check(model.state_dict(), args, source, out, check, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,9 +684,6 @@ All settings (--section.key=value):
 
 def train_main(argv: list[str]) -> int:
     """``longtune train``: parse, validate, run. Returns the exit code."""
-    from longtune.data import DataValidationError
-    from longtune.train.config import ConfigError
-
     if any(a in ("-h", "--help") for a in argv):
         aliases = ", ".join(f"--{k} ({v})" for k, v in FLAG_ALIASES.items())
         fields = "\n".join(f"  {k}: {doc}" for k, doc in field_docs().items())
@@ -622,7 +694,8 @@ def train_main(argv: list[str]) -> int:
     try:
         cfg = load_config(path, overrides)
         result = run_training(cfg)
-    except (ConfigError, DataValidationError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
         print(f"longtune train: error: {e}", file=sys.stderr)
         return 2
     except TrainingDivergedError as e:
