@@ -545,8 +545,9 @@ def _run(
         )
         result.export_check = json.loads((run_dir / EXPORT_CHECK).read_text())
         logger.info("exported %s (self-check: %s)", export_dir, result.export_check)
+    # No barrier after the export: it is rank 0's alone and can outlast a collective's timeout
+    # on a large model; the other ranks are done once the state is gathered.
     metrics.close()
-    dist.barrier()
     result.metrics = read_metrics(run_dir)
     return result
 
