@@ -276,18 +276,10 @@ def _run(
             datasets["eval"] = build(cfg.data.eval) if cfg.data.eval else None
         dist.barrier()
     mbs = cfg.train.micro_batch_size
-    loader = PackedLoader(
-        datasets["train"],
-        micro_batch_size=mbs,
-        dp_rank=dp_rank,
-        dp_size=dims.dp,
-        sp_rank=sp_rank,
-        sp_size=dims.sp,
-        seed=cfg.train.seed,
-    )
-    eval_loader = (
-        PackedLoader(
-            datasets["eval"],
+
+    def make_loader(dataset):  # noqa: ANN001, ANN202
+        return PackedLoader(
+            dataset,
             micro_batch_size=mbs,
             dp_rank=dp_rank,
             dp_size=dims.dp,
@@ -295,9 +287,9 @@ def _run(
             sp_size=dims.sp,
             seed=cfg.train.seed,
         )
-        if datasets["eval"] is not None
-        else None
-    )
+
+    loader = make_loader(datasets["train"])
+    eval_loader = make_loader(datasets["eval"]) if datasets["eval"] is not None else None
     accum = resolve_grad_accum(cfg, dims.dp)
     total_steps = total_optimizer_steps(cfg.train.duration, len(loader), accum)
     steps_per_epoch = len(loader) / accum
