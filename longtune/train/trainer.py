@@ -392,11 +392,16 @@ def _run(
         device,
     )
 
-    def to_device(batch: dict[str, Any]) -> dict[str, Any]:
-        return {
-            k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()
-        }
+    def loss_sum_of(batch: dict[str, Any]) -> torch.Tensor:
+        """Summed token loss of one micro-batch (this rank's slice)."""
+        b = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        return model(
+            b["input_ids"],
+            position_ids=b["position_ids"],
+            cu_seqlens=b["cu_seqlens"],
+            max_seqlen=batch["max_seqlen"],
+            labels=b["labels"],
+        )
 
     def evaluate() -> dict[str, float] | None:
         if eval_loader is None:
@@ -416,16 +421,7 @@ def _run(
                 for j in range(mbs):
                     if first + j >= n_seq:
                         b["labels"][j] = IGNORE_INDEX
-                b = to_device(b)
-                loss_sum += float(
-                    model(
-                        b["input_ids"],
-                        position_ids=b["position_ids"],
-                        cu_seqlens=b["cu_seqlens"],
-                        max_seqlen=b["max_seqlen"],
-                        labels=b["labels"],
-                    )
-                )
+                loss_sum += float(loss_sum_of(b))
                 count += int((b["labels"] != IGNORE_INDEX).sum())  # this rank's slice
         loss_sum, count = _all_reduce_sum([loss_sum, count], device)
         model.train()
@@ -452,14 +448,7 @@ def _run(
         scale = world / max(global_count, 1.0)
         loss_sum = 0.0
         for b in batches:
-            b = to_device(b)
-            part = model(
-                b["input_ids"],
-                position_ids=b["position_ids"],
-                cu_seqlens=b["cu_seqlens"],
-                max_seqlen=b["max_seqlen"],
-                labels=b["labels"],
-            )
+            part = loss_sum_of(b)
             if fault is not None:
                 part = fault(step + 1, part)
             (part * scale).backward()
