@@ -514,10 +514,14 @@ def _run(
             )
     log_eval(step)
 
-    # ---- export (rank 0 writes; gathering the full state is collective)
+    # ---- export. Gathering the full state is the last collective: the process group is then
+    # closed on every rank together, and rank 0 exports alone, so a long export of a large
+    # model cannot trip a collective's timeout on the other ranks.
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    dist.barrier()
+    dist.destroy_process_group()
     result = RunResult(status="completed", run_dir=run_dir, final_step=step)
     if rank == 0:
         export_dir = run_dir / EXPORT_SUBDIR
@@ -526,8 +530,6 @@ def _run(
         )
         result.export_check = json.loads((run_dir / EXPORT_CHECK).read_text())
         logger.info("exported %s (self-check: %s)", export_dir, result.export_check)
-    # No barrier after the export: it is rank 0's alone and can outlast a collective's timeout
-    # on a large model; the other ranks are done once the state is gathered.
     metrics.close()
     result.metrics = read_metrics(run_dir)
     return result
