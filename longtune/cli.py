@@ -69,7 +69,7 @@ def validate(
         model: HF model folder whose tokenizer and chat template are used.
         task_type: chat, instruction or text.
         context_length: packed sequence length in tokens.
-        overlength: what to do with examples longer than the context: truncate or drop.
+        overlength: what to do with examples longer than the context: truncate, drop or split.
         loss_on: all_assistant or last_assistant (chat only).
         all_errors: list every error instead of stopping at the first.
     """

@@ -141,6 +141,40 @@ def test_overlength_truncate_and_drop(tmp_path, tiny_model):
     assert drop.stats.documents == 1 and len(drop) == 1
 
 
+def test_overlength_split_keeps_every_token_once(tmp_path, tiny_model):
+    """split: a long text becomes consecutive context-length pieces, each its own document."""
+    from transformers import AutoTokenizer
+
+    text = "".join(chr(ord("a") + i % 26) for i in range(200))  # 201 tokens with eos
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "short one"}, {"text": text}])
+    ds = build_packed_dataset(
+        [str(path)], tiny_model, "text", 64, overlength="split", cache_dir=tmp_path / "c"
+    )
+    f = ds.stats.files[0]
+    assert (f.overlength, f.split, f.truncated, f.dropped) == (1, 1, 0, 0)
+    assert ds.stats.documents == 1 + 4  # 201 tokens -> 64 + 64 + 64 + 9
+    assert ds.stats.tokens == 10 + 201
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    full = tok(text)["input_ids"] + [tok.eos_token_id]
+    assert len(full) == 201
+    segments = []
+    for i in range(len(ds)):
+        item = ds[i]
+        cu = item["cu_seqlens"].tolist()
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            segments.append(
+                (item["input_ids"][a:b].tolist(), item["labels"][a:b], item["position_ids"][a:b])
+            )
+    for start in (0, 64, 128, 192):
+        piece = full[start : start + 64]
+        found = [seg for seg in segments if seg[0] == piece]
+        assert len(found) == 1, f"piece at {start} found {len(found)} times"
+        ids, labels, positions = found[0]
+        assert positions.tolist() == list(range(len(ids)))  # positions restart in each piece
+        np.testing.assert_array_equal(labels[:-1], ids[1:])  # targets stay inside the piece
+        assert labels[-1] == IGNORE_INDEX
+
+
 def test_cache_reused_and_invalidated(tmp_path, tiny_model, monkeypatch):
     path = write_jsonl(tmp_path / "c.jsonl", chat_rows(20, seed=2))
     cache = tmp_path / "cache"

@@ -26,7 +26,8 @@ def validate_command(
         model: HF model folder whose tokenizer and chat template are used.
         task_type: ``chat``, ``instruction`` or ``text``.
         context_length: tokens per packed sequence.
-        overlength: what to do with examples longer than the context: ``truncate`` or ``drop``.
+        overlength: what to do with examples longer than the context: ``truncate``, ``drop``
+            or ``split`` (into context-length pieces).
         loss_on: supervise ``all_assistant`` turns or the ``last_assistant`` turn only.
         all_errors: list every invalid line instead of stopping at the first.
         cache_dir: token store folder (default ``~/.cache/longtune/tokens``).
@@ -53,7 +54,11 @@ def validate_command(
         print(f"error: {e}", file=sys.stderr)
         return 1
     ds = PackedDataset(stores, context_length, stores[0].pad_id, overlength)
-    action = "truncated to the context" if overlength == "truncate" else "dropped"
+    action = {
+        "truncate": "truncated to the context",
+        "drop": "dropped",
+        "split": "split into context-length pieces",
+    }[overlength]
     for f in ds.stats.files:
         print(f"{f.file}")
         print(f"  examples            {f.examples}")
@@ -64,7 +69,8 @@ def validate_command(
         print(f"  supervised tokens   {f.supervised_tokens}")
         print(
             f"  over {context_length:<14} {f.overlength} ({overlength}: "
-            f"{f.truncated if overlength == 'truncate' else f.dropped} {action})"
+            f"{ {'truncate': f.truncated, 'drop': f.dropped, 'split': f.split}[overlength] } "
+            f"{action})"
         )
         if f.dropped_unsupervised:
             print(f"  dropped             {f.dropped_unsupervised} with no supervised token left")

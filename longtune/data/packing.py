@@ -22,7 +22,7 @@ from longtune.data.tokenize import TokenStore, tokenize_files
 from longtune.data.validation import expand_paths, validate_files
 
 IGNORE_INDEX = -100
-OVERLENGTH = ("truncate", "drop")
+OVERLENGTH = ("truncate", "drop", "split")
 
 
 def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -119,6 +119,8 @@ class FileStats:
     truncated: int
     dropped: int
     dropped_unsupervised: int
+    split: int = 0
+    """Examples cut into several context-length pieces (``overlength="split"``)."""
     packed_sequences: int = 0
     padding_fraction: float = 0.0
 
@@ -140,18 +142,33 @@ class DatasetStats:
 
 def _usable_docs(
     store: TokenStore, context_length: int, overlength: str
-) -> tuple[np.ndarray, np.ndarray, FileStats]:
-    """Documents kept from one store and their (possibly truncated) lengths."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, FileStats]:
+    """Pieces of documents kept from one store: (document index, start, length) each.
+
+    ``truncate`` keeps the first ``context_length`` tokens of a document, ``drop`` drops a
+    longer one, ``split`` cuts it into consecutive pieces of at most ``context_length`` tokens
+    (each its own document: positions restart, nothing attends across the cut). Pieces with no
+    supervised target are dropped.
+    """
     lengths = store.lengths
     over = lengths > context_length
-    kept_len = np.minimum(lengths, context_length)
-    keep = np.ones(len(lengths), dtype=bool)
+    if overlength == "split":
+        pieces = np.maximum(1, -(-lengths // context_length))
+        doc = np.repeat(np.arange(len(lengths)), pieces)
+        index_in_doc = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        start = index_in_doc * context_length
+        length = np.minimum(lengths[doc] - start, context_length)
+    else:
+        doc = np.arange(len(lengths))
+        start = np.zeros(len(lengths), dtype=np.int64)
+        length = np.minimum(lengths, context_length)
+    keep = np.ones(len(doc), dtype=bool)
     if overlength == "drop":
         keep &= ~over
-    # Supervised targets per document: mask[1:] over the kept (truncated) tokens.
+    # Supervised targets per piece: mask[1:] over the piece's tokens.
     csum = np.concatenate([[0], np.cumsum(store.mask, dtype=np.int64)])
-    first = store.offsets[:-1]
-    sup = csum[first + kept_len] - csum[first + np.minimum(kept_len, 1)]
+    first = store.offsets[:-1][doc] + start
+    sup = csum[first + length] - csum[first + np.minimum(length, 1)]
     unsupervised = keep & (sup == 0)
     keep &= ~unsupervised
     stats = FileStats(
@@ -161,14 +178,15 @@ def _usable_docs(
         token_median=float(np.median(lengths)),
         token_p95=float(np.percentile(lengths, 95)),
         token_max=int(lengths.max()),
-        tokens=int(kept_len[keep].sum()),
+        tokens=int(length[keep].sum()),
         supervised_tokens=int(sup[keep].sum()),
         overlength=int(over.sum()),
         truncated=int((over & keep).sum()) if overlength == "truncate" else 0,
         dropped=int(over.sum()) if overlength == "drop" else 0,
         dropped_unsupervised=int(unsupervised.sum()),
+        split=int(over.sum()) if overlength == "split" else 0,
     )
-    return np.flatnonzero(keep), kept_len[keep], stats
+    return doc[keep], start[keep], length[keep], stats
 
 
 class PackedDataset:
@@ -178,7 +196,8 @@ class PackedDataset:
         stores: the token stores (one per data file).
         context_length: tokens per packed sequence.
         pad_id: token id for padding.
-        overlength: ``truncate`` (keep the first ``context_length`` tokens) or ``drop``.
+        overlength: ``truncate`` (keep the first ``context_length`` tokens), ``drop``, or
+            ``split`` (cut into context-length pieces).
     """
 
     def __init__(
@@ -196,9 +215,9 @@ class PackedDataset:
         self.context_length = context_length
         self.pad_id = pad_id
         self.overlength = overlength
-        store_idx, doc_idx, lengths, file_stats = [], [], [], []
+        store_idx, doc_idx, starts, lengths, file_stats = [], [], [], [], []
         for s, store in enumerate(stores):
-            docs, lens, stats = _usable_docs(store, context_length, overlength)
+            docs, start, lens, stats = _usable_docs(store, context_length, overlength)
             # Per-file packing, for the per-file statistics only.
             n_seq = len(pack_lengths(lens, context_length)) if len(lens) else 0
             stats.packed_sequences = n_seq
@@ -206,9 +225,11 @@ class PackedDataset:
             file_stats.append(stats)
             store_idx.append(np.full(len(docs), s, dtype=np.int64))
             doc_idx.append(docs)
+            starts.append(start)
             lengths.append(lens)
         self.doc_store = np.concatenate(store_idx) if stores else np.zeros(0, np.int64)
         self.doc_index = np.concatenate(doc_idx) if stores else np.zeros(0, np.int64)
+        self.doc_start = np.concatenate(starts) if stores else np.zeros(0, np.int64)
         self.doc_length = np.concatenate(lengths) if stores else np.zeros(0, np.int64)
         if len(self.doc_length) == 0:
             raise ValueError(
@@ -232,9 +253,9 @@ class PackedDataset:
         return len(self.bins)
 
     def document(self, d: int) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and target mask of usable document ``d`` (truncated to the context)."""
+        """Token ids and target mask of usable document (or piece) ``d``."""
         store = self.stores[self.doc_store[d]]
-        start = int(store.offsets[self.doc_index[d]])
+        start = int(store.offsets[self.doc_index[d]]) + int(self.doc_start[d])
         n = int(self.doc_length[d])
         return store.ids[start : start + n], store.mask[start : start + n]
 

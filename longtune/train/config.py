@@ -104,7 +104,8 @@ class DataConfig:
     """Which tokens carry loss in chat data: all_assistant | last_assistant."""
 
     overlength: str = "truncate"
-    """What to do with an example longer than context_length: truncate | drop."""
+    """What to do with an example longer than context_length: truncate | drop | split (into
+    context-length pieces, e.g. long texts for continued pre-training)."""
 
     cache_dir: str | None = None
     """Where to cache tokenized data; None = ~/.cache/longtune/tokens."""
@@ -232,7 +233,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation_checkpointing": ("none", "selective", "full"),
     "data.task_type": ("chat", "instruction", "text"),
     "data.loss_on": ("all_assistant", "last_assistant"),
-    "data.overlength": ("truncate", "drop"),
+    "data.overlength": ("truncate", "drop", "split"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 
