@@ -314,3 +314,11 @@ def test_packed_attention_saves_no_quadratic_state():
 
     small, large = saved_bytes(256), saved_bytes(2048)
     assert large < 10 * small  # 8x the tokens: linear growth, far from the 64x of quadratic
+
+
+def test_sharded_native_format_round_trip(tmp_path):
+    ckpt = make_hf_checkpoint(tmp_path / "hf")
+    native = convert_hf_to_native(ckpt, tmp_path / "native", max_shard_bytes=20_000)
+    shards = sorted(p.name for p in native.glob("native-*.safetensors"))
+    assert len(shards) > 1 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert_same_checkpoint(ckpt, export_native(native, tmp_path / "out"))

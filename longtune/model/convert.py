@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,6 @@ class HFSource:
     meta_dir: Path
     """Folder holding the non-weight files (tokenizer, chat template, generation config)."""
     sharded: bool = False
-    extra_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -445,39 +444,32 @@ def _write_sharded(
 
     Tensors are produced one at a time and written shard by shard; returns name -> file.
     """
-    groups: list[list[str]] = [[]]
-    sizes: list[int] = [0]
-    cache: dict[str, torch.Tensor] = {}
+    parts: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        part = out_dir / f"{prefix}-part-{len(parts) + 1:05d}.safetensors"
+        save_file(shard, part, metadata={"format": "pt"})
+        parts.append(list(shard))
+        shard.clear()
+
     for name in names:
-        t = get(name)
+        t = get(name).contiguous()
         nbytes = t.numel() * t.element_size()
-        if groups[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            _flush(out_dir, groups, cache, prefix)
-            groups.append([])
-            sizes.append(0)
-        groups[-1].append(name)
-        sizes[-1] += nbytes
-        cache[name] = t
-    _flush(out_dir, groups, cache, prefix)
-    n = len(groups)
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = t
+        size += nbytes
+    if shard:
+        flush()
+    n = len(parts)
     weight_map = {}
-    for i, group in enumerate(groups):
+    for i, part in enumerate(parts):
         fname = (
             f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
         )
-        tmp_name = f"{prefix}-part-{i + 1:05d}.safetensors"
-        os.replace(out_dir / tmp_name, out_dir / fname)
-        weight_map |= dict.fromkeys(group, fname)
+        os.replace(out_dir / f"{prefix}-part-{i + 1:05d}.safetensors", out_dir / fname)
+        weight_map |= dict.fromkeys(part, fname)
     return weight_map
-
-
-def _flush(
-    out_dir: Path, groups: list[list[str]], cache: dict[str, torch.Tensor], prefix: str
-) -> None:
-    group = groups[-1]
-    if not group:
-        return
-    tensors = {n: cache.pop(n).contiguous() for n in group}
-    save_file(
-        tensors, out_dir / f"{prefix}-part-{len(groups):05d}.safetensors", metadata={"format": "pt"}
-    )
