@@ -145,6 +145,11 @@ class HFSource:
     def config(self) -> dict[str, Any]:
         return json.loads(self.config_text)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any], meta_dir: Path) -> HFSource:
+        """Inverse of :meth:`to_json`, with the folder that holds the non-weight files."""
+        return cls(d["config_text"], d["weight_map"], d["dtypes"], meta_dir, d["sharded"])
+
     def to_json(self) -> dict[str, Any]:
         return {
             "config_text": self.config_text,
@@ -369,15 +374,7 @@ def read_native_meta(native_dir: str | Path) -> tuple[ModelArgs, HFSource, dict[
     if meta.get("format") != NATIVE_FORMAT:
         raise ValueError(f"{native_dir / NATIVE_META} is not a longtune native checkpoint")
     args = ModelArgs.from_dict(meta["model_args"])
-    src = meta["hf_source"]
-    source = HFSource(
-        config_text=src["config_text"],
-        weight_map=src["weight_map"],
-        dtypes=src["dtypes"],
-        meta_dir=native_dir / "hf",
-        sharded=src["sharded"],
-    )
-    return args, source, meta["weight_map"]
+    return args, HFSource.from_json(meta["hf_source"], native_dir / "hf"), meta["weight_map"]
 
 
 def convert_hf_to_native(

@@ -166,14 +166,7 @@ def _run_source(run_dir: Path):  # noqa: ANN202
     from longtune.model.convert import HFSource
 
     d = run_dir / SOURCE_SUBDIR
-    meta = json.loads((d / "hf_source.json").read_text())
-    return HFSource(
-        config_text=meta["config_text"],
-        weight_map=meta["weight_map"],
-        dtypes=meta["dtypes"],
-        meta_dir=d,
-        sharded=meta["sharded"],
-    )
+    return HFSource.from_json(json.loads((d / "hf_source.json").read_text()), d)
 
 
 def _truncate_metrics(path: Path, last_step: int, total_steps: int) -> None:
