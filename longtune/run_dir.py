@@ -1,0 +1,173 @@
+"""The run folder: its layout and its status. The one owner of both.
+
+The trainer writes a run folder; the CLI (``longtune runs``), the Python API and the web UI read
+runs through this module and nothing else. Layout of ``RUN/``::
+
+    config.yaml          the resolved run config
+    metrics.jsonl        one JSON record per optimizer step (+ ``"kind": "eval"`` records)
+    train.log            the rank-0 log (appended across resumes)
+    status.json          what the run is doing now (below), rewritten atomically
+    run.lock             held (``flock``) by the training process for the whole run
+    checkpoints/step-N/  atomic, resumable checkpoints
+    source/              the source model's config, tokenizer files and tensor layout
+    hf/                  the exported Hugging Face folder
+    export_check.json    the export's self-check
+
+``status.json`` holds ``state`` (one of :data:`STATES`) and, while running, ``pid``, ``pgid``,
+``host`` and ``proc_start`` (the process's start time, so a reused pid is not mistaken for the
+run), ``started_at``, ``updated_at``, ``step`` and ``total_steps``; ``failed`` runs add
+``reason`` (one of :data:`FAIL_REASONS`) and ``error`` (the message); ``exit_code`` once ended.
+A ``running`` status whose process is gone (on this host) reads as ``failed`` with reason
+``process gone``: a killed run never shows as running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+LOG = "train.log"
+STATUS = "status.json"
+LOCK = "run.lock"
+CHECKPOINTS = "checkpoints"
+SOURCE = "source"
+EXPORT = "hf"
+EXPORT_CHECK = "export_check.json"
+
+STATES = ("running", "succeeded", "failed", "cancelled")
+FAIL_REASONS = ("nan", "oom", "data error", "config error", "killed", "process gone", "error")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run folder (nothing is created by building one)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def log(self) -> Path:
+        return self.path / LOG
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / STATUS
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def source(self) -> Path:
+        return self.path / SOURCE
+
+    @property
+    def export(self) -> Path:
+        return self.path / EXPORT
+
+    @property
+    def export_check(self) -> Path:
+        return self.path / EXPORT_CHECK
+
+    def is_run(self) -> bool:
+        """True when longtune wrote this folder (it has a status or a resolved config)."""
+        return self.status_file.is_file() or self.config.is_file()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), None if it is gone.
+
+    With the pid it identifies a process: a pid reused by a later process has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])  # field 22 overall
+
+
+def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
+    """Atomically replace ``status.json`` (a reader never sees a torn file).
+
+    Args:
+        run: the run folder (must exist).
+        state: one of :data:`STATES`.
+        **fields: the rest of the record (``step``, ``total_steps``, ``reason``, ...). For
+            ``running``, ``pid``, ``pgid``, ``host`` and ``proc_start`` of the calling process
+            are filled in unless given.
+
+    Returns:
+        The record written.
+    """
+    if state not in STATES:
+        raise ValueError(f"run state {state!r} is not one of {', '.join(STATES)}")
+    record: dict[str, Any] = {"state": state}
+    if state == "running":
+        pid = os.getpid()
+        record.update(
+            pid=pid,
+            pgid=os.getpgid(0),
+            host=socket.gethostname(),
+            proc_start=process_start_time(pid),
+        )
+    record.update(fields)
+    record["updated_at"] = time.time()
+    tmp = run.status_file.with_name(f"{STATUS}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, run.status_file)
+    return record
+
+
+def read_status(run: RunDir) -> dict[str, Any] | None:
+    """The run's status, or None when it has none (not started, or not a longtune run).
+
+    A ``running`` record whose process no longer exists on this host comes back as
+    ``{"state": "failed", "reason": "process gone", ...}`` (the file is not changed). A run on
+    another host cannot be checked and is returned as written.
+    """
+    try:
+        record = json.loads(run.status_file.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return {"state": "failed", "reason": "error", "error": f"unreadable {run.status_file}"}
+    if record.get("state") == "running" and not _alive(record):
+        record = {**record, "state": "failed", "reason": "process gone"}
+    return record
+
+
+def _alive(record: dict[str, Any]) -> bool:
+    if record.get("host") != socket.gethostname():
+        return True  # cannot tell from here
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return False
+    start = process_start_time(pid)
+    return start is not None and start == record.get("proc_start")
