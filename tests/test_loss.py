@@ -54,3 +54,53 @@ def test_no_grad_path_computes_no_gradients(monkeypatch):
     monkeypatch.setattr(loss_module._ChunkedLinearCrossEntropy, "apply", forbidden)
     with torch.no_grad():
         assert rel_err(chunked_cross_entropy(h, w, labels, chunk_size=2), ref) < 1e-6
+
+
+def test_bf16_loss_matches_fp32_full_logits_within_bf16_tolerance():
+    """Logits in bf16 (fp32 accumulation), softmax and loss in fp32: the loss and both
+    gradients stay within bf16 rounding of the float32 full-logit reference."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 64, generator=g)
+    w = torch.randn(500, 64, generator=g) * 0.2
+    labels = torch.randint(0, 500, (300,), generator=g)
+    labels[::3] = -100
+    h32, w32 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h32 @ w32.t(), labels, reduction="sum")
+    ref.backward()
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    loss = chunked_cross_entropy(hb, wb, labels, chunk_size=64)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert hb.grad.dtype == wb.grad.dtype == torch.bfloat16
+    assert rel_err(loss, ref) < 1e-2
+    assert rel_err(hb.grad, h32.grad) < 2e-2
+    assert rel_err(wb.grad, w32.grad) < 2e-2
+    assert not hb.grad[::3].any()  # unsupervised rows: zero gradient
+
+
+def test_logits_only_for_supervised_rows():
+    """The output projection runs on the supervised rows only: no matmul of the loss has more
+    rows than there are supervised tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    h = torch.randn(2, 200, 16, requires_grad=True)
+    w = torch.randn(1000, 16, requires_grad=True)
+    labels = torch.full((2, 200), -100)
+    labels[0, 10:15] = 3
+    labels[1, 190:] = 7
+    with MatmulShapes() as mode:
+        chunked_cross_entropy(h, w, labels).backward()
+    # logits (15, vocab), hidden-state gradient (15, dim), weight gradient (vocab, dim)
+    assert sorted(mode.shapes) == [(15, 16), (15, 1000), (1000, 16)]
+    assert not h.grad[0, :10].any() and h.grad[0, 10:15].any()

@@ -278,24 +278,24 @@ def test_save_without_source_explains(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen_attn needs a CUDA GPU")
 def test_gpu_varlen_attention_matches_cpu_per_document_path():
-    from longtune.model.llama import attention
+    from longtune.model.attention import AttentionMeta, attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 64, 8, 32, generator=g)
     k = torch.randn(2, 64, 2, 32, generator=g)
     v = torch.randn(2, 64, 2, 32, generator=g)
     cu = torch.tensor([0, 10, 64, 100, 128], dtype=torch.int32)
-    ref = attention(q, k, v, cu)  # CPU: one SDPA per document
+    ref = attention(q, k, v, AttentionMeta.from_cu_seqlens(cu))  # CPU: one SDPA per document
     qc, kc, vc = (t.cuda().bfloat16() for t in (q, k, v))
-    out = attention(qc, kc, vc, cu.cuda(), 54).float().cpu()
-    assert rel_err(out, ref) < 2e-2  # bf16 kernel vs fp32 reference
+    out = attention(qc, kc, vc, AttentionMeta.from_cu_seqlens(cu.cuda(), 54), "varlen")
+    assert rel_err(out.float().cpu(), ref) < 2e-2  # bf16 kernel vs fp32 reference
 
 
 def test_packed_attention_saves_no_quadratic_state():
     """The CPU per-document path must use a fused SDPA kernel: what autograd keeps for backward
     grows with the sequence length, not its square (the math fallback keeps the attention
     matrix)."""
-    from longtune.model.llama import attention
+    from longtune.model.attention import AttentionMeta, attention
 
     def saved_bytes(length: int) -> int:
         q = torch.randn(1, length, 8, 16, requires_grad=True)
@@ -309,7 +309,7 @@ def test_packed_attention_saves_no_quadratic_state():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            attention(q, k, v, cu)
+            attention(q, k, v, AttentionMeta.from_cu_seqlens(cu))
         return sum(storages.values())
 
     small, large = saved_bytes(256), saved_bytes(2048)

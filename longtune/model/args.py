@@ -9,6 +9,8 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flex")
+"""Attention kernels the model can use (``model.attention``; see ``longtune.model.attention``)."""
 
 
 class UnsupportedModelError(ValueError):

@@ -1,18 +1,16 @@
 """The native, training-optimized Llama model.
 
 Same function as ``transformers``' ``LlamaForCausalLM``, laid out for training: fused q/k/v and
-gate/up projections, attention that takes document boundaries (``cu_seqlens``) so packed
-documents never see each other, and a forward that can stop before the output projection so
-the loss is computed in chunks. No distributed code here: sequence parallelism wraps
-``Attention.core`` from outside (``longtune.parallel``), and every head count is read from
-tensor shapes, so the model does not know it is sharded.
+gate/up projections, attention that takes document boundaries (``cu_seqlens``, turned once per
+forward into an :class:`~longtune.model.attention.AttentionMeta` record shared by every layer)
+so packed documents never see each other, and a forward that can stop before the output
+projection so the loss is computed in chunks, on the supervised tokens only. No distributed
+code here: sequence parallelism wraps ``Attention.core`` from outside (``longtune.parallel``),
+and every head count is read from tensor shapes, so the model does not know it is sharded.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import inspect
 import math
 
 import torch
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtune.model.args import ModelArgs
+from longtune.model.attention import AttentionMeta, attention, check_backend
 from longtune.model.loss import chunked_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
@@ -100,106 +99,26 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
     return torch.arange(total, device=cu.device) - starts
 
 
-def _varlen_available(q: torch.Tensor) -> bool:
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
-
-
-@functools.cache
-def _varlen_causal_kwargs() -> tuple[dict, bool]:
-    """Keyword arguments that make ``varlen_attn`` causal, and whether it takes ``enable_gqa``.
-
-    torch 2.10/2.11 spell causality ``is_causal=True``; later releases ``window_size=(-1, 0)``.
-    """
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    return causal, "enable_gqa" in params
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor | None = None,
-    max_seqlen: int | None = None,
-) -> torch.Tensor:
-    """Causal attention; with ``cu_seqlens``, causal within each document only.
-
-    Args:
-        q: ``(bs, seq, n_heads, head_dim)``.
-        k, v: ``(bs, seq, n_kv_heads, head_dim)``; ``n_heads`` a multiple of ``n_kv_heads``.
-        cu_seqlens: ``(n_docs + 1,)`` int offsets into the flattened ``bs * seq`` token stream;
-            every sequence boundary must also be a document boundary.
-        max_seqlen: longest document (only used by the GPU varlen kernel).
-
-    Returns:
-        ``(bs, seq, n_heads, head_dim)``.
-    """
-    bs, seq, n_heads, head_dim = q.shape
-    n_kv = k.shape[2]
-    if cu_seqlens is None:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=True,
-            enable_gqa=n_kv != n_heads,
-        )
-        return out.transpose(1, 2)
-
-    qf = q.reshape(bs * seq, n_heads, head_dim)
-    kf = k.reshape(bs * seq, n_kv, head_dim)
-    vf = v.reshape(bs * seq, n_kv, head_dim)
-    if _varlen_available(q):
-        from torch.nn.attention.varlen import varlen_attn
-
-        causal, has_gqa = _varlen_causal_kwargs()
-        if n_kv != n_heads:
-            if has_gqa:
-                causal = {**causal, "enable_gqa": True}
-            else:
-                kf = kf.repeat_interleave(n_heads // n_kv, dim=1)
-                vf = vf.repeat_interleave(n_heads // n_kv, dim=1)
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        if max_seqlen is None:
-            max_seqlen = int((cu[1:] - cu[:-1]).max())
-        out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, **causal)
-        return out.reshape(bs, seq, n_heads, head_dim)
-
-    # Reference / CPU path: one SDPA call per document (same function as the varlen kernel).
-    # Inputs keep a batch dimension of 1: without one, CPU SDPA falls back to the math kernel,
-    # which materializes and saves the (heads, len, len) attention matrix.
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end == start:
-            continue
-        o = F.scaled_dot_product_attention(
-            qf[None, start:end].transpose(1, 2),  # (1, n_heads, len, head_dim)
-            kf[None, start:end].transpose(1, 2),  # (1, n_kv_heads, len, head_dim)
-            vf[None, start:end].transpose(1, 2),
-            is_causal=True,
-            enable_gqa=n_kv != n_heads,
-        )
-        outs.append(o[0].transpose(0, 1))  # (len, n_heads, head_dim)
-    return torch.cat(outs, dim=0).reshape(bs, seq, n_heads, head_dim)
-
-
 class CoreAttention(nn.Module):
-    """The attention kernel as a module, so parallelism can wrap or replace it."""
+    """The attention kernel as a module, so parallelism can wrap or replace it.
+
+    Called as ``core(q, k, v, meta)``: q ``(bs, seq, n_heads, head_dim)``, k/v
+    ``(bs, seq, n_kv_heads, head_dim)``, ``meta`` the :class:`AttentionMeta` of the whole
+    micro-batch; returns ``(bs, seq, n_heads, head_dim)``.
+    """
+
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        check_backend(backend)
+        self.backend = backend
 
     def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        max_seqlen: int | None,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta
     ) -> torch.Tensor:
-        return attention(q, k, v, cu_seqlens, max_seqlen)
+        return attention(q, k, v, meta, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"
 
 
 class RMSNorm(nn.Module):
@@ -223,22 +142,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, backend: str = "auto") -> None:
         super().__init__()
         self.head_dim = args.head_dim
         self.q_size = args.q_size
         self.kv_size = args.kv_size
         self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=args.attention_bias)
         self.wo = nn.Linear(args.q_size, args.dim, bias=args.attention_bias)
-        self.core = CoreAttention()
+        self.core = CoreAttention(backend)
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        max_seqlen: int | None,
+        meta: AttentionMeta,
     ) -> torch.Tensor:
         bs, seq, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -246,7 +164,7 @@ class Attention(nn.Module):
         k = k.view(bs, seq, -1, self.head_dim)  # (bs, seq, n_kv_heads, head_dim)
         v = v.view(bs, seq, -1, self.head_dim)
         q, k = apply_rope(q, k, cos, sin)
-        out = self.core(q, k, v, cu_seqlens, max_seqlen)  # (bs, seq, n_heads, head_dim)
+        out = self.core(q, k, v, meta)  # (bs, seq, n_heads, head_dim)
         return self.wo(out.reshape(bs, seq, -1))
 
 
@@ -264,10 +182,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, attention: str = "auto") -> None:
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, attention)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
@@ -276,26 +194,37 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        max_seqlen: int | None,
+        meta: AttentionMeta,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens, max_seqlen)
+        h = x + self.attention(self.attention_norm(x), cos, sin, meta)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """Llama decoder. ``forward`` returns logits; ``hidden`` stops before the output layer."""
+    """Llama decoder. ``forward`` returns logits or the loss; ``hidden`` stops before the
+    output layer. ``attention`` names the attention backend (``ATTENTION_BACKENDS``)."""
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, attention: str = "auto") -> None:
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # ModuleDict with string indices: stable FQNs when layers are wrapped or pruned.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(args, attention) for i in range(args.n_layers)}
+        )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.attention_backend = attention
         self.tie_weights()
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Use another attention backend (``ATTENTION_BACKENDS``) in every layer."""
+        check_backend(backend)
+        self.attention_backend = backend
+        for module in self.modules():
+            if isinstance(module, CoreAttention):
+                module.backend = backend
 
     def tie_weights(self) -> None:
         """Share the output matrix with the embedding when the config says so."""
@@ -331,8 +260,10 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(seq, device=input_ids.device).expand(bs, seq)
         h = self.tok_embeddings(input_ids)  # (bs, seq, dim)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(h.device), h.dtype)
+        meta = AttentionMeta.from_cu_seqlens(cu_seqlens, max_seqlen, device=h.device)
+        meta.prepare(self.attention_backend, h.device)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, cu_seqlens, max_seqlen)
+            h = layer(h, cos, sin, meta)
         return self.norm(h)
 
     def forward(

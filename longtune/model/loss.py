@@ -1,11 +1,20 @@
-"""Chunked linear + cross-entropy that never materializes ``[tokens, vocab]`` logits.
+"""Chunked linear + cross-entropy over the supervised tokens only.
 
-The output projection and the loss are computed chunk by chunk in the forward pass, and the
-gradients of the hidden states and of the output matrix are computed right there (the gradient
-of cross-entropy w.r.t. logits is ``softmax - onehot``), so neither pass ever holds more than
-``chunk_size x vocab`` logits. The backward pass only scales the stored gradients. This works
-unchanged under FSDP2: the weight used is the unsharded one of the forward, and its gradient
-flows back through autograd like any other.
+Contract:
+
+- The rows whose label is ``IGNORE_INDEX`` are dropped *before* the output projection, so their
+  logits are never computed (in long-context chat data most tokens are prompt and carry no
+  loss); their hidden-state gradient is zero.
+- The output projection of each chunk of rows runs in the compute dtype (bf16 on tensor cores
+  with float32 accumulation inside the matmul; float32 when the model is float32); the
+  log-softmax, the loss and the gradient of the logits are float32, and the output matrix's
+  gradient is accumulated in float32 over the chunks. No float32 matmul runs in a bf16 step.
+- The gradients of the hidden states and of the output matrix are computed in the forward pass
+  (the gradient of cross-entropy w.r.t. logits is ``softmax - onehot``), so neither pass ever
+  holds more than ``chunk_size x vocab`` logits; the backward pass only scales them. This works
+  unchanged under FSDP2: the weight used is the unsharded one of the forward, and its gradient
+  flows back through autograd like any other.
+- The result is the float32 *sum* of token losses (the caller divides by the global count).
 """
 
 from __future__ import annotations
@@ -18,33 +27,30 @@ IGNORE_INDEX = -100
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):  # noqa: ANN001
-        # hidden: (n, dim); weight: (vocab, dim); labels: (n,)
+        # hidden: (n, dim) supervised rows only; weight: (vocab, dim); labels: (n,), all valid
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        w = weight.to(hidden.dtype)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            lab = labels[start:end]
-            mask = lab != IGNORE_INDEX
-            if not bool(mask.any()):
-                continue
-            h = hidden[start:end]
-            logits = (h @ weight.t()).float()  # (chunk, vocab)
+            h, lab = hidden[start:end], labels[start:end]
+            logits = (h @ w.t()).float()  # (chunk, vocab): compute-dtype matmul, fp32 softmax
             lse = torch.logsumexp(logits, dim=-1)
-            safe = torch.where(mask, lab, 0)
-            target = logits.gather(1, safe[:, None]).squeeze(1)
-            total += ((lse - target) * mask).sum()
+            total += (lse - logits.gather(1, lab[:, None]).squeeze(1)).sum()
             if need_h or need_w:
-                # d(sum of token losses)/d(logits) = softmax - onehot, zero on ignored tokens.
-                g = torch.exp(logits - lse[:, None])
-                g[torch.arange(end - start, device=g.device), safe] -= 1.0
-                g *= mask[:, None]
+                # d(sum of token losses)/d(logits) = softmax - onehot, in place of the logits.
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(end - start, device=g.device), lab] -= 1.0
+                g = g.to(h.dtype)
                 if need_h:
-                    grad_h[start:end] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += g.t() @ h.float()
+                    grad_h[start:end] = g @ w
+                if need_w and grad_w.dtype == h.dtype:
+                    grad_w.addmm_(g.t(), h)  # no (vocab, dim) temporary
+                elif need_w:
+                    grad_w += g.t() @ h
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -55,6 +61,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None
+
+
+def supervised_rows(
+    hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``hidden`` (flattened to ``(n, dim)``) and ``labels`` that carry a loss.
+
+    Differentiable in ``hidden`` (the other rows get a zero gradient). One host sync for the
+    count of supervised rows.
+    """
+    dim = hidden.shape[-1]
+    hidden, labels = hidden.reshape(-1, dim), labels.reshape(-1).to(hidden.device)
+    keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if keep.numel() == labels.numel():
+        return hidden, labels
+    return hidden.index_select(0, keep), labels.index_select(0, keep)
 
 
 def chunked_cross_entropy(
@@ -68,14 +90,15 @@ def chunked_cross_entropy(
     Args:
         hidden: ``(..., dim)`` final hidden states.
         weight: ``(vocab, dim)`` output projection.
-        labels: ``(...)`` target ids, already shifted; ``-100`` is ignored.
-        chunk_size: tokens per chunk (peak extra memory ``chunk_size x vocab`` floats).
+        labels: ``(...)`` target ids, already shifted; ``-100`` is ignored (and its logits
+            are never computed).
+        chunk_size: supervised tokens per chunk (peak extra memory about
+            ``chunk_size x vocab`` floats).
 
     Returns:
         Scalar float32 sum over supervised tokens (divide by the global supervised-token count).
     """
-    dim = hidden.shape[-1]
-    hidden, labels = hidden.reshape(-1, dim), labels.reshape(-1)
+    hidden, labels = supervised_rows(hidden, labels)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         # Evaluation: the loss only. (Inside the autograd function, needs_input_grad is true
         # under no_grad too, and it would compute and store both gradients for nothing.)
@@ -87,9 +110,10 @@ def _loss_sum(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    w = weight.to(hidden.dtype)
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = (hidden[start : start + chunk_size] @ weight.t()).float()
+        logits = (hidden[start : start + chunk_size] @ w.t()).float()
         total += torch.nn.functional.cross_entropy(
-            logits, labels[start : start + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum"
+            logits, labels[start : start + chunk_size], reduction="sum"
         )
     return total

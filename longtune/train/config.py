@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from longtune.model.args import ATTENTION_BACKENDS
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key."""
@@ -84,6 +86,11 @@ class ModelConfig:
 
     activation_checkpointing: str = "selective"
     """Activation checkpointing mode: none | selective | full."""
+
+    attention: str = "auto"
+    """Attention kernel: auto | sdpa | varlen | flex (auto = SDPA for unpacked sequences,
+    varlen_attn (FlashAttention-2, or -3 when installed) for packed ones on CUDA, per-document
+    SDPA on CPU; varlen and flex need CUDA)."""
 
 
 @dataclass
@@ -162,6 +169,10 @@ class TrainConfig:
     eval_batches: int = 0
     """Micro-batches per evaluation; 0 = the whole eval set."""
 
+    compile: str = "auto"
+    """torch.compile each block (fuses norms, RoPE, SwiGLU): auto | true | false (auto = on
+    with CUDA, off on CPU)."""
+
 
 @dataclass
 class ParallelConfig:
@@ -231,6 +242,8 @@ FLAG_ALIASES: dict[str, str] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.activation_checkpointing": ("none", "selective", "full"),
+    "model.attention": ATTENTION_BACKENDS,
+    "train.compile": ("auto", "true", "false"),
     "data.task_type": ("chat", "instruction", "text"),
     "data.loss_on": ("all_assistant", "last_assistant"),
     "data.overlength": ("truncate", "drop", "split"),

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longtune.train.allocator import return_freed_memory_to_system
 from longtune.train.config import (
     FLAG_ALIASES,
     ConfigError,
@@ -83,6 +84,7 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
     """Validate data, model config and parallel layout; returns the data-parallel degree."""
     from longtune.data import validate_files
     from longtune.model.args import ModelArgs
+    from longtune.model.attention import check_backend
     from longtune.parallel.dims import ParallelDims
 
     model_dir = Path(cfg.model.path)
@@ -102,6 +104,7 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
     dp = validate_for_world(cfg, world_size)
     dims = ParallelDims.from_config(dp, cfg.parallel.sp, world_size)
     dims.check_model(args.n_heads, args.n_kv_heads)
+    check_backend(cfg.model.attention, "cuda" if torch.cuda.is_available() else "cpu")
     _check_resume(cfg)
     if dims.sp > 1:
         raise NotImplementedError(
@@ -215,6 +218,8 @@ def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
     from longtune.parallel.dims import init_distributed
 
     rank, world, device = init_distributed()
+    if device.type == "cpu":
+        return_freed_memory_to_system()
     try:
         return _run(cfg, rank, world, dp, device, _fault)
     finally:
@@ -308,13 +313,14 @@ def _run(
         if not (run_dir / SOURCE_SUBDIR / "hf_source.json").exists():
             _copy_source(Path(cfg.model.path), run_dir)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, attention=cfg.model.attention)
     mesh = dims.build_mesh(device.type)
     parallelize(
         model,
         mesh,
         cfg.model.activation_checkpointing,
         param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+        compile=cfg.train.compile == "true" or (cfg.train.compile == "auto" and on_gpu),
     )
     model.to_empty(device=device)
     if args.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
@@ -334,8 +340,7 @@ def _run(
         betas=tuple(opt.betas),
         eps=opt.eps,
         weight_decay=opt.weight_decay,
-        fused=on_gpu,
-        foreach=None if on_gpu else True,
+        fused=True,  # one kernel per parameter, no optimizer-wide temporaries (CPU and GPU)
     )
     scheduler = build_lr_scheduler(
         optimizer, opt.schedule, opt.warmup_steps, total_steps, opt.min_lr_ratio

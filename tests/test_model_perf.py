@@ -1,0 +1,140 @@
+"""The fast paths compute the same function as the plain path: no float32 matmul in a bf16 step,
+and ``torch.compile`` of the blocks (with activation checkpointing) leaves values and gradients
+unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from longtune.model.args import ModelArgs
+from longtune.model.llama import Transformer
+from longtune.parallel.parallelize import apply_activation_checkpointing, apply_compile
+
+ARGS = ModelArgs(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=96, rope_theta=1e4
+)
+MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten.addbmm.default,
+    torch.ops.aten.mv.default,
+    torch.ops.aten.addmv.default,
+    torch.ops.aten.dot.default,
+}
+
+
+def batch(seed: int = 0, bs: int = 2, seq: int = 96):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, ARGS.vocab_size, (bs, seq), generator=g)
+    labels = torch.randint(0, ARGS.vocab_size, (bs, seq), generator=g)
+    labels[:, ::4] = -100  # prompt tokens carry no loss
+    cu = torch.tensor([0, 30, 96, 100, 192], dtype=torch.int32)  # 4 packed documents
+    return ids, labels, cu
+
+
+def model(seed: int = 0, dtype: torch.dtype = torch.float32) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ARGS).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)  # nn.init defaults leave the norms at 1: vary them too
+    return m
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matmul that runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in MATMULS:
+            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+            self.seen.append((str(func), dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_training_step_runs_no_float32_matmul():
+    """On a GPU a float32 matmul runs without tensor cores (the loss's output projection once
+    took over a quarter of a bf16 step that way): every matmul of a bf16 forward + backward,
+    activation checkpointing and the chunked loss included, takes bf16 inputs."""
+    m = model(dtype=torch.bfloat16)
+    apply_activation_checkpointing(m, "selective")
+    ids, labels, cu = batch()
+    with MatmulDtypes() as mode:
+        loss = m(ids, cu_seqlens=cu, labels=labels)
+        loss.backward()
+    assert loss.dtype == torch.float32
+    float32 = [(op, d) for op, d in mode.seen if torch.float32 in d]
+    assert len(mode.seen) > 20 and not float32, float32
+
+
+@pytest.mark.parametrize(
+    "ac, packed",
+    [
+        ("selective", False),  # the whole checkpointed block is one compiled graph
+        ("none", True),  # the per-document attention runs between two compiled graphs
+    ],
+)
+def test_compiled_blocks_equal_eager(ac, packed):
+    """torch.compile of every block (after activation checkpointing, as parallelize does):
+    same loss and gradients as the eager model."""
+    from torch._dynamo.utils import counters
+
+    ids, labels, cu = batch()
+    cu = cu if packed else None
+    eager, compiled = model(), model()
+    for m in (eager, compiled):
+        apply_activation_checkpointing(m, ac)
+    apply_compile(compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    losses = []
+    for m in (eager, compiled):
+        loss = m(ids, cu_seqlens=cu, labels=labels)
+        loss.backward()
+        losses.append(loss.detach())
+    assert counters["stats"]["unique_graphs"] >= 1  # something was compiled
+    assert rel_err(losses[1], losses[0]) < 1e-5
+    grads = {n.replace("._orig_mod", ""): p.grad for n, p in compiled.named_parameters()}
+    for name, p in eager.named_parameters():
+        assert rel_err(grads[name], p.grad) < 1e-4, name
+
+
+class MatmulCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.count += func in MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_the_qkv_projection_only():
+    """Selective checkpointing gives the gradients of no checkpointing and recomputes exactly
+    one matmul per block in the backward pass (q/k/v); full checkpointing three (w2's output
+    is never needed again: the recompute stops before it)."""
+    ids, labels, cu = batch()
+    grads, backward_matmuls = {}, {}
+    for ac in ("none", "selective", "full"):
+        m = model()
+        apply_activation_checkpointing(m, ac)
+        loss = m(ids, cu_seqlens=cu, labels=labels)
+        with MatmulCount() as mode:
+            loss.backward()
+        backward_matmuls[ac] = mode.count
+        grads[ac] = {
+            n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in m.named_parameters()
+        }
+    for ac in ("selective", "full"):
+        for name, g in grads["none"].items():
+            assert rel_err(grads[ac][name], g) < 1e-5, (ac, name)
+    assert backward_matmuls["selective"] - backward_matmuls["none"] == ARGS.n_layers
+    assert backward_matmuls["full"] - backward_matmuls["none"] == 3 * ARGS.n_layers
