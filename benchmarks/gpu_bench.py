@@ -35,6 +35,7 @@ set, else ``./gpu_bench.txt``), raw records to the same name with ``.json``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -264,7 +265,7 @@ def worker_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
             if fitted and setting.get("fallback", True):
                 continue
             rec = {**setting, "impl": spec["impl"], "length": length, "shape": spec["shape"]}
-            model = None
+            model = step = None
             try:
                 _reset_peak(device)
                 model = _build(spec, setting, device, dtype)
@@ -292,7 +293,7 @@ def worker_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
                     status="oom" if _is_oom(e) else "error", error=str(e).splitlines()[0][:200]
                 )
             finally:
-                del model
+                model = step = None  # free the model before the next setting is built
             out.append(rec)
             print(json.dumps(rec), flush=True)
     return out
@@ -530,6 +531,7 @@ def section_mfu(rep: Report, plan: dict[str, Any], rows: list[dict], device_name
                 continue
             attn_len = r["length"] / r.get("docs", 1)  # equal documents: Σ len² / total
             tflops = r["tokens_per_s"] * model_flops_per_token(shape, attn_len) / 1e12
+            tflops = float(f"{tflops:.3g}")
             mfu = f"{100 * tflops / peak:.1f} %" if peak else "n/a"
             label = r["ac"] + (f", {r['label']}" if r.get("label") else "")
             rep.line(
@@ -590,7 +592,10 @@ def section_longest(run: Runner, plan: dict[str, Any], capacity_gb: float) -> No
         if len(ok) >= 2:
             (l1, m1), (l2, m2) = [(r["length"], r["peak_gb"]) for r in ok[:2]]
             per_token = (m2 - m1) / (l2 - l1)
-            longest = l2 + (capacity_gb * 0.97 - m2) / per_token if per_token > 0 else float("inf")
+            if per_token <= 0:
+                rep.line(f"  {shape}: no memory growth measured between {l1} and {l2} tokens")
+                continue
+            longest = l2 + (capacity_gb * 0.97 - m2) / per_token
             rep.line(
                 f"  {shape}: {per_token * 2**30 / 1024:.1f} KiB per token -> longest context "
                 f"about {longest / 1024:.0f}K tokens (extrapolated from {l1} and {l2}, 97% of memory)"
@@ -679,10 +684,12 @@ def main() -> None:
         device_name, capacity = f"CPU ({platform.processor() or platform.machine()})", 1.0
     import transformers
 
+    fa3 = importlib.util.find_spec("flash_attn_interface") is not None
     report.line(
         f"gpu_bench ({'quick, CPU' if a.quick else 'GPU'}): {device_name}, {capacity:.0f} GB; "
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        f"Python {platform.python_version()}, flash_attn_interface (FA3) "
+        f"{'installed' if fa3 else 'not installed'}; {time.strftime('%Y-%m-%d %H:%M:%S')}"
     )
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp_name:
         tmp = Path(tmp_name)

@@ -63,14 +63,26 @@ class AttentionMeta:
 
     Build it with :meth:`from_cu_seqlens`. ``cu_seqlens is None`` means no packing: every
     sequence is one causal document (its length is then the kernel's own sequence length).
+
+    Under ``torch.compile`` the kernels read only fields that stay the same from batch to batch
+    at a given sequence length (``total``, ``rows``) or that compile as dynamic
+    (``cu_seqlens``, ``max_seqlen``, ``block_mask``), so a new document layout does not
+    recompile the blocks; ``bounds`` is read only by code kept out of the graphs.
     """
 
     cu_seqlens: torch.Tensor | None = None
     """``(n_docs + 1,)`` int32 offsets into the flattened ``bs * seq`` stream (model device)."""
     bounds: tuple[int, ...] | None = None
-    """The same offsets as Python ints (for the per-document path and the block mask)."""
+    """The same offsets as Python ints (the per-document path and the block mask)."""
     max_seqlen: int | None = None
     """Longest document."""
+    total: int | None = None
+    """Tokens of the whole micro-batch (``None`` when unpacked)."""
+    rows: int = 0
+    """The number of documents when they all have the same length (one per sequence when that
+    is the batch size), else 0."""
+    block_mask: Any = None
+    """The flex block mask of the offsets, once built (:meth:`prepare`)."""
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -101,26 +113,22 @@ class AttentionMeta:
             raise ValueError(
                 f"cu_seqlens must start at 0 and never decrease, got {list(bounds)[:8]}..."
             )
-        longest = max(lengths)
-        cu = cu_seqlens.to(device=device or cu_seqlens.device, dtype=torch.int32)
-        return cls(cu_seqlens=cu, bounds=bounds, max_seqlen=max_seqlen or longest)
-
-    @property
-    def total(self) -> int | None:
-        """Tokens of the whole micro-batch (``None`` when unpacked)."""
-        return None if self.bounds is None else self.bounds[-1]
+        return cls(
+            cu_seqlens=cu_seqlens.to(device=device or cu_seqlens.device, dtype=torch.int32),
+            bounds=bounds,
+            max_seqlen=max_seqlen or max(lengths),
+            total=bounds[-1],
+            rows=len(lengths) if len(set(lengths)) == 1 else 0,
+        )
 
     def one_document_per_sequence(self, bs: int) -> bool:
         """True when every sequence of the ``bs`` sequences is exactly one document."""
-        if self.bounds is None:
-            return True
-        seq = self.total // bs
-        return self.bounds == tuple(range(0, self.total + 1, seq))
+        return self.total is None or self.rows == bs
 
     def check(self, q: torch.Tensor) -> None:
         """The kernel's tokens must be the record's whole micro-batch."""
         bs, seq = q.shape[:2]
-        if self.bounds is not None and bs * seq != self.total:
+        if self.total is not None and bs * seq != self.total:
             raise ValueError(
                 f"attention got {bs} x {seq} = {bs * seq} tokens but the document offsets "
                 f"describe {self.total}: the kernel must see the whole micro-batch (under "
@@ -130,41 +138,33 @@ class AttentionMeta:
     def offsets_for(self, q: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``(cu_seqlens, max_seqlen)`` for a varlen kernel; one document per row if unpacked."""
         if self.cu_seqlens is not None:
-            return self.cu_seqlens.to(q.device), self.max_seqlen
+            return self.cu_seqlens, self.max_seqlen
         bs, seq = q.shape[:2]
-        key = ("rows", bs, seq, q.device)
-        if key not in self._cache:
-            self._cache[key] = torch.arange(
-                0, (bs + 1) * seq, seq, dtype=torch.int32, device=q.device
-            )
-        return self._cache[key], seq
+        return torch.arange(0, (bs + 1) * seq, seq, dtype=torch.int32, device=q.device), seq
+
+    def flex_block_mask(self, q: torch.Tensor) -> Any:
+        """The document-causal block mask over the flattened micro-batch the kernel sees."""
+        if self.block_mask is not None:
+            return self.block_mask
+        return self._lazy_block_mask(q)
 
     @torch.compiler.disable
-    def flex_block_mask(self, q: torch.Tensor) -> Any:
-        """The document-causal block mask over the flattened micro-batch the kernel sees.
-
-        Built on first use and cached on the record, so every layer of a forward shares it.
-        Its size comes from the offsets (or, unpacked, from the kernel's own ``q``).
-        """
+    def _lazy_block_mask(self, q: torch.Tensor) -> Any:
+        # Built on first use and cached on the record, so every layer of a forward shares it.
+        # Its size comes from the offsets or, unpacked, from the kernel's own q.
         bs, seq = q.shape[:2]
         bounds = self.bounds if self.bounds is not None else tuple(range(0, bs * seq + 1, seq))
-        return self._block_mask(bounds, q.device)
-
-    def _block_mask(self, bounds: tuple[int, ...], device: torch.device) -> Any:
-        key = ("flex", bounds, device)
+        key = (bounds, q.device)
         if key not in self._cache:
-            self._cache[key] = document_block_mask(bounds, device)
+            self._cache[key] = document_block_mask(bounds, q.device)
         return self._cache[key]
 
-    def prepare(self, backend: str, device: torch.device) -> None:
-        """Build what ``backend`` will need, before any compiled block runs.
-
-        A block compiled with activation checkpointing cannot call out of its graph, so the
-        flex block mask of a packed micro-batch is built here, from the offsets: the same mask
-        the kernel would build on first use, since its size depends on no local shape.
-        """
-        if backend == "flex" and self.bounds is not None:
-            self._block_mask(self.bounds, torch.device(device))
+    def prepare(self, backend: str, device: torch.device | str) -> None:
+        """Build what ``backend`` will need before the blocks run: the flex block mask of a
+        packed micro-batch (compiled blocks read it from the record instead of leaving their
+        graph to build it). Same mask as the lazy one: its size depends on no local shape."""
+        if backend == "flex" and self.bounds is not None and self.block_mask is None:
+            self.block_mask = document_block_mask(self.bounds, torch.device(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,12 +207,13 @@ def per_document_attention(
     kf = k.reshape(1, bs * seq, k.shape[2], head_dim)
     vf = v.reshape(1, bs * seq, v.shape[2], head_dim)
     # Each call keeps a batch dimension of 1: without one, CPU SDPA falls back to the math
-    # kernel, which materializes and saves the (heads, len, len) attention matrix.
-    outs = [
-        _sdpa(qf[:, a:b], kf[:, a:b], vf[:, a:b])
-        for a, b in zip(meta.bounds[:-1], meta.bounds[1:], strict=True)
-        if b > a
-    ]
+    # kernel, which materializes and saves the (heads, len, len) attention matrix. split, not
+    # indexing: its backward is one concatenation, where each slice's backward would write
+    # into a zeroed full-length gradient of its own.
+    lengths = [b - a for a, b in zip(meta.bounds[:-1], meta.bounds[1:], strict=True)]
+    splits = (t.split(lengths, 1) for t in (qf, kf, vf))
+    pieces = zip(*splits, lengths, strict=True)
+    outs = [_sdpa(qd, kd, vd) for qd, kd, vd, n in pieces if n]
     return torch.cat(outs, dim=1).reshape(bs, seq, n_heads, head_dim)
 
 
