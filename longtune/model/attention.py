@@ -43,8 +43,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 
 from longtune.model.args import ATTENTION_BACKENDS
+
+# varlen_attn (torch >= 2.10) and how this release spells causality: 2.10/2.11 take
+# is_causal=True, later releases window_size=(-1, 0); enable_gqa came later too. Read once here,
+# not in the kernel call, so compiled code sees constants.
+HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+if HAS_VARLEN:
+    from torch.nn.attention.varlen import varlen_attn
+
+    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
+    VARLEN_CAUSAL = (
+        {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+    )
+    VARLEN_GQA = "enable_gqa" in _VARLEN_PARAMS
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +175,15 @@ class AttentionMeta:
         return self._cache[key]
 
     def prepare(self, backend: str, device: torch.device | str) -> None:
-        """Build what ``backend`` will need before the blocks run: the flex block mask of a
-        packed micro-batch (compiled blocks read it from the record instead of leaving their
-        graph to build it). Same mask as the lazy one: its size depends on no local shape."""
+        """Set up what ``backend`` needs before the blocks run, outside compiled code: the flex
+        block mask of a packed micro-batch (compiled blocks read it from the record; the same
+        mask as the lazy one, its size depends on no local shape), and FlashAttention-3 for
+        ``varlen_attn`` on CUDA when it is installed."""
+        device = torch.device(device)
         if backend == "flex" and self.bounds is not None and self.block_mask is None:
-            self.block_mask = document_block_mask(self.bounds, torch.device(device))
+            self.block_mask = document_block_mask(self.bounds, device)
+        if backend in ("auto", "varlen") and device.type == "cuda":
+            activate_fa3()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,34 +236,19 @@ def per_document_attention(
     return torch.cat(outs, dim=1).reshape(bs, seq, n_heads, head_dim)
 
 
-@functools.cache
-def _varlen_kwargs() -> tuple[dict[str, Any], bool]:
-    """Keyword arguments that make ``varlen_attn`` causal, and whether it takes ``enable_gqa``.
-
-    torch 2.10/2.11 spell causality ``is_causal=True``; later releases ``window_size=(-1, 0)``.
-    """
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    return causal, "enable_gqa" in params
-
-
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta
 ) -> torch.Tensor:
     """``varlen_attn`` over the flattened micro-batch (CUDA, bf16/fp16; FA2, or FA3)."""
-    from torch.nn.attention.varlen import varlen_attn
-
     meta.check(q)
     bs, seq, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
     qf = q.reshape(bs * seq, n_heads, head_dim)
     kf = k.reshape(bs * seq, n_kv, head_dim)
     vf = v.reshape(bs * seq, n_kv, head_dim)
-    kwargs, has_gqa = _varlen_kwargs()
+    kwargs = VARLEN_CAUSAL
     if n_kv != n_heads:
-        if has_gqa:
+        if VARLEN_GQA:
             kwargs = {**kwargs, "enable_gqa": True}
         else:
             kf = kf.repeat_interleave(n_heads // n_kv, dim=1)
@@ -270,8 +274,6 @@ def document_block_mask(bounds: tuple[int, ...], device: torch.device | str) -> 
     Returns:
         A ``torch.nn.attention.flex_attention.BlockMask`` of batch 1, one head (broadcast).
     """
-    from torch.nn.attention.flex_attention import BlockMask
-
     total, blk = bounds[-1], FLEX_BLOCK
     cu = torch.tensor(bounds, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
@@ -318,11 +320,13 @@ def document_block_mask(bounds: tuple[int, ...], device: torch.device | str) -> 
     )
 
 
-@functools.cache
-def _compiled_flex() -> Callable[..., torch.Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
+_COMPILED_FLEX: list[Callable[..., torch.Tensor]] = []
 
-    return torch.compile(flex_attention, dynamic=False)
+
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(_flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
 
 
 def flex_attention(
@@ -335,16 +339,16 @@ def flex_attention(
     """FlexAttention over the flattened micro-batch with the document-causal block mask.
 
     Args:
-        compiled: the fused kernel (``torch.compile``); ``False`` runs FlexAttention's
-            unfused eager reference (tests on CPU).
+        compiled: the fused kernel (``torch.compile``; inside a compiled block, the block's
+            compilation makes it); ``False`` runs FlexAttention's unfused eager reference
+            (tests on CPU).
     """
     meta.check(q)
     bs, seq, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
-    if compiled:
+    fn = _flex_attention
+    if compiled and not torch.compiler.is_compiling():
         fn = _compiled_flex()
-    else:
-        from torch.nn.attention.flex_attention import flex_attention as fn
     out = fn(
         q.reshape(1, bs * seq, n_heads, head_dim).transpose(1, 2),
         k.reshape(1, bs * seq, n_kv, head_dim).transpose(1, 2),
@@ -362,9 +366,7 @@ def flex_attention(
 
 def varlen_available(q: torch.Tensor) -> bool:
     """``varlen_attn`` can run on these inputs (CUDA, bf16/fp16, torch with the module)."""
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    return HAS_VARLEN and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
 
 
 @functools.cache
@@ -443,7 +445,4 @@ def attention(
     Returns:
         ``(bs, seq, n_heads, head_dim)``.
     """
-    name = resolve_backend(backend, q, meta)
-    if name == "varlen":
-        activate_fa3()
-    return BACKEND_FUNCTIONS[name](q, k, v, meta)
+    return BACKEND_FUNCTIONS[resolve_backend(backend, q, meta)](q, k, v, meta)
