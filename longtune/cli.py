@@ -16,38 +16,44 @@ import typing
 from collections.abc import Callable
 
 
-def convert(hf_dir: str, native_dir: str) -> int:
+def convert(hf_dir: str, native_dir: str, overwrite: bool = False) -> int:
     """Convert an HF Llama checkpoint folder into longtune's native (fused) format.
 
     Args:
         hf_dir: Hugging Face checkpoint folder (config.json + safetensors).
-        native_dir: output folder (fused safetensors + longtune.json + hf/ metadata).
+        native_dir: output folder (fused safetensors + longtune.json + hf/ metadata); must be
+            new or empty.
+        overwrite: replace native_dir if it is an earlier longtune output (never a folder
+            longtune did not write).
     """
     from longtune.model.convert import convert_hf_to_native
 
-    out = convert_hf_to_native(hf_dir, native_dir)
+    out = convert_hf_to_native(hf_dir, native_dir, overwrite=overwrite)
     print(f"wrote native checkpoint {out}")
     return 0
 
 
-def export(source: str, hf_out: str, dtype: str | None = None) -> int:
+def export(source: str, hf_out: str, dtype: str | None = None, overwrite: bool = False) -> int:
     """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder.
 
     Args:
         source: a folder written by `longtune convert`, or RUN_DIR/checkpoints/step-N.
-        hf_out: output HF folder (safetensors, config.json, tokenizer files).
+        hf_out: output HF folder (safetensors, config.json, tokenizer files); must be new or
+            empty.
         dtype: write tensors in this dtype (float32, bfloat16, float16); default: as the source.
+        overwrite: replace hf_out if it is an earlier longtune output (never a folder longtune
+            did not write).
     """
     from pathlib import Path
 
     from longtune.export.hf import export_native
 
     if (Path(source) / "longtune.json").is_file():
-        out = export_native(source, hf_out, dtype=dtype)
+        out = export_native(source, hf_out, dtype=dtype, overwrite=overwrite)
     else:
         from longtune.train.trainer import export_checkpoint
 
-        out = export_checkpoint(source, hf_out, dtype=dtype)
+        out = export_checkpoint(source, hf_out, dtype=dtype, overwrite=overwrite)
     print(f"wrote Hugging Face checkpoint {out}")
     return 0
 

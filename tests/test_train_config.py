@@ -77,7 +77,7 @@ def test_typed_overrides_and_all_syntaxes():
             "--warmup",
             "10",
             "--data.cache_dir=none",
-            "--seed=-3",
+            "--seed=3",
         ],
     )
     assert cfg.data.train == ["a.jsonl", "b.jsonl"]
@@ -90,7 +90,7 @@ def test_typed_overrides_and_all_syntaxes():
     assert cfg.train.duration == Duration(100, "st")
     assert cfg.optim.warmup_steps == 10
     assert cfg.data.cache_dir is None
-    assert cfg.train.seed == -3
+    assert cfg.train.seed == 3
 
 
 def test_every_alias_targets_a_real_key():

@@ -146,17 +146,22 @@ def _usable_docs(
     """Pieces of documents kept from one store: (document index, start, length) each.
 
     ``truncate`` keeps the first ``context_length`` tokens of a document, ``drop`` drops a
-    longer one, ``split`` cuts it into consecutive pieces of at most ``context_length`` tokens
-    (each its own document: positions restart, nothing attends across the cut). Pieces with no
-    supervised target are dropped.
+    longer one, ``split`` cuts it into pieces of at most ``context_length`` tokens that overlap
+    by one token (each its own document: positions restart, nothing attends across the cut).
+    The overlap keeps every target: the last token of a piece has no label inside it, so it is
+    the first token of the next piece, whose first label is that token's target. A piece
+    ``k`` starts at ``k * (context_length - 1)``; a document of ``n`` tokens (``n - 1``
+    targets) gives ``ceil((n - 1) / (context_length - 1))`` pieces. Pieces with no supervised
+    target are dropped.
     """
     lengths = store.lengths
     over = lengths > context_length
     if overlength == "split":
-        pieces = np.maximum(1, -(-lengths // context_length))
+        stride = context_length - 1
+        pieces = np.maximum(1, -(-(lengths - 1) // stride))
         doc = np.repeat(np.arange(len(lengths)), pieces)
         index_in_doc = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-        start = index_in_doc * context_length
+        start = index_in_doc * stride
         length = np.minimum(lengths[doc] - start, context_length)
     else:
         doc = np.arange(len(lengths))

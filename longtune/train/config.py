@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -89,7 +90,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: list[str]
-    """Training data files (JSONL or text); comma-separated on the command line. Required."""
+    """Training data files or folders (JSONL or text); comma-separated on the command line
+    (write a comma inside a file name as \\,). Required."""
 
     eval: list[str] = field(default_factory=list)
     """Evaluation data files; empty = no evaluation."""
@@ -237,6 +239,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 
+#: Keys that hold a list of paths (comma-separated on the command line, ``\,`` escapes).
+PATH_LISTS = ("data.train", "data.eval")
+
 _SECTIONS: dict[str, type] = typing.get_type_hints(JobConfig)
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -337,7 +342,24 @@ def _parse(fn: Any, text: str, where: str) -> Any:
 
 
 def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    """Split a command-line list on commas; ``\\,`` is a comma inside an item (a file name)."""
+    parts = re.split(r"(?<!\\),", text)
+    return [p.strip().replace("\\,", ",") for p in parts if p.strip()]
+
+
+def _check_comma_paths(key: str, raw: Any, paths: list[str]) -> None:
+    """A path list split on a comma that belongs to a file name: say so and how to escape it."""
+    if not isinstance(raw, str) or "," not in raw or all(os.path.exists(p) for p in paths):
+        return
+    for i in range(len(paths)):
+        for j in range(i + 2, len(paths) + 1):
+            joined = ",".join(paths[i:j])
+            if os.path.exists(joined):
+                raise ConfigError(
+                    f"{key}: {joined!r} is one path whose name holds a comma, but commas "
+                    f"separate paths here; write it as '{joined.replace(',', chr(92) + ',')}' "
+                    "or list it in the YAML file"
+                )
 
 
 def _type_name(tp: Any) -> str:
@@ -397,7 +419,17 @@ def _read_yaml(path: str) -> dict[str, dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist or is not a file")
-    data = yaml.safe_load(file.read_text())
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.MarkedYAMLError as e:  # syntax errors and tags such as !!python/object
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        what = " ".join(str(p) for p in (e.context, e.problem) if p)
+        if e.problem and "could not determine a constructor" in e.problem:
+            what = f"{e.problem.split(' for the tag ')[-1]} is not allowed (plain YAML values only)"
+        raise ConfigError(f"config file {path}{line}: {what}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: not readable YAML ({e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -451,6 +483,8 @@ def load_config(path: str | None, overrides: list[str]) -> JobConfig:
             if f.name in values[section]:
                 raw, source = values[section][f.name]
                 kwargs[f.name] = _coerce(raw, hints[f.name], key, source)
+                if key in PATH_LISTS:
+                    _check_comma_paths(key, raw, kwargs[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 flag = next((a for a, k in FLAG_ALIASES.items() if k == key), None)
                 hint = f" or --{flag}" if flag else ""
@@ -510,6 +544,7 @@ def validate_config(cfg: JobConfig) -> None:
             t.grad_accum,
             f"train.batch_tokens={t.batch_tokens} derives grad_accum; set only one of the two",
         )
+    _ensure(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
     _ensure(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = start and end)")
     _ensure(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0 (0 = all)")
     _ensure(p.sp >= 1, "parallel.sp", p.sp, "must be >= 1")
