@@ -190,4 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         # User-facing errors (bad input, bad setting): the message, not a traceback.
         print(f"longtune {args.command}: error: {e}", file=sys.stderr)
         code = 2
+    except OSError as e:  # disk full, read-only folder, ...: the folder and the cause
+        from longtune.fsutil import describe_os_error
+
+        print(f"longtune {args.command}: error: {describe_os_error(e, 'output')}", file=sys.stderr)
+        code = 2
     sys.exit(code)

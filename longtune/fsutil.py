@@ -165,6 +165,31 @@ def atomic_dir(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it.
+
+    Args:
+        folder: the folder (an output or cache folder).
+        what: what it is for, e.g. ``"output.dir"`` (named in the error).
+
+    Returns:
+        The folder.
+
+    Raises:
+        OutputDirError: one line naming the folder and the cause (read-only, permission,
+            disk full, not a folder).
+    """
+    path = Path(folder)
+    probe = path / f".longtune-write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(describe_os_error(e, what)) from None
+    return path
+
+
 def describe_os_error(exc: OSError, what: str) -> str:
     """One line for a failed write: the folder and the cause, disk full said as such.
 
@@ -176,7 +201,7 @@ def describe_os_error(exc: OSError, what: str) -> str:
         e.g. ``"cannot write checkpoint in runs/x/checkpoints: No space left on device; free
         space there or choose another folder"``.
     """
-    where = exc.filename or "?"
+    where = str(exc.filename or "?")
     if exc.errno == errno.ENOSPC:
         cause = "No space left on device"
         fix = "free space there or choose another folder"
@@ -184,8 +209,11 @@ def describe_os_error(exc: OSError, what: str) -> str:
         cause = "disk quota exceeded"
         fix = "free space there or choose another folder"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        cause = "read-only or not writable" if exc.errno == errno.EROFS else "permission denied"
+        cause = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
         fix = "make it writable or choose another folder"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        cause = "a file is in the way of a folder"
+        fix = "choose another folder"
     else:
         cause = exc.strerror or type(exc).__name__
         fix = "check the folder"

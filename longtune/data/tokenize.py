@@ -325,6 +325,24 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    try:
+        _write_store(file, encoder, tmp)
+    except BaseException:  # a bad example, a full disk: leave no half-written store behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Ranks of one job may build the same store at once: the first rename wins, the others
+    # find a complete store in place and drop their copy.
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp)
+    return TokenStore.open(file, path)
+
+
+def _write_store(file: str, encoder: Encoder, tmp: Path) -> None:
+    """Tokenize ``file`` and write its arrays and ``meta.json`` into ``tmp``."""
     ids_parts, mask_parts, lengths, lines = [], [], [], []
     for batch in _batches(iter_records(file, encoder.task_type), BATCH_SIZE):
         for r, (ids, mask) in zip(batch, encoder.encode(batch), strict=True):
@@ -342,15 +360,6 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     meta = {"file": os.path.abspath(file), "pad_id": int(pad_id or 0)}
     (tmp / "meta.json").write_text(json.dumps(meta))
-    # Ranks of one job may build the same store at once: the first rename wins, the others
-    # find a complete store in place and drop their copy.
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if not (path / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp)
-    return TokenStore.open(file, path)
 
 
 def tokenize_files(

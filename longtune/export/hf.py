@@ -110,7 +110,7 @@ def save_model(
                 "save_model needs source=<HF or native folder the model came from> "
                 "(for config.json and tokenizer files); this model has no recorded source"
             )
-    sources = [src_dir for src_dir in (_source_dir(source),) if src_dir is not None]
+    sources = [_source_dir(source)]
     check_output_dir(out_dir, sources, overwrite)
     src = resolve_source(source)
     sources.append(src.meta_dir)
@@ -187,10 +187,8 @@ def _plan_layout(
     }
 
 
-def _source_dir(source: str | Path | HFSource) -> Path | None:
-    if isinstance(source, HFSource):
-        return None
-    return Path(source)
+def _source_dir(source: str | Path | HFSource) -> Path:
+    return source.meta_dir if isinstance(source, HFSource) else Path(source)
 
 
 def export_native(

@@ -28,6 +28,8 @@ from longtune.model.args import ModelArgs
 from longtune.model.checks import (
     ModelFolderError,
     check_finite,
+    check_model_dir,
+    check_tokenizer_fits,
     open_safetensors,
     read_json,
     read_model_config,
@@ -240,6 +242,30 @@ def read_hf_source(hf_dir: str | Path) -> tuple[ModelArgs, HFSource]:
         )
     _check_key_sets(args, set(weight_map), hf_dir)
     return args, HFSource(config_text, weight_map, dtypes, hf_dir, sharded)
+
+
+def check_model_folder(model_dir: str | Path) -> ModelArgs:
+    """Everything about a model folder that can be checked without reading its weights.
+
+    The folder exists locally and has tokenizer files; ``config.json`` is valid and complete;
+    every safetensors file opens (not truncated) and holds exactly the tensors and shapes the
+    config describes; the tokenizer's ids fit the vocabulary. Reads only small files and the
+    safetensors headers, so the trainer's preflight calls it before anything is started.
+
+    Args:
+        model_dir: the ``model.path`` folder.
+
+    Returns:
+        The model arguments.
+
+    Raises:
+        ModelFolderError, CheckpointMismatchError, UnsupportedModelError, FileNotFoundError:
+            one line naming the folder, file or key.
+    """
+    check_model_dir(model_dir, tokenizer=True)
+    args, _ = read_hf_source(model_dir)
+    check_tokenizer_fits(model_dir, args.vocab_size)
+    return args
 
 
 def _safetensors_dtype_name(code: str) -> str:

@@ -63,6 +63,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from longtune.fsutil import OutputDirError, describe_os_error
 from longtune.train.dcp_safe import (
     SafePlanner,
     SafeReader,
@@ -259,30 +260,24 @@ def save_checkpoint(
             logger.warning("checkpoint %s already exists and is complete; not overwriting", final)
         return final
 
-    with _quiet_single_process():
-        dcp.save(
-            _app_state(model, optimizer),
-            storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
-            no_dist=not initialized,
-        )
-    payload = {
-        "step": step,
-        "rank": rank,
-        "world_size": world,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": capture_rng_state(),
-        "extra": extra,
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    _write_durable(tmp / f"rank-{rank}.pt", buffer.getvalue())
-    _barrier(initialized)
-    # Each rank checksums what it wrote (read back from the page cache), rank 0 collects.
-    crcs = [_own_files(tmp, rank)]
+    # Each rank writes its files and checksums them (read back from the page cache); rank 0
+    # collects the checksums, and every rank learns whether any rank failed to write.
+    try:
+        _write_rank_files(tmp, step, rank, world, model, optimizer, scheduler, extra, initialized)
+        result = {"crc": _own_files(tmp, rank), "error": None}
+    except (OSError, CheckpointException) as exc:
+        result = {"crc": {}, "error": _write_failure(exc, tmp)}
+    results = [result]
     if initialized:
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, crcs[0])
-        crcs = gathered
+        results = [None] * world
+        dist.all_gather_object(results, result)
+    errors = [r["error"] for r in results if r["error"]]
+    if errors:
+        if rank == 0:  # free the space; the complete checkpoints were never touched
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(initialized)
+        raise OutputDirError(errors[0])
+    crcs = [r["crc"] for r in results]
 
     if rank == 0:
         by_name = {name: crc for part in crcs for name, crc in part.items()}
@@ -304,6 +299,53 @@ def save_checkpoint(
         _prune(root, keep_last)
     _barrier(initialized)
     return final
+
+
+def _write_rank_files(
+    tmp: Path,
+    step: int,
+    rank: int,
+    world: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    extra: dict[str, Any],
+    initialized: bool,
+) -> None:
+    """This rank's DCP shards (rank 0 also ``.metadata``) and ``rank-<r>.pt``, fsynced."""
+    with _quiet_single_process():
+        dcp.save(
+            _app_state(model, optimizer),
+            storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+            no_dist=not initialized,
+        )
+    payload = {
+        "step": step,
+        "rank": rank,
+        "world_size": world,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "extra": extra,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _write_durable(tmp / f"rank-{rank}.pt", buffer.getvalue())
+
+
+def _write_failure(exc: BaseException, tmp: Path) -> str:
+    """One line for a checkpoint write that failed on I/O (disk full, read-only, ...).
+
+    Anything but an I/O error (a bug, an interrupt) is re-raised as it is.
+    """
+    if isinstance(exc, CheckpointException):  # DCP wraps each rank's error
+        inner = [e for e, _ in exc.failures.values() if isinstance(e, OSError)]
+        if not inner:
+            raise exc
+        exc = inner[0]
+    assert isinstance(exc, OSError)
+    if not exc.filename:
+        exc.filename = str(tmp)
+    return describe_os_error(exc, "checkpoint")
 
 
 def _remove_dir(path: Path) -> None:
