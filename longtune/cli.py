@@ -148,6 +148,11 @@ def train(argv: list[str]) -> int:
         # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
         print(f"longtune train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only folder, ...: the folder and the cause
+        from longtune.fsutil import describe_os_error
+
+        print(f"longtune train: error: {describe_os_error(e, 'run files')}", file=sys.stderr)
+        return 2
     if result.export_dir is not None:
         print(f"done: {result.final_step} steps; Hugging Face checkpoint in {result.export_dir}")
     return 0

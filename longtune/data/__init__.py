@@ -16,6 +16,7 @@ from longtune.data.packing import (
     FileStats,
     PackedDataset,
     build_packed_dataset,
+    overlength_summary,
     pack_lengths,
     pack_sequence,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Record",
     "build_packed_dataset",
     "iter_records",
+    "overlength_summary",
     "pack_lengths",
     "pack_sequence",
     "pad_to_multiple",

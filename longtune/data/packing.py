@@ -194,6 +194,31 @@ def _usable_docs(
     return doc[keep], start[keep], length[keep], stats
 
 
+def overlength_summary(stats: DatasetStats) -> str:
+    """One line of what the overlength policy and packing did (what ``longtune validate`` shows
+    per file), for the training log.
+
+    Args:
+        stats: a packed dataset's statistics.
+
+    Returns:
+        e.g. ``"48 examples in 1 file(s): 3 over the 96-token context (3 truncated, 0 dropped,
+        0 split), 0 dropped with no supervised token; 24 packed sequences, 12.3% padding"``.
+    """
+    files = stats.files
+    over = sum(f.overlength for f in files)
+    truncated, dropped, split = (
+        sum(getattr(f, k) for f in files) for k in ("truncated", "dropped", "split")
+    )
+    return (
+        f"{sum(f.examples for f in files)} examples in {len(files)} file(s): {over} over the "
+        f"{stats.context_length}-token context ({truncated} truncated, {dropped} dropped, "
+        f"{split} split; overlength={stats.overlength}), "
+        f"{sum(f.dropped_unsupervised for f in files)} dropped with no supervised token; "
+        f"{stats.packed_sequences} packed sequences, {100 * stats.padding_fraction:.1f}% padding"
+    )
+
+
 class PackedDataset:
     """Packed sequences over cached token stores; ``ds[i]`` builds sequence ``i``.
 

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longtune.export.hf import save_model
+from longtune.fsutil import OutputDirError, check_output_dir
 from longtune.model.args import ModelArgs
 from longtune.model.convert import HFSource, copy_meta_files, load_model, read_hf_source
 from longtune.model.llama import Transformer
@@ -64,6 +65,7 @@ def export_and_check(
     export_dir: Path,
     check_path: Path,
     dtype: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the HF folder, then check it.
 
@@ -80,6 +82,8 @@ def export_and_check(
         export_dir: the HF folder to write.
         check_path: where the check's JSON record goes.
         dtype: write tensors in this dtype; default: each in its source dtype.
+        overwrite: replace ``export_dir`` if longtune wrote it before (see
+            :func:`longtune.fsutil.atomic_dir`; a folder longtune did not write is refused).
 
     Returns:
         The check record (also written to ``check_path``).
@@ -88,7 +92,7 @@ def export_and_check(
         RuntimeError: when the check fails (the record is written first).
     """
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-    save_model(None, export_dir, source=source, dtype=dtype, state_dict=state)
+    save_model(None, export_dir, source=source, dtype=dtype, state_dict=state, overwrite=overwrite)
 
     written = load_model(export_dir)  # tensors as stored
     mismatched = [
@@ -130,7 +134,9 @@ def export_and_check(
     return check
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+def export_checkpoint(
+    ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
     """``longtune export RUN_DIR/checkpoints/step-N OUT``: an HF folder from a training checkpoint.
 
     The run folder's ``source/`` (config.json, tokenizer files, tensor layout of the model the run
@@ -141,13 +147,22 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | No
         ckpt_dir: a complete checkpoint ``RUN/checkpoints/step-N``.
         out_dir: the HF folder to write.
         dtype: write tensors in this dtype; default: each in its source dtype.
+        overwrite: replace ``out_dir`` if longtune wrote it before.
 
     Returns:
         ``out_dir``.
     """
     ckpt_dir = Path(ckpt_dir)
-    checkpoint_info(ckpt_dir)  # raises on an incomplete checkpoint
     run = RunDir(ckpt_dir.parent.parent)
+    out = Path(out_dir)
+    check = out.with_name(out.name + ".export_check.json")
+    check_output_dir(out, [ckpt_dir, run.source], overwrite)
+    if check.exists() and not _is_export_check(check):
+        raise OutputDirError(
+            f"{check} exists and was not written by longtune (the export's self-check goes "
+            "there); move it or choose another output folder"
+        )
+    checkpoint_info(ckpt_dir)  # raises on an incomplete or unsafe checkpoint
     if not has_run_source(run):
         raise FileNotFoundError(
             f"{ckpt_dir} is not inside a longtune run folder (no {run.source / SOURCE_LAYOUT})"
@@ -157,7 +172,14 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | No
     model = Transformer(args)
     load_checkpoint(ckpt_dir, model=model, optimizer=None, scheduler=None, restore_rng=False)
     model.tie_weights()
-    out = Path(out_dir)
-    check = out.with_name(out.name + ".export_check.json")
-    export_and_check(model.state_dict(), args, source, out, check, dtype=dtype)
+    export_and_check(model.state_dict(), args, source, out, check, dtype=dtype, overwrite=overwrite)
     return out
+
+
+def _is_export_check(path: Path) -> bool:
+    """True for a self-check record written by :func:`export_and_check`."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "tensors_equal_trained" in record

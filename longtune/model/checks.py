@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError, safe_open
 
-from longtune.model.args import ModelArgs
+from longtune.model.args import ModelArgs, UnsupportedModelError
 
 if TYPE_CHECKING:
     import torch
@@ -95,6 +95,7 @@ def parse_model_config(config: Any, file: str | Path) -> ModelArgs:
 
     Raises:
         ModelFolderError: not an object, a missing key, or a key with an invalid value.
+        UnsupportedModelError: another architecture (prefixed with ``file``).
     """
     if not isinstance(config, dict):
         raise ModelFolderError(f"{file}: expected a JSON object, got {type(config).__name__}")
@@ -102,6 +103,8 @@ def parse_model_config(config: Any, file: str | Path) -> ModelArgs:
         return ModelArgs.from_hf_config(config)
     except KeyError as e:
         raise ModelFolderError(f"{file}: missing key {e.args[0]!r}") from None
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{file}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ModelFolderError(f"{file}: {e}") from None
 

@@ -38,11 +38,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from longtune.api import RunResult
+from longtune.assets import cache_dir as default_cache_dir
 from longtune.data import (
     IGNORE_INDEX,
     PackedDataset,
     PackedLoader,
     build_packed_dataset,
+    overlength_summary,
     validate_files,
 )
 from longtune.export.check import (
@@ -51,8 +53,9 @@ from longtune.export.check import (
     read_run_source,
     save_run_source,
 )
+from longtune.fsutil import check_writable
 from longtune.model.args import ModelArgs
-from longtune.model.convert import load_model
+from longtune.model.convert import check_model_folder, load_model
 from longtune.model.llama import Transformer
 from longtune.parallel.dims import ParallelDims, init_distributed
 from longtune.parallel.parallelize import parallelize
@@ -97,12 +100,7 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
     Returns:
         The data-parallel degree.
     """
-    model_dir = Path(cfg.model.path)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint folder "
-            "(no config.json)"
-        )
+    args = check_model_folder(cfg.model.path)
     for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         for p in paths:
             if not Path(p).exists():
@@ -110,7 +108,8 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
     errors = validate_files(list(cfg.data.train) + list(cfg.data.eval), cfg.data.task_type)
     if errors:
         raise errors[0]
-    args = ModelArgs.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    check_writable(cfg.output.dir, "output.dir")
+    check_writable(cfg.data.cache_dir or default_cache_dir() / "tokens", "data.cache_dir")
     dp = validate_for_world(cfg, world_size)
     dims = ParallelDims.from_config(dp, cfg.parallel.sp, world_size)
     dims.check_model(args.n_heads, args.n_kv_heads)
@@ -233,6 +232,7 @@ class Trainer:
         self.mbs = cfg.train.micro_batch_size
         self.loader = self._loader(datasets["train"])
         self.eval_loader = self._loader(datasets["eval"]) if datasets["eval"] else None
+        logger.info("training data: %s", overlength_summary(datasets["train"].stats))
         self.accum = resolve_grad_accum(cfg, self.dims.dp)
         self.total_steps = total_optimizer_steps(cfg.train.duration, len(self.loader), self.accum)
         self.steps_per_epoch = len(self.loader) / self.accum
@@ -531,7 +531,7 @@ class Trainer:
         if self.rank == 0:
             source = read_run_source(self.run)
             check = export_and_check(
-                full, self.args, source, self.run.export, self.run.export_check
+                full, self.args, source, self.run.export, self.run.export_check, overwrite=True
             )
             result.export_dir, result.export_check = self.run.export, check
             logger.info("exported %s (self-check: %s)", self.run.export, check)
