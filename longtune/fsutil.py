@@ -13,6 +13,8 @@ Contract of :func:`atomic_dir` (used by ``longtune convert``, ``longtune export`
   longtune never deletes a file it did not write.
 - The output may not be the current folder (or one above it), a source folder, inside a source
   or hold a source (all after resolving links).
+- Temporary siblings left by a killed writer (``NAME.tmp-PID-…``, ``NAME.old-PID-…`` of a
+  process that is gone) are removed by the next write of the same folder.
 - A replaced folder keeps its permission bits; a new one gets the umask's default, not the
   0700 of a temporary folder.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -113,6 +116,27 @@ def check_output_dir(
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove the temporary siblings (``NAME.tmp-PID-XXXXXXXX``, ``NAME.old-PID-XXXXXXXX``)
+    that a killed process left while writing ``final``: only names :func:`atomic_dir` makes,
+    only of processes that no longer exist."""
+    pattern = re.compile(re.escape(final.name) + r"\.(tmp|old)-(\d+)-[0-9a-f]{8}")
+    for sibling in final.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not _pid_alive(int(match.group(2))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
 def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -143,6 +167,7 @@ def atomic_dir(
     sources = list(sources)
     final = check_output_dir(final, sources, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(final)
     mode = stat.S_IMODE(final.stat().st_mode) if final.is_dir() else _default_mode()
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
@@ -188,6 +213,29 @@ def check_writable(folder: str | Path, what: str) -> Path:
     except OSError as e:
         raise OutputDirError(describe_os_error(e, what)) from None
     return path
+
+
+def probe_write(folder: str | Path, nbytes: int = 4 << 20) -> OSError | None:
+    """Try to write (and fsync) ``nbytes`` in ``folder``: the OSError it fails with, or None.
+
+    Some writers report a full disk as something else (``torch.save``'s zip writer raises
+    ``RuntimeError: ... unexpected pos``); a probe right after the failure tells what it was.
+    """
+    probe = Path(folder) / f".longtune-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        e.filename = str(folder)
+        return e
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return None
 
 
 def describe_os_error(exc: OSError, what: str) -> str:

@@ -156,3 +156,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(folders, tmp_path):
+    dead = 4_000_000  # above Linux's pid_max default: never a live process
+    while True:
+        try:
+            os.kill(dead, 0)
+        except ProcessLookupError:
+            break
+        dead += 1
+    stale = tmp_path / f"out.tmp-{dead}-0123abcd"
+    live = tmp_path / f"out.tmp-{os.getpid()}-0123abcd"  # a writer still at work
+    user = tmp_path / "out.tmp-mine"
+    for d in (stale, live, user):
+        d.mkdir()
+        (d / "f").write_text("x")
+    longtune.save_model(longtune.load_model(folders["hf"]), tmp_path / "out")
+    assert not stale.exists() and live.exists() and user.exists()

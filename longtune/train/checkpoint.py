@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from longtune.fsutil import OutputDirError, describe_os_error
+from longtune.fsutil import OutputDirError, describe_os_error, probe_write
 from longtune.train.dcp_safe import (
     SafePlanner,
     SafeReader,
@@ -335,16 +335,18 @@ def _write_rank_files(
 def _write_failure(exc: BaseException, tmp: Path) -> str:
     """One line for a checkpoint write that failed on I/O (disk full, read-only, ...).
 
-    Anything but an I/O error (a bug, an interrupt) is re-raised as it is.
+    DCP wraps each rank's error; ``torch.save`` reports a short write on a full disk as a
+    ``RuntimeError``, so when no OSError is inside, a probe write tells whether the folder can
+    take data at all. Anything else (a bug, an interrupt) is re-raised as it is.
     """
-    if isinstance(exc, CheckpointException):  # DCP wraps each rank's error
+    if isinstance(exc, CheckpointException):
         inner = [e for e, _ in exc.failures.values() if isinstance(e, OSError)]
-        if not inner:
+        found = inner[0] if inner else probe_write(tmp)
+        if found is None:
             raise exc
-        exc = inner[0]
+        exc = found
     assert isinstance(exc, OSError)
-    if not exc.filename:
-        exc.filename = str(tmp)
+    exc.filename = str(tmp.parent)  # the checkpoints folder (the tmp folder is removed)
     return describe_os_error(exc, "checkpoint")
 
 
