@@ -191,7 +191,10 @@ def atomic_dir(
 
 
 def check_writable(folder: str | Path, what: str) -> Path:
-    """Create ``folder`` if needed and check that a file can be written in it.
+    """Check, without creating or writing anything, that files can be written in ``folder``.
+
+    A folder that does not exist yet is checked through its nearest existing parent (where it
+    would be created).
 
     Args:
         folder: the folder (an output or cache folder).
@@ -201,17 +204,22 @@ def check_writable(folder: str | Path, what: str) -> Path:
         The folder.
 
     Raises:
-        OutputDirError: one line naming the folder and the cause (read-only, permission,
-            disk full, not a folder).
+        OutputDirError: one line naming the folder and the cause (read-only file system,
+            permission denied, a file in the way).
     """
-    path = Path(folder)
-    probe = path / f".longtune-write-test-{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputDirError(describe_os_error(e, what)) from None
+    path = Path(folder).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirError(
+            f"cannot write {what} in {path}: {existing} is a file, not a folder; "
+            "choose another folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        code = errno.EROFS if read_only else errno.EACCES
+        raise OutputDirError(describe_os_error(OSError(code, "", str(existing)), what))
     return path
 
 
