@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -90,9 +93,15 @@ def server():
 @pytest.fixture(scope="module")
 def baseline(setup, server):
     out = setup["root"] / "baseline"
+    t0 = time.monotonic()
     r = server.run(train_argv(setup, out), setup["root"])
     assert r.rc == 0, r.stderr[-3000:]
-    return {"run": out, "digest": weights_digest(out), "stdout": r.stdout}
+    return {
+        "run": out,
+        "digest": weights_digest(out),
+        "stdout": r.stdout,
+        "seconds": time.monotonic() - t0,
+    }
 
 
 def test_train_logs_what_the_overlength_policy_did(baseline):
@@ -233,3 +242,54 @@ def test_read_only_output_and_cache_folders_are_one_line(setup, tmp_path):
         f"longtune train: error: cannot write data.cache_dir in {ro}: read-only file system; "
         "make it writable or choose another folder"
     )
+
+
+# ------------------------------------------------------------------------------ fault injection
+
+TRIALS = 20
+KILLS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+
+
+def corrupt_random_checkpoint_files(run: Path, rng: random.Random) -> list[str]:
+    """XOR random bytes of 1-3 random files of random checkpoints (any file of the folder:
+    shards, metadata, rank files, the manifest)."""
+    files = sorted(p for p in (run / "checkpoints").glob("step-*/*") if p.is_file())
+    hit = []
+    for file in rng.sample(files, min(len(files), rng.randint(1, 3))):
+        data = bytearray(file.read_bytes())
+        for _ in range(rng.randint(1, 400)):
+            if data:
+                data[rng.randrange(len(data))] ^= rng.randrange(1, 256)
+        file.write_bytes(bytes(data))
+        hit.append(str(file.relative_to(run)))
+    return hit
+
+
+def test_kills_at_random_moments_then_resume_gives_the_same_weights(setup, server, baseline):
+    """SIGKILL, SIGTERM or SIGINT at a random moment of a run (seeded), sometimes random bytes
+    of random checkpoint files corrupted, then the same command again: the final weights equal
+    the uninterrupted run's, bit for bit, every time."""
+    rng = random.Random(2024)
+    span = baseline["seconds"]
+    log = []
+    for trial in range(TRIALS):
+        run = setup["root"] / f"trial-{trial}"
+        sig = KILLS[trial % len(KILLS)]
+        delay = rng.uniform(0.0, span)
+        pid = server.start(train_argv(setup, run), setup["root"])
+        time.sleep(delay)
+        os.kill(pid, sig)
+        first = server.wait(pid)
+        if sig != signal.SIGKILL:
+            # Graceful: a finished step, a checkpoint, one line, 128 + signal (or done before).
+            assert first.rc in (0, 128 + sig, -sig), (trial, first.rc, first.stderr[-2000:])
+            assert "Traceback" not in first.stderr, (trial, first.stderr[-3000:])
+        corrupted = corrupt_random_checkpoint_files(run, rng) if rng.random() < 0.4 else []
+        again = server.run(train_argv(setup, run), setup["root"])
+        log.append((trial, signal.Signals(sig).name, round(delay, 2), first.rc, corrupted))
+        assert again.rc == 0, (log[-1], again.stderr[-3000:])
+        assert weights_digest(run) == baseline["digest"], log[-1]
+        shutil.rmtree(run)
+    # The seeded plan covers every signal, and corruption in several trials.
+    assert {name for _, name, *_ in log} == {"SIGKILL", "SIGTERM", "SIGINT"}
+    assert sum(1 for *_, c in log if c) >= 4, log
