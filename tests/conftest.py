@@ -15,3 +15,12 @@ def smollm2_dir() -> Path:
     from longtune.assets import smollm2_checkpoint
 
     return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def cli_server():
+    """One process that forks a ``longtune`` command line per call (see cli_harness)."""
+    from cli_harness import CliServer
+
+    with CliServer() as server:
+        yield server

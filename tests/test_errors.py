@@ -1,7 +1,7 @@
 """Every bad input of issue 10's list ends in one clear line, never a traceback.
 
 Each case is a real ``longtune`` command line (run in its own process by
-:func:`cli_harness.run_cli_many`); the test of each item asserts exit code 2, exactly one
+the session's :class:`cli_harness.CliServer`); the test of each item asserts exit code 2, exactly one
 stderr line without ``Traceback``, and the text of that line. All command lines run in one
 batch (module fixture), so the two dozen cases cost seconds.
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_harness import run_cli_many
 from helpers import make_hf_checkpoint, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
@@ -250,10 +249,10 @@ def make_config_json(**overrides) -> str:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, cli_server):
     root = tmp_path_factory.mktemp("errors")
     cases = build_cases(root)
-    ran = run_cli_many([(argv, cwd) for argv, cwd, _ in cases.values()])
+    ran = [cli_server.run(argv, cwd) for argv, cwd, _ in cases.values()]
     return {name: (r, cases[name][2], root) for name, r in zip(cases, ran, strict=True)}
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_harness import cli_env, run_cli_many
+from cli_harness import cli_env
 from helpers import make_hf_checkpoint
 from test_model import assert_same_checkpoint
 
@@ -52,7 +52,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
-def test_cli_refuses_user_folders_sources_and_the_current_folder(folders, tmp_path):
+def test_cli_refuses_user_folders_sources_and_the_current_folder(folders, tmp_path, cli_server):
     """Every refusal is one line on stderr, exit code 2, and leaves every file as it was."""
     hf, native = folders["hf"], folders["native"]
     user = user_folder(tmp_path / "user")
@@ -72,7 +72,7 @@ def test_cli_refuses_user_folders_sources_and_the_current_folder(folders, tmp_pa
         "export around its source": (["export", str(native), str(native.parent)], tmp_path),
         "export into the current folder": (["export", str(native), "."], user),
     }
-    results = dict(zip(cases, run_cli_many(list(cases.values())), strict=True))
+    results = {name: cli_server.run(argv, cwd) for name, (argv, cwd) in cases.items()}
     lines = {name: r.error_line() for name, r in results.items()}
     for name in list(cases)[:3]:
         assert "is not empty and was not written by longtune (it holds notes.txt)" in lines[name]
@@ -87,7 +87,7 @@ def test_cli_refuses_user_folders_sources_and_the_current_folder(folders, tmp_pa
     assert not (hf / "native").exists()
 
 
-def test_overwrite_replaces_only_longtune_output_and_keeps_the_mode(folders, tmp_path):
+def test_overwrite_replaces_only_longtune_output_and_keeps_the_mode(folders, tmp_path, cli_server):
     native = folders["native"]
     out = tmp_path / "out"
     first = subprocess.run(
@@ -102,12 +102,8 @@ def test_overwrite_replaces_only_longtune_output_and_keeps_the_mode(folders, tmp
     assert_same_checkpoint(folders["hf"], out)  # the marker does not disturb an HF folder
     os.chmod(out, 0o750)
     (out / "stale.txt").write_text("from the earlier export")
-    again, forced = run_cli_many(
-        [
-            (["export", str(native), str(out)], tmp_path),
-            (["export", str(native), str(out), "--overwrite"], tmp_path),
-        ]
-    )
+    again = cli_server.run(["export", native, out], tmp_path)
+    forced = cli_server.run(["export", native, out, "--overwrite"], tmp_path)
     assert "pass --overwrite" in again.error_line()
     assert forced.rc == 0, forced.stderr
     assert not (out / "stale.txt").exists() and is_longtune_output(out)

@@ -85,9 +85,8 @@ def weights_digest(run: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def server():
-    with CliServer() as s:
-        yield s
+def server(cli_server):
+    return cli_server
 
 
 @pytest.fixture(scope="module")
