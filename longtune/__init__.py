@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
         return save_model
     if name == "finetune":
-        from longtune.train.trainer import finetune
+        from longtune.api import finetune
 
         return finetune
     raise AttributeError(f"module 'longtune' has no attribute {name!r}")
