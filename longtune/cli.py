@@ -121,8 +121,8 @@ All settings (--section.key=value):
 def train(argv: list[str]) -> int:
     """``longtune train``: parse, validate, run. Returns the exit code.
 
-    Exit codes: 0 done; 2 bad settings or data (one line on stderr, nothing started);
-    3 stopped on a NaN/Inf loss.
+    Exit codes: 0 done; 1 another rank died or stopped answering; 2 bad settings or data (one
+    line on stderr, nothing started); 3 stopped on a NaN/Inf loss.
 
     Args:
         argv: the arguments after ``train``.
@@ -137,6 +137,7 @@ def train(argv: list[str]) -> int:
     try:
         cfg = load_config(path, overrides)
         # torch and the trainer are imported only once the config is known to be good.
+        from longtune.parallel.dims import PeerLostError
         from longtune.train.trainer import TrainingDivergedError, run_training
 
         try:
@@ -144,6 +145,9 @@ def train(argv: list[str]) -> int:
         except TrainingDivergedError as e:
             print(f"longtune train: stopped: {e}", file=sys.stderr)
             return 3
+        except PeerLostError as e:
+            print(f"longtune train: stopped: {e}", file=sys.stderr)
+            return 1
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
         print(f"longtune train: error: {e}", file=sys.stderr)

@@ -57,7 +57,12 @@ from longtune.fsutil import check_writable
 from longtune.model.args import ModelArgs
 from longtune.model.convert import check_model_folder, load_model
 from longtune.model.llama import Transformer
-from longtune.parallel.dims import ParallelDims, init_distributed
+from longtune.parallel.dims import (
+    ParallelDims,
+    PeerLostError,
+    init_distributed,
+    is_peer_failure,
+)
 from longtune.parallel.parallelize import parallelize
 from longtune.run_dir import RunDir, read_metrics
 from longtune.train.checkpoint import (
@@ -73,7 +78,6 @@ from longtune.train.config import (
     config_to_dict,
     resolve_grad_accum,
     save_config,
-    validate_for_world,
 )
 from longtune.train.metrics import MetricsWriter, ProgressLine, setup_logging
 from longtune.train.schedule import build_lr_scheduler
@@ -90,7 +94,7 @@ class TrainingDivergedError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def preflight(cfg: JobConfig, world_size: int) -> int:
+def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Validate data, model config, parallel layout and the start against the run folder.
 
     Args:
@@ -98,7 +102,7 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
         world_size: the number of processes of the job.
 
     Returns:
-        The data-parallel degree.
+        The checked parallel layout.
     """
     args = check_model_folder(cfg.model.path)
     for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
@@ -110,16 +114,15 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
         raise errors[0]
     check_writable(cfg.output.dir, "output.dir")
     check_writable(cfg.data.cache_dir or default_cache_dir() / "tokens", "data.cache_dir")
-    dp = validate_for_world(cfg, world_size)
-    dims = ParallelDims.from_config(dp, cfg.parallel.sp, world_size)
-    dims.check_model(args.n_heads, args.n_kv_heads)
+    dims = ParallelDims.build(
+        world_size,
+        cfg.parallel.sp,
+        cfg.parallel.dp,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+    )
     _check_resume(cfg)
-    if dims.sp > 1:
-        raise NotImplementedError(
-            f"parallel.sp={dims.sp}: sequence parallelism is not available yet; use parallel.sp=1 "
-            "(data parallel over all ranks)"
-        )
-    return dp
+    return dims
 
 
 def _check_resume(cfg: JobConfig) -> None:
@@ -160,14 +163,23 @@ def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
         The run's result (rank 0 has the export check; every rank has the status).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = preflight(cfg, world_size)
-    rank, world, device = init_distributed()
+    dims = preflight(cfg, world_size)
+    rank, world, device = init_distributed(cfg.parallel.timeout_s)
     try:
-        trainer = Trainer(cfg, rank, world, dp, device, fault=_fault)
+        trainer = Trainer(cfg, rank, dims, device, fault=_fault)
         trainer.build()
         trainer.resume()
         trainer.train()
         return trainer.finish()
+    except Exception as e:
+        if world == 1 or not is_peer_failure(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:300]
+        raise PeerLostError(
+            f"rank {rank} of {world}: another rank died or stopped answering ({detail}); the "
+            f"newest complete checkpoint in {RunDir(cfg.output.dir).checkpoints} is intact: "
+            "rerun the same command to resume"
+        ) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -180,8 +192,7 @@ class Trainer:
     Args:
         cfg: the validated config.
         rank: this process's global rank.
-        world: the world size.
-        dp: the data-parallel degree (from :func:`preflight`).
+        dims: the parallel layout (from :func:`preflight`).
         device: this rank's device.
         fault: test hook, see :func:`run_training`.
     """
@@ -190,15 +201,14 @@ class Trainer:
         self,
         cfg: JobConfig,
         rank: int,
-        world: int,
-        dp: int,
+        dims: ParallelDims,
         device: torch.device,
         fault: Any = None,
     ) -> None:
         self.cfg = cfg
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device = rank, dims.world_size, device
         self.run = RunDir(cfg.output.dir)
-        self.dims = ParallelDims.from_config(dp, cfg.parallel.sp, world)
+        self.dims = dims
         self.dp_rank, self.sp_rank = self.dims.coords(rank)
         self.fault = fault
         self.step = 0
