@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn")}
     try:
         code = args._fn(**kwargs)
-    except (ValueError, FileNotFoundError) as e:
-        # User-facing errors (bad input, bad setting): the message, not a traceback.
+    except (ValueError, FileNotFoundError, RunLockedError) as e:
+        # User-facing errors (bad input, bad setting, a busy run folder): one line, no traceback.
         print(f"longtune {args.command}: error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)
