@@ -118,9 +118,10 @@ All settings (--section.key=value):
 def train(argv: list[str]) -> int:
     """``longtune train``: parse, validate, run. Returns the exit code.
 
-    Exit codes: 0 done; 2 bad settings or data, or the output folder is in use by another run
-    (one line on stderr, nothing started); 3 stopped on a NaN/Inf loss; 130 / 143 stopped by
-    SIGINT / SIGTERM (in the loop: after the current step and a checkpoint); 1 anything else.
+    Exit codes: 0 done; 1 another rank died or stopped answering, or anything unexpected; 2 bad
+    settings or data, or the output folder is in use by another run (one line on stderr,
+    nothing started); 3 stopped on a NaN/Inf loss; 130 / 143 stopped by SIGINT / SIGTERM (in
+    the loop: after the current step and a checkpoint).
 
     Args:
         argv: the arguments after ``train``.
@@ -153,6 +154,7 @@ def _train(argv: list[str], stop: StopSignals) -> int:
         keeper = RunKeeper.of(cfg.output.dir)
         keeper.claim_existing()  # a folder another run writes into: refused before torch loads
         # torch and the trainer are imported only once the config is known to be good.
+        from longtune.parallel.dims import PeerLostError
         from longtune.train.trainer import TrainingDivergedError, run_training
 
         try:
@@ -160,6 +162,9 @@ def _train(argv: list[str], stop: StopSignals) -> int:
         except TrainingDivergedError as e:
             print(f"longtune train: stopped: {e}", file=sys.stderr)
             return 3
+        except PeerLostError as e:
+            print(f"longtune train: stopped: {e}", file=sys.stderr)
+            return 1
         finally:
             keeper.release()
     except (ValueError, FileNotFoundError, NotImplementedError, RunLockedError) as e:

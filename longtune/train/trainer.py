@@ -57,7 +57,12 @@ from longtune.export.check import (
 from longtune.model.args import ModelArgs
 from longtune.model.convert import load_model
 from longtune.model.llama import Transformer
-from longtune.parallel.dims import ParallelDims, init_distributed
+from longtune.parallel.dims import (
+    ParallelDims,
+    PeerLostError,
+    init_distributed,
+    is_peer_failure,
+)
 from longtune.parallel.parallelize import parallelize
 from longtune.run_dir import RunDir, read_metrics
 from longtune.train.checkpoint import (
@@ -76,7 +81,6 @@ from longtune.train.config import (
     load_config,
     resolve_grad_accum,
     save_config,
-    validate_for_world,
 )
 from longtune.train.keeper import RunKeeper
 from longtune.train.metrics import MetricsWriter, ProgressLine, setup_logging
@@ -95,7 +99,7 @@ class TrainingDivergedError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def preflight(cfg: JobConfig, world_size: int) -> int:
+def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
     """Validate data, model config, parallel layout and the start against the run folder.
 
     Args:
@@ -103,7 +107,7 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
         world_size: the number of processes of the job.
 
     Returns:
-        The data-parallel degree.
+        The checked parallel layout.
     """
     model_dir = Path(cfg.model.path)
     if not (model_dir / "config.json").is_file():
@@ -119,19 +123,18 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
     if errors:
         raise errors[0]
     args = ModelArgs.from_hf_config(json.loads((model_dir / "config.json").read_text()))
-    dp = validate_for_world(cfg, world_size)
-    dims = ParallelDims.from_config(dp, cfg.parallel.sp, world_size)
-    dims.check_model(args.n_heads, args.n_kv_heads)
-    _check_resume(cfg, world_size)
-    if dims.sp > 1:
-        raise NotImplementedError(
-            f"parallel.sp={dims.sp}: sequence parallelism is not available yet; use parallel.sp=1 "
-            "(data parallel over all ranks)"
-        )
-    return dp
+    dims = ParallelDims.build(
+        world_size,
+        cfg.parallel.sp,
+        cfg.parallel.dp,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+    )
+    _check_resume(cfg, dims)
+    return dims
 
 
-def _check_resume(cfg: JobConfig, world_size: int) -> None:
+def _check_resume(cfg: JobConfig, dims: ParallelDims) -> None:
     """Refuse a start that would mix a new run with the checkpoints of an older one, or resume
     a run with settings it was not trained with."""
     run = RunDir(cfg.output.dir)
@@ -154,10 +157,10 @@ def _check_resume(cfg: JobConfig, world_size: int) -> None:
                 "resume into another output.dir or move the newer checkpoints away"
             )
     if ckpt is not None:
-        _check_same_settings(cfg, ckpt, world_size)
+        _check_same_settings(cfg, ckpt, dims)
 
 
-def _check_same_settings(cfg: JobConfig, ckpt: Path, world_size: int) -> None:
+def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None:
     """Compare the new settings with those of the run that wrote ``ckpt`` (its config.yaml)."""
     run = RunDir(ckpt.parent.parent)
     if not run.config.is_file():
@@ -167,11 +170,11 @@ def _check_same_settings(cfg: JobConfig, ckpt: Path, world_size: int) -> None:
         old = load_config(str(run.config), [])
     except ConfigError as e:
         raise ConfigError(f"cannot read the settings of the run being resumed: {e}") from None
-    dp = validate_for_world(cfg, world_size)
-    new_batch = cfg.train.micro_batch_size * resolve_grad_accum(cfg, dp) * dp
+    new_batch = cfg.train.micro_batch_size * resolve_grad_accum(cfg, dims.dp) * dims.dp
     old_batch = read_extra(ckpt).get("batch_sequences")
     if old_batch is None:  # a checkpoint written before the global batch was recorded
-        old_dp = validate_for_world(old, checkpoint_info(ckpt)["world_size"])
+        old_world, old_sp = checkpoint_info(ckpt)["world_size"], old.parallel.sp
+        old_dp = old.parallel.dp if old.parallel.dp != -1 else old_world // old_sp
         old_batch = old.train.micro_batch_size * resolve_grad_accum(old, old_dp) * old_dp
     check_resume_config(old, cfg, old_batch, new_batch, run.path)
 
@@ -222,9 +225,9 @@ def run_training(
         )
         try:
             keeper.claim_existing()
-            dp = preflight(cfg, world_size)
+            dims = preflight(cfg, world_size)
             keeper.claim()
-            result = _train(cfg, dp, stop, keeper, _fault)
+            result = _train(cfg, dims, stop, keeper, _fault)
             keeper.end("succeeded")
             return result
         except BaseException as exc:
@@ -238,14 +241,25 @@ def run_training(
             keeper.release()
 
 
-def _train(cfg: JobConfig, dp: int, stop: StopSignals, keeper: RunKeeper, fault: Any) -> RunResult:
-    rank, world, device = init_distributed()
+def _train(
+    cfg: JobConfig, dims: ParallelDims, stop: StopSignals, keeper: RunKeeper, fault: Any
+) -> RunResult:
+    rank, world, device = init_distributed(cfg.parallel.timeout_s)
     try:
-        trainer = Trainer(cfg, rank, world, dp, device, stop=stop, keeper=keeper, fault=fault)
+        trainer = Trainer(cfg, rank, dims, device, stop=stop, keeper=keeper, fault=fault)
         trainer.build()
         trainer.resume()
         trainer.train()
         return trainer.finish()
+    except Exception as e:
+        if world == 1 or not is_peer_failure(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:300]
+        raise PeerLostError(
+            f"rank {rank} of {world}: another rank died or stopped answering ({detail}); the "
+            f"newest complete checkpoint in {RunDir(cfg.output.dir).checkpoints} is intact: "
+            "rerun the same command to resume"
+        ) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -282,8 +296,7 @@ class Trainer:
     Args:
         cfg: the validated config.
         rank: this process's global rank.
-        world: the world size.
-        dp: the data-parallel degree (from :func:`preflight`).
+        dims: the parallel layout (from :func:`preflight`).
         device: this rank's device.
         stop: the installed SIGTERM/SIGINT handling.
         keeper: the run folder's lock and status (acts on global rank 0 only).
@@ -294,8 +307,7 @@ class Trainer:
         self,
         cfg: JobConfig,
         rank: int,
-        world: int,
-        dp: int,
+        dims: ParallelDims,
         device: torch.device,
         *,
         stop: StopSignals,
@@ -303,9 +315,9 @@ class Trainer:
         fault: Any = None,
     ) -> None:
         self.cfg = cfg
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device = rank, dims.world_size, device
         self.run = RunDir(cfg.output.dir)
-        self.dims = ParallelDims.from_config(dp, cfg.parallel.sp, world)
+        self.dims = dims
         self.dp_rank, self.sp_rank = self.dims.coords(rank)
         self.stop, self.keeper, self.fault = stop, keeper, fault
         self.step = 0
