@@ -34,6 +34,7 @@ from test_train_run import (  # noqa: F401
 
 import longtune.train.trainer as T
 from longtune.api import finetune
+from longtune.data import DataValidationError
 from longtune.run_dir import RunDir, delete_run, lock_run, read_status
 from longtune.train.config import ConfigError, check_resume_config, load_config
 
@@ -247,6 +248,22 @@ def test_resume_refuses_changed_data_model_and_optimizer_settings(setup, baselin
     with pytest.raises(ConfigError, match="global batch: 2 → 3 sequences per optimizer step"):
         T.run_training(resume_cfg(setup, out, "--grad-accum", "3"))
     assert checkpoints(out) == ["step-7", "step-8"]
+
+
+def test_a_refused_start_is_recorded_only_in_an_existing_run(setup, baseline, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    args = ["--grad-accum", "2", "--data", str(bad)]
+    out = tmp_path / "copy"
+    shutil.copytree(baseline, out)
+    with pytest.raises(DataValidationError):
+        T.run_training(resume_cfg(setup, out, *args))
+    status = read_status(RunDir(out))
+    assert status["state"] == "failed" and status["reason"] == "data error"
+    assert status["error"].startswith(f"{bad}:1: ")
+    with pytest.raises(DataValidationError):
+        T.run_training(resume_cfg(setup, tmp_path / "new", *args))
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_accepts_the_same_global_batch_and_output_settings(setup, baseline, tmp_path):

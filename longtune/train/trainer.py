@@ -236,7 +236,7 @@ def run_training(
                 # process group down with it.
                 exc = stop.cancelled()
             _record_end(keeper, exc)
-            raise exc  # noqa: B904 - the original is chained, or is this one
+            raise exc
         finally:
             keeper.release()
 
