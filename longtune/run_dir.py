@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
         )
     record.update(fields)
     record["updated_at"] = time.time()
-    tmp = run.status_file.with_name(f"{STATUS}.tmp-{os.getpid()}")
+    tmp = run.status_file.with_name(f"{STATUS}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, run.status_file)
     return record
