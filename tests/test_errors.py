@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from longtune.data.validation import MAX_EXAMPLE_BYTES, expand_paths
 from longtune.model.args import ModelArgs
 from longtune.model.llama import Transformer
+from longtune.run_dir import RunDir
 from longtune.train.checkpoint import save_checkpoint
+from longtune.train.config import load_config, save_config
 from longtune.train.schedule import build_lr_scheduler
 
 GOOD = {
@@ -202,11 +204,14 @@ def build_cases(root: Path) -> dict[str, tuple[list[str], Path, str]]:
         root,
         f"the tokenizer in {small_vocab} has ids up to 101, but config.json says vocab_size=64",
     )
-    other = other_model_checkpoint(root / "other-run")
+    # A run whose model folder was replaced by another model (same settings, other shapes).
+    argv = train(good)
+    other = other_model_checkpoint(Path(argv[argv.index("--output-dir") + 1]), argv[1:])
     cases["checkpoint of another model"] = (
-        train(good, "--resume", str(other)),
+        argv,
         root,
-        f"checkpoint {other} is for a different model (",
+        f"checkpoint {other} is for a different model (layers.0.attention.wo.weight has shape "
+        "[32, 32] there, [48, 48] here)",
     )
     # ---- config
     cases["negative seed"] = (train(good, "--seed", "-1"), root, "train.seed: -1 is invalid")
@@ -229,8 +234,10 @@ def build_cases(root: Path) -> dict[str, tuple[list[str], Path, str]]:
     return cases
 
 
-def other_model_checkpoint(run: Path) -> Path:
-    """A complete checkpoint of a model with another width than the test model."""
+def other_model_checkpoint(run: Path, train_args: list[str]) -> Path:
+    """A run folder with the settings of ``train_args`` (its config.yaml) and a complete
+    checkpoint of a model with another width than the test model."""
+    save_config(load_config(None, train_args), RunDir(run).config)
     args = ModelArgs.from_hf_config(json.loads(make_config_json(hidden_size=32)))
     model = Transformer(args)
     model.init_buffers(device="cpu")

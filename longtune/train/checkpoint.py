@@ -83,6 +83,7 @@ _VERIFIED: dict[Path, tuple] = {}
 
 __all__ = [
     "UnsafeCheckpointError",
+    "check_checkpoint_model",
     "checkpoint_info",
     "find_latest_checkpoint",
     "load_checkpoint",
@@ -477,6 +478,23 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     manifest, _ = _read_manifest(path)
     assert manifest is not None
     return manifest
+
+
+def check_checkpoint_model(path: str | Path, model: nn.Module) -> None:
+    """Refuse a checkpoint whose model tensors differ in name or shape from ``model``'s.
+
+    Reads only the (verified, allowlisted) metadata, so the preflight can call it with a model
+    built on the meta device.
+
+    Args:
+        path: a complete checkpoint.
+        model: the model it would be loaded into (plain, sharded, or on the meta device).
+
+    Raises:
+        ValueError: "checkpoint ... is for a different model (...)".
+    """
+    checkpoint_info(path)
+    _check_same_model(Path(path), read_metadata(path), get_model_state_dict(model))
 
 
 def _check_same_model(path: Path, metadata: Any, model_state: dict[str, Any]) -> None:

@@ -69,6 +69,7 @@ from longtune.parallel.dims import (
 from longtune.parallel.parallelize import parallelize
 from longtune.run_dir import RunDir, read_metrics
 from longtune.train.checkpoint import (
+    check_checkpoint_model,
     checkpoint_info,
     find_latest_checkpoint,
     load_checkpoint,
@@ -129,11 +130,11 @@ def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
         n_heads=args.n_heads,
         n_kv_heads=args.n_kv_heads,
     )
-    _check_resume(cfg, dims)
+    _check_resume(cfg, dims, args)
     return dims
 
 
-def _check_resume(cfg: JobConfig, dims: ParallelDims) -> None:
+def _check_resume(cfg: JobConfig, dims: ParallelDims, args: ModelArgs) -> None:
     """Refuse a start that would mix a new run with the checkpoints of an older one, or resume
     a run with settings it was not trained with."""
     run = RunDir(cfg.output.dir)
@@ -157,6 +158,9 @@ def _check_resume(cfg: JobConfig, dims: ParallelDims) -> None:
             )
     if ckpt is not None:
         _check_same_settings(cfg, ckpt, dims)
+        with torch.device("meta"):
+            model = Transformer(args)
+        check_checkpoint_model(ckpt, model)  # another model: refused before anything starts
 
 
 def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None:
