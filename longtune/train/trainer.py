@@ -58,6 +58,7 @@ from longtune.export.check import (
 )
 from longtune.fsutil import check_writable
 from longtune.model.args import ModelArgs
+from longtune.model.checks import read_model_config
 from longtune.model.convert import check_model_folder, load_model
 from longtune.model.llama import Transformer
 from longtune.parallel.dims import (
@@ -113,7 +114,7 @@ def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
     Returns:
         The checked parallel layout.
     """
-    args = check_model_folder(cfg.model.path)
+    _, args = read_model_config(cfg.model.path)
     for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         for p in paths:
             if not Path(p).exists():
@@ -130,6 +131,7 @@ def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
         n_heads=args.n_heads,
         n_kv_heads=args.n_kv_heads,
     )
+    check_model_folder(cfg.model.path)  # tokenizer, safetensors headers, vocabulary fit
     _check_resume(cfg, dims, args)
     return dims
 
