@@ -217,3 +217,20 @@ def test_crc_cost_is_one_read(tmp_path, monkeypatch):
     find_latest_checkpoint(tmp_path)  # remembered: not read again
     total = sum(p.stat().st_size for p in step.iterdir() if p.name != "COMPLETE")
     assert sum(read) == total
+
+
+def test_only_rank_0_reads_the_shards(tmp_path, monkeypatch):
+    """Rank 0 picks the checkpoint (the others follow it): N ranks do not read it N times."""
+    save_steps(tmp_path, [1])
+    step = tmp_path / "checkpoints" / "step-1"
+    read = []
+    real = ckpt._crc32
+    monkeypatch.setattr(ckpt, "_crc32", lambda p: read.append(p.name) or real(p))
+    for rank in ("1", "0"):
+        ckpt._VERIFIED.clear()
+        read.clear()
+        monkeypatch.setenv("RANK", rank)
+        assert find_latest_checkpoint(tmp_path) == step
+        shards = [n for n in read if n.endswith(".distcp")]
+        assert (shards == []) if rank == "1" else (len(shards) == 1), (rank, read)
+        assert ".metadata" in read and "rank-0.pt" in read

@@ -22,7 +22,8 @@ Protocol (why no crash leaves something that looks complete but is not):
 
 :func:`find_latest_checkpoint` trusts a checkpoint only once every file in its manifest is
 there with its size and CRC32 (zlib, read in 1 MiB blocks: about 0.5 s per GB and core, one
-read of the checkpoint) and its DCP metadata unpickles under :mod:`longtune.train.dcp_safe`'s
+read of the checkpoint by rank 0, up to 8 files at a time; the other ranks check sizes and the
+small files, and follow rank 0's choice) and its DCP metadata unpickles under :mod:`longtune.train.dcp_safe`'s
 allowlist; anything else is skipped with a warning naming it, and the previous complete
 checkpoint is used. A verified checkpoint is not read again in the same process unless a
 file's size, mtime or inode changed. Metadata that names code a DCP checkpoint never holds is
@@ -45,6 +46,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,7 @@ MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _STALE_DIR = re.compile(r"step-\d+\.(tmp|trash)-.+")
 _CRC_BLOCK = 1 << 20
+_SMALL_FILE = 64 << 20  # checksummed by every rank; larger files and shards by rank 0 only
 # Checkpoints verified by this process: path -> (size, mtime_ns, inode) of every file.
 _VERIFIED: dict[Path, tuple] = {}
 
@@ -403,6 +406,13 @@ def _signature(path: Path, names: list[str]) -> tuple:
     return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in stats)
 
 
+def _is_coordinator() -> bool:
+    """Rank 0 of the job (``RANK`` before the process group exists, as torchrun sets it)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _verify(path: Path) -> str | None:
     """None if ``path`` is a complete, intact checkpoint, else the reason it is not.
 
@@ -426,8 +436,19 @@ def _verify(path: Path) -> str | None:
     signature = _signature(path, names)
     if _VERIFIED.get(path.resolve()) == signature:
         return None
-    for name, info in manifest["files"].items():
-        if _crc32(path / name) != info["crc32"]:
+    # Rank 0 (the one that picks the checkpoint; the others follow its choice) checksums every
+    # file; the other ranks the small ones, so N ranks do not read the checkpoint N times.
+    everything = _is_coordinator()
+    names = [
+        n
+        for n, info in sorted(manifest["files"].items())
+        if everything or (info["size"] <= _SMALL_FILE and not n.endswith(".distcp"))
+    ]
+    workers = max(1, min(8, os.cpu_count() or 1, len(names)))
+    with ThreadPoolExecutor(workers) as pool:  # zlib releases the GIL: files in parallel
+        crcs = list(pool.map(_crc32, [path / n for n in names]))
+    for name, crc in zip(names, crcs, strict=True):
+        if crc != manifest["files"][name]["crc32"]:
             return f"{name} is corrupted (CRC32 mismatch)"
     try:
         read_metadata(path)
