@@ -155,13 +155,18 @@ def test_export_of_a_checkpoint_refuses_the_run_folder_and_user_folders(server, 
     user = tmp_path / "notes"
     user.mkdir()
     (user / "todo.txt").write_text("keep me")
+    sidecar = tmp_path / "new.export_check.json"  # where the export's self-check would go
+    sidecar.write_text("my notes")
     results = [
+        server.run(["export", step, tmp_path / "new"], tmp_path),
         server.run(["export", step, baseline["run"]], tmp_path),
         server.run(["export", step, step / "hf"], tmp_path),
         server.run(["export", step, user], tmp_path),
         server.run(["export", step, baseline["run"] / "source", "--overwrite"], tmp_path),
     ]
     lines = [r.error_line() for r in results]
+    assert f"{sidecar} exists and was not written by longtune" in lines.pop(0)
+    assert sidecar.read_text() == "my notes" and not (tmp_path / "new").exists()
     assert "holds the source" in lines[0]
     assert "inside the source" in lines[1]
     assert "was not written by longtune (it holds todo.txt)" in lines[2]
