@@ -12,13 +12,17 @@ runs through this module and nothing else. Layout of ``RUN/``::
     source/              the source model's config, tokenizer files and tensor layout
     hf/                  the exported Hugging Face folder
     export_check.json    the export's self-check
+    launch.json          written only for a run launched by ``longtune.runs.launch`` (the web UI):
+                         the launched process (pid, pgid, host, start time, argv, exit code)
+    launch.log           that process's stdout and stderr
 
 ``status.json`` holds ``state`` (one of :data:`STATES`) and, while running, ``pid``, ``pgid``,
 ``host`` and ``proc_start`` (the process's start time, so a reused pid is not mistaken for the
 run), ``started_at``, ``updated_at``, ``step`` and ``total_steps``; ``failed`` runs add
 ``reason`` (one of :data:`FAIL_REASONS`) and ``error`` (the message); ``exit_code`` once ended.
 A ``running`` status whose process is gone (on this host) reads as ``failed`` with reason
-``process gone``: a killed run never shows as running.
+``process gone``: a killed run never shows as running. A process that has exited but not yet
+been reaped by its parent (a zombie) counts as gone.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ CHECKPOINTS = "checkpoints"
 SOURCE = "source"
 EXPORT = "hf"
 EXPORT_CHECK = "export_check.json"
+LAUNCH = "launch.json"
+LAUNCH_LOG = "launch.log"
 
 STATES = ("running", "succeeded", "failed", "cancelled")
 FAIL_REASONS = ("nan", "oom", "data error", "config error", "killed", "process gone", "error")
@@ -94,6 +100,14 @@ class RunDir:
     def export_check(self) -> Path:
         return self.path / EXPORT_CHECK
 
+    @property
+    def launch(self) -> Path:
+        return self.path / LAUNCH
+
+    @property
+    def launch_log(self) -> Path:
+        return self.path / LAUNCH_LOG
+
     def is_run(self) -> bool:
         """True when longtune wrote this folder (it has a status or a resolved config)."""
         return self.status_file.is_file() or self.config.is_file()
@@ -103,6 +117,7 @@ def process_start_time(pid: int) -> int | None:
     """The start time of process ``pid`` in clock ticks since boot (Linux), None if it is gone.
 
     With the pid it identifies a process: a pid reused by a later process has another start time.
+    A process that has exited and waits to be reaped (a zombie) is gone.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -110,6 +125,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: split after it.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # field 3: state; exited, not yet reaped
+        return None
     return int(fields[19])  # field 22 overall
 
 
@@ -139,10 +156,15 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
         )
     record.update(fields)
     record["updated_at"] = time.time()
-    tmp = run.status_file.with_name(f"{STATUS}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, run.status_file)
+    _write_json(run.status_file, record)
     return record
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to a temporary sibling, then rename it over ``path`` (atomic)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
 
 
 def read_status(run: RunDir) -> dict[str, Any] | None:
@@ -171,3 +193,58 @@ def _alive(record: dict[str, Any]) -> bool:
         return False
     start = process_start_time(pid)
     return start is not None and start == record.get("proc_start")
+
+
+def write_launch(run: RunDir, pid: int, **fields: Any) -> dict[str, Any]:
+    """Record the process launched for a run (``launch.json``, atomic).
+
+    Args:
+        run: the run folder (must exist).
+        pid: the launched process (the leader of its own session and process group).
+        **fields: the rest of the record (``argv``, ``nproc``, ...).
+
+    Returns:
+        The record written: ``pid``, ``pgid``, ``host``, ``proc_start``, ``launched_at`` and
+        ``fields``.
+    """
+    record: dict[str, Any] = {
+        "pid": pid,
+        "pgid": os.getpgid(pid),
+        "host": socket.gethostname(),
+        "proc_start": process_start_time(pid),
+        "launched_at": time.time(),
+        **fields,
+    }
+    _write_json(run.launch, record)
+    return record
+
+
+def end_launch(run: RunDir, exit_code: int) -> None:
+    """Add the launched process's exit code and end time to ``launch.json``.
+
+    Args:
+        run: the run folder, with a launch record.
+        exit_code: the process's return code (negative: killed by that signal).
+    """
+    record = json.loads(run.launch.read_text())
+    record.update(exit_code=exit_code, ended_at=time.time())
+    _write_json(run.launch, record)
+
+
+def read_launch(run: RunDir) -> dict[str, Any] | None:
+    """The run's launch record plus ``alive`` (whether the launched process still runs), or None
+    when the run was not launched by :func:`write_launch`'s caller.
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        The record, with ``alive`` added (True for a process on another host: it cannot be told).
+    """
+    try:
+        record = json.loads(run.launch.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return {"alive": False, "error": f"unreadable {run.launch}"}
+    return {**record, "alive": "exit_code" not in record and _alive(record)}

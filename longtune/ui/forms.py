@@ -1,0 +1,192 @@
+"""The new-run form: its defaults (the demo's settings) and its translation into a run config.
+
+Every value is parsed and checked by :mod:`longtune.train.config` itself (the form's fields are
+command-line overrides for it), so a bad value is refused with the config's own message. Model
+and data paths must lie, after links are resolved, inside the folders the UI was started with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from longtune.assets import smollm2_default_dir
+from longtune.demo import DATA_DIR, DEMO_SETTINGS, DEMO_STEPS
+from longtune.runs import check_name
+from longtune.train.config import (
+    CHOICES,
+    ConfigError,
+    JobConfig,
+    load_config,
+    parse_overrides,
+    validate_for_world,
+)
+
+#: Form field -> config key (the rest of the form: name, nproc, extra).
+FIELDS: dict[str, str] = {
+    "model": "model.path",
+    "train": "data.train",
+    "eval": "data.eval",
+    "task_type": "data.task_type",
+    "context_length": "data.context_length",
+    "duration": "train.duration",
+    "lr": "optim.lr",
+    "sp": "parallel.sp",
+}
+
+#: Keys the "more settings" box may not set: the form's own fields, and paths the UI does not
+#: let a browser choose (the run folder, the token cache, the resume source).
+RESERVED_KEYS = (*FIELDS.values(), "data.cache_dir", "output.dir", "checkpoint.resume")
+
+MAX_NPROC = 64
+
+
+class FormError(ValueError):
+    """A form value is refused; ``status`` is the HTTP status to answer with (400 or 422)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class NewRun:
+    """A checked new-run request."""
+
+    name: str
+    cfg: JobConfig
+    nproc: int
+
+
+def defaults() -> dict[str, str]:
+    """The form's initial values: the demo's model, data and settings, and a fresh run name.
+
+    Returns:
+        Field name -> text.
+    """
+    extra = [
+        f"--{key.replace('__', '.')}={value}" for key, value in DEMO_SETTINGS.items() if "__" in key
+    ]
+    return {
+        "name": time.strftime("run-%Y%m%d-%H%M%S"),
+        "model": str(smollm2_default_dir()),
+        "train": str(DATA_DIR / "train.jsonl"),
+        "eval": str(DATA_DIR / "eval.jsonl"),
+        "task_type": "chat",
+        "context_length": str(DEMO_SETTINGS["context_length"]),
+        "duration": f"{DEMO_STEPS}st",
+        "lr": str(DEMO_SETTINGS["learning_rate"]),
+        "sp": "1",
+        "nproc": "1",
+        "extra": "\n".join(extra),
+    }
+
+
+def task_types() -> tuple[str, ...]:
+    """The task types the config accepts (for the form's choice list).
+
+    Returns:
+        The choices, as the config module lists them.
+    """
+    return CHOICES["data.task_type"]
+
+
+def default_allow_dirs(runs_dir: Path) -> list[Path]:
+    """The folders the UI reads models and data from when none are given.
+
+    The current folder, the runs folder, and the demo's two read-only assets (the bundled data
+    and the demo model's cache folder), so the form's defaults work wherever the UI starts.
+
+    Args:
+        runs_dir: the runs folder.
+
+    Returns:
+        The folders, links resolved.
+    """
+    return [p.resolve() for p in (Path.cwd(), runs_dir, DATA_DIR, smollm2_default_dir())]
+
+
+def check_path(text: str, allowed: list[Path], what: str) -> Path:
+    """Resolve a path (following links) and require it inside one of ``allowed``.
+
+    Args:
+        text: the path as typed.
+        allowed: resolved folders.
+        what: the field, for the message.
+
+    Returns:
+        The resolved path.
+
+    Raises:
+        FormError: 400, naming the allowed folders.
+    """
+    path = Path(text).expanduser().resolve()
+    if not any(path == root or path.is_relative_to(root) for root in allowed):
+        folders = ", ".join(str(p) for p in allowed)
+        raise FormError(
+            400,
+            f"{what}: {path} is outside the folders this UI may read ({folders}); "
+            "start `longtune ui --allow-dir DIR` to allow another",
+        )
+    return path
+
+
+def _paths(text: str) -> list[str]:
+    """One path per line (commas are the config's list separator, so none in a path)."""
+    items = [line.strip() for line in str(text).splitlines() if line.strip()]
+    for item in items:
+        if "," in item:
+            raise FormError(422, f"{item!r}: a path with a comma cannot be given; rename it")
+    return items
+
+
+def parse_form(form: dict[str, Any], runs_dir: Path, allowed: list[Path]) -> NewRun:
+    """Check a new-run form and build its config (nothing is written).
+
+    Args:
+        form: field -> value, as sent by the browser (strings; lists of paths one per line).
+        runs_dir: the runs folder (the run goes to ``runs_dir/name``).
+        allowed: the folders models and data may come from.
+
+    Returns:
+        The run name, its validated config and the number of processes.
+
+    Raises:
+        FormError: 422 for a bad value (the config module's message), 400 for a path outside
+            the allowed folders.
+    """
+    unknown = set(form) - set(FIELDS) - {"name", "nproc", "extra"}
+    if unknown:
+        raise FormError(422, f"unknown form fields: {', '.join(sorted(unknown))}")
+    try:
+        name = check_name(str(form.get("name", "")).strip())
+    except ValueError as e:
+        raise FormError(422, str(e)) from None
+    nproc_text = str(form.get("nproc", "1")).strip()
+    if not nproc_text.isdigit() or not 1 <= int(nproc_text) <= MAX_NPROC:
+        raise FormError(422, f"nproc: {nproc_text!r} is invalid; use 1 to {MAX_NPROC} processes")
+    nproc = int(nproc_text)
+
+    overrides: list[str] = []
+    for field, key in FIELDS.items():
+        value = form.get(field)
+        if value is None or (field == "eval" and not str(value).strip()):
+            continue
+        if field in ("model", "train", "eval"):
+            items = _paths(str(value)) if field != "model" else [str(value).strip()]
+            checked = [str(check_path(p, allowed, key)) for p in items if p]
+            value = ",".join(checked)
+        overrides.append(f"--{key}={str(value).strip()}")
+    extra = str(form.get("extra", "")).split()
+    overrides.append(f"--output.dir={(runs_dir / name).resolve()}")
+    try:
+        for key, _, flag in parse_overrides(extra):
+            if key in RESERVED_KEYS:
+                raise FormError(422, f"{flag}: {key} cannot be set in more settings")
+        cfg = load_config(None, extra + overrides)
+        validate_for_world(cfg, nproc)
+    except ConfigError as e:
+        raise FormError(422, str(e)) from None
+    return NewRun(name=name, cfg=cfg, nproc=nproc)
