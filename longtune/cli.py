@@ -174,8 +174,8 @@ def ui(
             machines (a warning is printed).
         port: TCP port (0: any free port).
         runs_dir: the folder holding the run folders.
-        allow_dir: folder the UI may read models and data from (repeatable); default: the
-            current folder and the runs folder (and the bundled demo data).
+        allow_dir: folders the UI may read models and data from; default: the current
+            folder. The runs folder and the demo's data and model are always allowed.
     """
     from longtune.ui.server import serve
 

@@ -93,19 +93,23 @@ def task_types() -> tuple[str, ...]:
     return CHOICES["data.task_type"]
 
 
-def default_allow_dirs(runs_dir: Path) -> list[Path]:
-    """The folders the UI reads models and data from when none are given.
+def allowed_dirs(runs_dir: Path, allow_dirs: list[Path] | None) -> list[Path]:
+    """The folders the UI may read models and data from.
 
-    The current folder, the runs folder, and the demo's two read-only assets (the bundled data
-    and the demo model's cache folder), so the form's defaults work wherever the UI starts.
+    The given folders (default: the current folder), plus always the runs folder (to start from
+    an earlier run's export) and the demo's two read-only assets (the bundled data and the demo
+    model's cache folder), so the form's defaults work wherever the UI starts.
 
     Args:
         runs_dir: the runs folder.
+        allow_dirs: the ``--allow-dir`` folders, or None.
 
     Returns:
-        The folders, links resolved.
+        The folders, links resolved, without duplicates.
     """
-    return [p.resolve() for p in (Path.cwd(), runs_dir, DATA_DIR, smollm2_default_dir())]
+    given = allow_dirs if allow_dirs else [Path.cwd()]
+    folders = [*given, runs_dir, DATA_DIR, smollm2_default_dir()]
+    return list(dict.fromkeys(Path(p).expanduser().resolve() for p in folders))
 
 
 def check_path(text: str, allowed: list[Path], what: str) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from longtune.ui.app import create_app
-from longtune.ui.forms import default_allow_dirs
+from longtune.ui.forms import allowed_dirs
 from longtune.ui.security import LOGIN_PATH, Settings
 
 
@@ -71,25 +71,21 @@ def serve(
         host: the address to listen on (a non-loopback one prints a warning).
         port: the port (0: any free one).
         runs_dir: the runs folder (created if missing).
-        allow_dirs: folders models and data may be read from (default: the current folder,
-            the runs folder and the demo's assets).
+        allow_dirs: folders models and data may be read from (default: the current folder);
+            the runs folder and the demo's assets are always allowed.
 
     Returns:
         The exit code.
     """
     runs_path = Path(runs_dir).resolve()
     runs_path.mkdir(parents=True, exist_ok=True)
-    if allow_dirs:
-        allowed = [Path(d).expanduser().resolve() for d in allow_dirs]
-        missing = [str(d) for d in allowed if not d.is_dir()]
-        if missing:
-            print(
-                f"longtune ui: error: --allow-dir {', '.join(missing)}: no such folder",
-                file=sys.stderr,
-            )
-            return 2
-    else:
-        allowed = default_allow_dirs(runs_path)
+    missing = [d for d in allow_dirs or [] if not Path(d).expanduser().is_dir()]
+    if missing:
+        print(
+            f"longtune ui: error: --allow-dir {', '.join(missing)}: no such folder", file=sys.stderr
+        )
+        return 2
+    allowed = allowed_dirs(runs_path, [Path(d) for d in allow_dirs] if allow_dirs else None)
     try:
         sock = bind(host, port)
     except OSError as e:
