@@ -1,10 +1,11 @@
 """Apply parallelism and memory savings to a native model from outside, in a fixed order:
 
-1. activation checkpointing (none | selective | full) around each block;
+0. sequence parallelism (when the mesh's ``sp`` dimension is > 1): every block's
+   ``Attention.core`` wrapped in Ulysses all-to-alls over the ``sp`` group;
+1. activation checkpointing (none | selective | full) around each block; selective keeps the
+   all-to-all outputs, so recomputing a block repeats no communication;
 2. FSDP2 (``fully_shard``) of each block, then of the root, over all ranks of the mesh
    (dp x sp flattened), with bf16 compute / fp32 reduction on GPU.
-
-Sequence parallelism will slot in before step 1 by wrapping ``Attention.core``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from longtune.model.llama import Transformer
+from longtune.parallel.ulysses import SAVE_OPS as _SP_SAVE_OPS
+from longtune.parallel.ulysses import apply_sequence_parallel
 
 AC_MODES = ("none", "selective", "full")
 
@@ -29,6 +32,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    *_SP_SAVE_OPS,
 }
 # The op behind torch.nn.attention.varlen.varlen_attn (the packed-sequence GPU path).
 if hasattr(torch.ops, "torch_attn") and hasattr(torch.ops.torch_attn, "_varlen_attn"):
@@ -78,7 +82,19 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | 
 def parallelize(
     model: Transformer, mesh: DeviceMesh, ac_mode: str, param_dtype: torch.dtype | None
 ) -> nn.Module:
-    """Apply activation checkpointing then FSDP2; returns the same (now sharded) model."""
+    """Apply sequence parallelism, activation checkpointing, then FSDP2 (in that order).
+
+    Args:
+        model: the native model, usually still on the meta device.
+        mesh: the ``("dp", "sp")`` device mesh of :meth:`ParallelDims.build_mesh`.
+        ac_mode: ``none``, ``selective`` or ``full``.
+        param_dtype: compute dtype of the gathered parameters (None = as stored).
+
+    Returns:
+        The same model, now sharded.
+    """
+    if mesh["sp"].size() > 1:
+        apply_sequence_parallel(model, mesh["sp"].get_group())
     apply_activation_checkpointing(model, ac_mode)
     apply_fsdp(model, mesh, param_dtype)
     return model

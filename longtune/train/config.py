@@ -1,14 +1,14 @@
 """Run configuration: nested dataclasses, one YAML file, ``--section.key=value`` overrides.
 
 Precedence is CLI > file > defaults. Everything that can be checked without knowing the world
-size is validated by :func:`load_config`, before any process group or allocation; the checks
-that need the world size live in :func:`validate_for_world`.
+size is validated by :func:`load_config`, before any process group or allocation; the parallel
+degrees, which need the world size and the model's heads, are checked by
+``longtune.parallel.dims.ParallelDims.build``.
 
 Example::
 
     cfg = load_config("run.yaml", ["--optim.lr=3e-5", "--task-type", "chat"])
-    dp = validate_for_world(cfg, world_size=8)
-    grad_accum = resolve_grad_accum(cfg, dp)
+    grad_accum = resolve_grad_accum(cfg, dp_size=4)
 
 This module imports no torch, so the CLI can validate a config cheaply.
 """
@@ -98,7 +98,8 @@ class DataConfig:
     """Format of the data lines: chat | instruction | text."""
 
     context_length: int = 8192
-    """Tokens per packed sequence (the full sequence, before sequence-parallel slicing)."""
+    """Tokens per packed sequence (the full sequence, before sequence-parallel slicing; padded
+    up to a multiple of parallel.sp with tokens that carry no loss and that no document sees)."""
 
     loss_on: str = "all_assistant"
     """Which tokens carry loss in chat data: all_assistant | last_assistant."""
@@ -170,6 +171,10 @@ class ParallelConfig:
 
     dp: int = -1
     """Data-parallel degree; -1 = world_size / sp."""
+
+    timeout_s: float = 300.0
+    """Seconds a collective waits for a peer: if a rank dies (killed, out of memory), the others
+    exit with an error after at most this long instead of hanging."""
 
 
 @dataclass
@@ -514,51 +519,13 @@ def validate_config(cfg: JobConfig) -> None:
     _ensure(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0 (0 = all)")
     _ensure(p.sp >= 1, "parallel.sp", p.sp, "must be >= 1")
     _ensure(p.dp == -1 or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1, or -1 for world_size/sp")
-    _ensure(
-        d.context_length % p.sp == 0,
-        "data.context_length",
-        d.context_length,
-        f"must be divisible by parallel.sp={p.sp}; the nearest valid lengths are "
-        f"{d.context_length // p.sp * p.sp} and {(d.context_length // p.sp + 1) * p.sp}",
-    )
+    _ensure(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
     _ensure(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
     _ensure(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _ensure(
         bool(c.resume.strip()), "checkpoint.resume", c.resume, "use auto, never or a checkpoint dir"
     )
     _ensure(bool(cfg.output.dir.strip()), "output.dir", cfg.output.dir, "give a run directory")
-
-
-def validate_for_world(cfg: JobConfig, world_size: int) -> int:
-    """Check the parallel degrees against the world size and resolve the data-parallel degree.
-
-    Args:
-        cfg: a validated configuration.
-        world_size: the number of processes in the job.
-
-    Returns:
-        The data-parallel degree (``parallel.dp``, or world_size / sp when it is -1).
-
-    Raises:
-        ConfigError: printing every degree and the world size when they do not fit.
-    """
-    sp, dp = cfg.parallel.sp, cfg.parallel.dp
-    degrees = f"world_size={world_size}, parallel.sp={sp}, parallel.dp={dp}"
-    if world_size < 1:
-        raise ConfigError(f"world size must be >= 1 ({degrees})")
-    if world_size % sp != 0:
-        valid = [s for s in range(1, world_size + 1) if world_size % s == 0]
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.sp={sp} ({degrees}); "
-            f"valid sp degrees for this world size: {', '.join(map(str, valid))}"
-        )
-    resolved = world_size // sp if dp == -1 else dp
-    if resolved * sp != world_size:
-        raise ConfigError(
-            f"parallel.dp * parallel.sp must equal the world size: {dp} * {sp} = {dp * sp} "
-            f"!= {world_size} ({degrees}); set parallel.dp={world_size // sp} or -1"
-        )
-    return resolved
 
 
 def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:
@@ -570,7 +537,7 @@ def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:
 
     Args:
         cfg: the configuration.
-        dp_size: the data-parallel degree (from :func:`validate_for_world`).
+        dp_size: the data-parallel degree (``ParallelDims.dp``).
 
     Returns:
         The gradient-accumulation steps, >= 1.

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longtune.parallel.dims import PeerLostError
 from longtune.train.config import (
     FLAG_ALIASES,
     ConfigError,
@@ -41,7 +42,6 @@ from longtune.train.config import (
     load_config,
     resolve_grad_accum,
     save_config,
-    validate_for_world,
 )
 
 logger = logging.getLogger("longtune.train")
@@ -79,8 +79,8 @@ class RunResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def preflight(cfg: JobConfig, world_size: int) -> int:
-    """Validate data, model config and parallel layout; returns the data-parallel degree."""
+def preflight(cfg: JobConfig, world_size: int) -> Any:
+    """Validate data, model config and parallel layout; returns the checked ``ParallelDims``."""
     from longtune.data import validate_files
     from longtune.model.args import ModelArgs
     from longtune.parallel.dims import ParallelDims
@@ -99,16 +99,15 @@ def preflight(cfg: JobConfig, world_size: int) -> int:
     if errors:
         raise errors[0]
     args = ModelArgs.from_hf_config(json.loads((model_dir / "config.json").read_text()))
-    dp = validate_for_world(cfg, world_size)
-    dims = ParallelDims.from_config(dp, cfg.parallel.sp, world_size)
-    dims.check_model(args.n_heads, args.n_kv_heads)
+    dims = ParallelDims.build(
+        world_size,
+        cfg.parallel.sp,
+        cfg.parallel.dp,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+    )
     _check_resume(cfg)
-    if dims.sp > 1:
-        raise NotImplementedError(
-            f"parallel.sp={dims.sp}: sequence parallelism is not available yet; use parallel.sp=1 "
-            "(data parallel over all ranks)"
-        )
-    return dp
+    return dims
 
 
 def _check_resume(cfg: JobConfig) -> None:
@@ -210,20 +209,29 @@ def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
         The run's result (rank 0 has the export check; every rank has the status).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp = preflight(cfg, world_size)
+    dims = preflight(cfg, world_size)
 
-    from longtune.parallel.dims import init_distributed
+    from longtune.parallel.dims import PeerLostError, init_distributed, is_peer_failure
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.parallel.timeout_s)
     try:
-        return _run(cfg, rank, world, dp, device, _fault)
+        return _run(cfg, rank, world, dims, device, _fault)
+    except Exception as e:
+        if world == 1 or not is_peer_failure(e):
+            raise
+        detail = str(e).strip().splitlines()[0][:300]
+        raise PeerLostError(
+            f"rank {rank} of {world}: another rank died or stopped answering ({detail}); the "
+            f"newest complete checkpoint in {Path(cfg.output.dir) / 'checkpoints'} is intact: "
+            "rerun the same command to resume"
+        ) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _run(
-    cfg: JobConfig, rank: int, world: int, dp: int, device: torch.device, fault: Any
+    cfg: JobConfig, rank: int, world: int, dims: Any, device: torch.device, fault: Any
 ) -> RunResult:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -235,7 +243,6 @@ def _run(
     from longtune.model.args import ModelArgs
     from longtune.model.convert import load_model
     from longtune.model.llama import Transformer
-    from longtune.parallel.dims import ParallelDims
     from longtune.parallel.parallelize import parallelize
     from longtune.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
     from longtune.train.metrics import MetricsWriter, ProgressLine, setup_logging
@@ -246,7 +253,6 @@ def _run(
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     setup_logging(run_dir, rank)
-    dims = ParallelDims.from_config(dp, cfg.parallel.sp, world)
     dp_rank, sp_rank = dims.coords(rank)
     torch.manual_seed(cfg.train.seed)
 
@@ -678,6 +684,9 @@ def train_main(argv: list[str]) -> int:
     except TrainingDivergedError as e:
         print(f"longtune train: stopped: {e}", file=sys.stderr)
         return 3
+    except PeerLostError as e:
+        print(f"longtune train: stopped: {e}", file=sys.stderr)
+        return 1
     if result.export_dir is not None:
         print(f"done: {result.final_step} steps; Hugging Face checkpoint in {result.export_dir}")
     return 0
