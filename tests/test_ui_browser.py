@@ -33,14 +33,15 @@ EXTRA = "\n".join(
     [
         "--data.overlength=split",  # the demo examples are far longer than 128 tokens
         "--train.eval_batches=2",
-        "--train.eval_every=3",
+        "--train.eval_every=4",
         "--model.activation_checkpointing=none",
     ]
 )
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian's chromium package (./run.sh installs it)"
-)
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):  # CI installs it through ./run.sh: a missing browser is a failure
+        raise RuntimeError(f"{CHROMIUM} is missing; ./run.sh test installs Debian's chromium")
+    pytest.skip("needs Debian's chromium package (./run.sh installs it)", allow_module_level=True)
 
 
 def points(page, chart: str = "#chart-loss") -> int:
@@ -93,7 +94,7 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             expect(page.locator("#runs-body")).to_contain_text("No runs yet")
 
             # A run from the form, on the bundled demo data, after the data preview.
-            fill_new_run(page, "first", model, "12st")
+            fill_new_run(page, "first", model, "20st")
             page.click("#preview")
             expect(page.locator("#preview-stats tr")).to_have_count(3, timeout=60_000)
             expect(page.locator("#preview-stats")).to_contain_text("train.jsonl")
@@ -101,11 +102,11 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             assert page.locator("#preview-examples .target").count() >= 3
             page.click("#launch")
             expect(page).to_have_url(f"{ui.base}/runs/first", timeout=30_000)
-            first_points = wait_points(page, 1, 120)
-            wait_points(page, first_points + 1, 60)  # the loss chart gains points
+            seen = [wait_points(page, 1, 120)]
             expect(page.locator("#status")).to_have_text("succeeded", timeout=120_000)
             expect(page.locator("#export-check")).to_contain_text("passed", timeout=30_000)
-            assert points(page) == 12
+            seen.append(points(page))
+            assert seen[-1] == 20 and seen[0] >= 1
             page.wait_for_timeout(300)  # let the last poll settle before the picture
             shot = tmp_path / "ui-run.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -116,13 +117,14 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             page.click("nav >> text=Runs")
             row = page.locator("#runs-body tr[data-name=first]")
             expect(row).to_contain_text("succeeded")
-            expect(row).to_contain_text("12/12")
+            expect(row).to_contain_text("20/20")
 
             # A second, long run; the UI is stopped and started again while it goes.
             fill_new_run(page, "second", model, "100000st")
             page.click("#launch")
             expect(page).to_have_url(f"{ui.base}/runs/second", timeout=30_000)
-            before_restart = wait_points(page, 2, 120)
+            growing = wait_points(page, 1, 120)
+            before_restart = wait_points(page, growing + 2, 60)  # the loss chart gains points
             port = ui.port
             ui.stop()
             ui = UIServer(runs_dir, allow=[tmp_path / "models"], port=port, env=env)
