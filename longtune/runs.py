@@ -343,14 +343,8 @@ def _info(run: RunDir) -> RunInfo:
     info.model = (cfg.get("model") or {}).get("path")
     info.data = (cfg.get("data") or {}).get("train") or []
     _fill_state(info, run, status, launch)
-    train = eval_ = None
-    last_step = None
-    for rec in read_metrics(run.path)[0]:
-        last_step = rec.get("step", last_step)
-        if rec.get("kind") == "eval":
-            eval_ = rec
-        elif "loss" in rec:
-            train = rec
+    has_eval = bool((cfg.get("data") or {}).get("eval"))
+    train, eval_, last_step = _latest_records(run.metrics, want_eval=has_eval)
     info.train_loss = train["loss"] if train else None
     info.eval_loss = eval_["eval_loss"] if eval_ else None
     if last_step is not None:
@@ -409,6 +403,39 @@ def _fill_state(
         ended_at = max(filter(None, (_mtime(run.metrics), _mtime(run.status_file))), default=None)
     if ended_at is not None:
         info.duration_s = max(0.0, ended_at - info.started_at)
+
+
+def _latest_records(
+    path: Path, want_eval: bool, block: int = 64 * 1024
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int | None]:
+    """The last train record, the last eval record and the last step of ``metrics.jsonl``,
+    reading from the end (a long run's file is not read whole on every refresh)."""
+    train = eval_ = last_step = None
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return None, None, None
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        rest = b""
+        while pos > 0 and not (train is not None and (eval_ is not None or not want_eval)):
+            n = min(block, pos)
+            pos -= n
+            f.seek(pos)
+            lines = (f.read(n) + rest).split(b"\n")
+            rest = lines.pop(0) if pos > 0 else b""  # may be the tail of an earlier line
+            for line in reversed(lines):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # empty, torn, or still being written
+                    continue
+                if last_step is None:
+                    last_step = rec.get("step")
+                if rec.get("kind") == "eval":
+                    eval_ = eval_ or rec
+                elif "loss" in rec:
+                    train = train or rec
+    return train, eval_, last_step
 
 
 def _last_line(run: RunDir) -> str | None:

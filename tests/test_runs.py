@@ -229,3 +229,16 @@ def test_runs_commands(folder):
     assert cancel.stderr.strip().splitlines() == [
         "longtune runs: error: run 'done' is not running (status: succeeded); nothing to cancel"
     ]
+
+
+def test_latest_losses_come_from_the_end_of_a_long_metrics_file(tmp_path):
+    run = make_run(tmp_path, "long", duration="3000st")
+    run_cfg = run.config.read_text().replace("eval: []", "eval:\n  - /data/e.jsonl")
+    run.config.write_text(run_cfg)
+    losses = [5.0 - i / 1000 for i in range(3000)]
+    write_metrics(run, losses, {0: 7.5})  # the only eval record is at the start
+    with open(run.metrics, "a") as f:
+        f.write('{"step": 3001, "kind": "tr')  # a record still being written
+    info = runs.get("long", tmp_path)
+    assert (info.train_loss, info.eval_loss, info.step) == (losses[-1], 7.5, 3000)
+    assert run.metrics.stat().st_size > 2 * 64 * 1024  # spans several blocks

@@ -19,6 +19,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from longtune import runs
 from longtune.run_dir import RunDir
@@ -158,7 +159,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def api_launch(request: Request) -> dict[str, Any]:
         new = parse_form(await _form(request), settings.runs_dir, settings.allow_dirs)
         try:
-            info = runs.launch(new.cfg, new.nproc)
+            info = await run_in_threadpool(runs.launch, new.cfg, new.nproc)
         except FileExistsError as e:
             raise HTTPException(409, str(e)) from None
         return run_json(info)
@@ -176,7 +177,7 @@ def create_app(settings: Settings) -> FastAPI:
         form = await _form(request)
         form.setdefault("name", "preview")
         new = parse_form(form, settings.runs_dir, settings.allow_dirs)
-        return _preview(new.cfg)
+        return await run_in_threadpool(_preview, new.cfg)  # seconds of work: off the event loop
 
     @app.exception_handler(FormError)
     async def form_error(request: Request, exc: FormError) -> Response:
