@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import make_hf_checkpoint
-from ui_server import ROOT, UIServer, runs_list_cli
+from ui_server import ROOT, UIServer, kill_runs, runs_list_cli
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -147,6 +147,7 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             browser.close()
     finally:
         ui.stop()
+        kill_runs(runs_dir)
     statuses = {name: r["status"] for name, r in runs_list_cli(runs_dir).items()}
     assert statuses == {"first": "succeeded", "second": "cancelled"}
     assert not js_errors

@@ -140,3 +140,21 @@ def runs_list_cli(runs_dir: Path) -> dict[str, dict[str, Any]]:
         check=True,
     ).stdout
     return {r["name"]: r for r in json.loads(out)}
+
+
+def kill_runs(runs_dir: Path) -> None:
+    """SIGKILL every run still going in ``runs_dir`` (a failed test leaves none behind)."""
+    from longtune.run_dir import RunDir, read_launch, read_status
+
+    if not runs_dir.is_dir():
+        return
+    for folder in runs_dir.iterdir():
+        run = RunDir(folder)
+        launch, status = read_launch(run) or {}, read_status(run) or {}
+        groups = {launch.get("pgid") if launch.get("alive") else None}
+        groups.add(status.get("pgid") if status.get("state") == "running" else None)
+        for pgid in groups - {None}:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

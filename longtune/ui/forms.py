@@ -3,6 +3,8 @@
 Every value is parsed and checked by :mod:`longtune.train.config` itself (the form's fields are
 command-line overrides for it), so a bad value is refused with the config's own message. Model
 and data paths must lie, after links are resolved, inside the folders the UI was started with.
+The parallel layout (SP degree against the processes and the model's heads) is the trainer's
+preflight check: a launch that breaks it ends ``failed`` with that check's message.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from longtune.train.config import (
     JobConfig,
     load_config,
     parse_overrides,
-    validate_for_world,
 )
 
 #: Form field -> config key (the rest of the form: name, nproc, extra).
@@ -190,7 +191,6 @@ def parse_form(form: dict[str, Any], runs_dir: Path, allowed: list[Path]) -> New
             if key in RESERVED_KEYS:
                 raise FormError(422, f"{flag}: {key} cannot be set in more settings")
         cfg = load_config(None, extra + overrides)
-        validate_for_world(cfg, nproc)
     except ConfigError as e:
         raise FormError(422, str(e)) from None
     return NewRun(name=name, cfg=cfg, nproc=nproc)
