@@ -13,9 +13,9 @@ module, the config and the data checker, never the trainer.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -128,7 +128,9 @@ def create_app(settings: Settings) -> FastAPI:
         return page(request, "run.html", run=run_json(info))
 
     @app.get("/compare")
-    def compare_page(request: Request, run: list[str] | None = None) -> Response:
+    def compare_page(
+        request: Request, run: Annotated[list[str] | None, Query()] = None
+    ) -> Response:
         found = [r.name for r in runs.list(settings.runs_dir)]
         chosen = [n for n in (run or []) if n in found]
         return page(request, "compare.html", names=found, chosen=chosen)

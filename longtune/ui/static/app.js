@@ -4,6 +4,9 @@
 
 const COLORS = ["#2f5bea", "#e67e22", "#1a7f4b", "#c0392b", "#8e44ad", "#16a085", "#7f8c8d", "#d35400"];
 
+// Whole steps only on the x axis.
+const STEP_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
+
 function $(selector) {
   return document.querySelector(selector);
 }
@@ -53,7 +56,7 @@ function makeChart(container, series, yLabel) {
     legend: { show: true },
     cursor: { drag: { x: true, y: false } },
     series: [{ label: "step" }, ...series],
-    axes: [{ label: "step" }, { label: yLabel || "", size: 64, values: (u, ticks) => ticks.map(formatTick) }],
+    axes: [{ label: "step", incrs: STEP_INCRS }, { label: yLabel || "", size: 64, values: (u, ticks) => ticks.map(formatTick) }],
   };
   const chart = new uPlot(opts, [[], ...series.map(() => [])], container);
   window.addEventListener("resize", () => {
