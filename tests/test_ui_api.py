@@ -203,3 +203,18 @@ def test_kill9_of_a_run_shows_failed_process_gone(env):
     assert status == "failed (process gone)"
     page = ui.request("GET", f"/runs/{quote('killed')}")
     assert page[0] == 200 and "failed (process gone)" in page[2]
+
+
+def test_listens_on_loopback_unless_told_and_then_warns(env, tmp_path):
+    assert env["server"].host == "127.0.0.1"
+    assert not any("WARNING" in line for line in env["server"].output)
+    wide = UIServer(
+        tmp_path / "runs", allow=[tmp_path], env={"LONGTUNE_CACHE": str(tmp_path)}, host="0.0.0.0"
+    )
+    try:
+        warning = [line for line in wide.output if "WARNING" in line]
+        assert warning and "listening on 0.0.0.0, reachable from other machines" in warning[0]
+        assert wide.host == "127.0.0.1"  # the printed link still points at this machine
+        assert wide.request("GET", "/api/runs")[0] == 200
+    finally:
+        wide.stop()

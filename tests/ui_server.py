@@ -34,10 +34,17 @@ class UIServer:
     """`python -m longtune ui` on a free (or given) port, its login link read from stdout."""
 
     def __init__(
-        self, runs_dir: Path, allow: list[Path], port: int = 0, env: dict | None = None
+        self,
+        runs_dir: Path,
+        allow: list[Path],
+        port: int = 0,
+        env: dict | None = None,
+        host: str | None = None,
     ) -> None:
         self.runs_dir, self.allow, self.env = runs_dir, allow, env
         argv = [sys.executable, "-m", "longtune", "ui", "--port", str(port)]
+        if host is not None:
+            argv += ["--host", host]
         argv += ["--runs-dir", str(runs_dir)]
         for d in allow:
             argv += ["--allow-dir", str(d)]

@@ -96,7 +96,9 @@ def serve(
         )
         return 2
     actual_port = sock.getsockname()[1]
-    settings = Settings(runs_dir=runs_path, allow_dirs=allowed, port=actual_port)
+    # Reached from other machines, the UI may be addressed by this host's full DNS name too.
+    names = () if is_loopback(host) else (socket.getfqdn(),)
+    settings = Settings(runs_dir=runs_path, allow_dirs=allowed, port=actual_port, host_names=names)
     app = create_app(settings)
     shown = host
     if host in ("0.0.0.0", "::"):
