@@ -21,7 +21,7 @@ def __getattr__(name: str):
 
         return save_model
     if name == "finetune":
-        from longtune.train.trainer import finetune
+        from longtune.api import finetune
 
         return finetune
     if name == "runs":

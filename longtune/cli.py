@@ -15,6 +15,8 @@ import types
 import typing
 from collections.abc import Callable
 
+from longtune.train.config import FLAG_ALIASES, field_docs, load_config
+
 
 def convert(hf_dir: str, native_dir: str) -> int:
     """Convert an HF Llama checkpoint folder into longtune's native (fused) format.
@@ -45,7 +47,7 @@ def export(source: str, hf_out: str, dtype: str | None = None) -> int:
     if (Path(source) / "longtune.json").is_file():
         out = export_native(source, hf_out, dtype=dtype)
     else:
-        from longtune.train.trainer import export_checkpoint
+        from longtune.export.check import export_checkpoint
 
         out = export_checkpoint(source, hf_out, dtype=dtype)
     print(f"wrote Hugging Face checkpoint {out}")
@@ -190,6 +192,57 @@ def _add_runs_commands(sub: argparse._SubParsersAction) -> None:
         _add_command(runs_sub, name, fn)
 
 
+TRAIN_HELP = """usage: longtune train [CONFIG.yaml] [--section.key=value ...] [--flag value ...]
+
+Fine-tune a Llama-family model. Settings come from defaults, then CONFIG.yaml, then flags
+(flags win). Run under torchrun for several processes (gloo on CPU, NCCL on GPU).
+
+Common flags: {aliases}
+
+All settings (--section.key=value):
+{fields}
+"""
+
+
+def train(argv: list[str]) -> int:
+    """``longtune train``: parse, validate, run. Returns the exit code.
+
+    Exit codes: 0 done; 1 another rank died or stopped answering; 2 bad settings or data (one
+    line on stderr, nothing started); 3 stopped on a NaN/Inf loss.
+
+    Args:
+        argv: the arguments after ``train``.
+    """
+    if any(a in ("-h", "--help") for a in argv):
+        aliases = ", ".join(f"--{k} ({v})" for k, v in FLAG_ALIASES.items())
+        fields = "\n".join(f"  {k}: {doc}" for k, doc in field_docs().items())
+        print(TRAIN_HELP.format(aliases=aliases, fields=fields))
+        return 0
+    path = argv[0] if argv and not argv[0].startswith("-") else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(path, overrides)
+        # torch and the trainer are imported only once the config is known to be good.
+        from longtune.parallel.dims import PeerLostError
+        from longtune.train.trainer import TrainingDivergedError, run_training
+
+        try:
+            result = run_training(cfg)
+        except TrainingDivergedError as e:
+            print(f"longtune train: stopped: {e}", file=sys.stderr)
+            return 3
+        except PeerLostError as e:
+            print(f"longtune train: stopped: {e}", file=sys.stderr)
+            return 1
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
+        print(f"longtune train: error: {e}", file=sys.stderr)
+        return 2
+    if result.export_dir is not None:
+        print(f"done: {result.final_step} steps; Hugging Face checkpoint in {result.export_dir}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[..., int]] = {
     "convert": convert,
     "export": export,
@@ -277,9 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        from longtune.train.trainer import train_main
-
-        sys.exit(train_main(argv[1:]))
+        sys.exit(train(argv[1:]))
     args = build_parser().parse_args(argv)
     kwargs = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("_")}
     try:

