@@ -14,7 +14,7 @@ from helpers import make_hf_checkpoint
 from ui_server import DEMO_DATA, UIServer, kill_runs, runs_list_cli, tiny_run_form, wait_for
 
 from longtune.data import check_data
-from longtune.train.config import ConfigError, load_config
+from longtune.train.config import ConfigError, config_from_values
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,10 @@ def env(tmp_path_factory):
     kill_runs(server.runs_dir)
 
 
-def config_error(*overrides: str) -> str:
-    """The config module's own message for a setting."""
+def config_error(key: str, value: str) -> str:
+    """The config module's own message for a setting (as the Python API gets it)."""
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["--model.path=m", "--data.train=d.jsonl", *overrides])
+        config_from_values({"model.path": "m", "data.train": ["d.jsonl"], key: value})
     return str(e.value)
 
 
@@ -116,11 +116,11 @@ def test_paths_outside_the_allowed_folders_are_refused(env):
 def test_bad_form_values_get_the_config_modules_own_error(env):
     ui, model = env["server"], env["model"]
     cases = [
-        ({"lr": "-1"}, config_error("--optim.lr=-1")),
-        ({"lr": "fast"}, config_error("--optim.lr=fast")),
-        ({"task_type": "poem"}, config_error("--data.task_type=poem")),
-        ({"duration": "3 weeks"}, config_error("--train.duration=3 weeks")),
-        ({"extra": "--optim.nope=1"}, config_error("--optim.nope=1")),
+        ({"lr": "-1"}, config_error("optim.lr", "-1")),
+        ({"lr": "fast"}, config_error("optim.lr", "fast")),
+        ({"task_type": "poem"}, config_error("data.task_type", "poem")),
+        ({"duration": "3 weeks"}, config_error("train.duration", "3 weeks")),
+        ({"extra": "--optim.warmup_steps=-2"}, config_error("optim.warmup_steps", "-2")),
     ]
     for fields, expected in cases:
         status, _, body = ui.request(
@@ -133,6 +133,7 @@ def test_bad_form_values_get_the_config_modules_own_error(env):
         ({"nproc": "0"}, "nproc: '0' is invalid"),
         ({"extra": "--output.dir=/tmp/elsewhere"}, "output.dir cannot be set"),
         ({"extra": "--resume /tmp/ckpt"}, "checkpoint.resume cannot be set"),
+        ({"extra": "--optim.nope=1"}, "unknown key 'optim.nope'"),
     ):
         status, _, body = ui.request(
             "POST", "/api/runs", body=tiny_run_form("x", model, "2st", **fields)

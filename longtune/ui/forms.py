@@ -1,7 +1,8 @@
 """The new-run form: its defaults (the demo's settings) and its translation into a run config.
 
-Every value is parsed and checked by :mod:`longtune.train.config` itself (the form's fields are
-command-line overrides for it), so a bad value is refused with the config's own message. Model
+Every value is parsed and checked by :mod:`longtune.train.config` itself
+(:func:`~longtune.train.config.config_from_values`; the "more settings" box in command-line
+syntax through its own parser), so a bad value is refused with the config's own message. Model
 and data paths must lie, after links are resolved, inside the folders the UI was started with.
 The parallel layout (SP degree against the processes and the model's heads) is the trainer's
 preflight check: a launch that breaks it ends ``failed`` with that check's message.
@@ -21,7 +22,7 @@ from longtune.train.config import (
     CHOICES,
     ConfigError,
     JobConfig,
-    load_config,
+    config_from_values,
     parse_overrides,
 )
 
@@ -138,15 +139,6 @@ def check_path(text: str, allowed: list[Path], what: str) -> Path:
     return path
 
 
-def _paths(text: str) -> list[str]:
-    """One path per line (commas are the config's list separator, so none in a path)."""
-    items = [line.strip() for line in str(text).splitlines() if line.strip()]
-    for item in items:
-        if "," in item:
-            raise FormError(422, f"{item!r}: a path with a comma cannot be given; rename it")
-    return items
-
-
 def parse_form(form: dict[str, Any], runs_dir: Path, allowed: list[Path]) -> NewRun:
     """Check a new-run form and build its config (nothing is written).
 
@@ -174,23 +166,27 @@ def parse_form(form: dict[str, Any], runs_dir: Path, allowed: list[Path]) -> New
         raise FormError(422, f"nproc: {nproc_text!r} is invalid; use 1 to {MAX_NPROC} processes")
     nproc = int(nproc_text)
 
-    overrides: list[str] = []
-    for field, key in FIELDS.items():
-        value = form.get(field)
-        if value is None or (field == "eval" and not str(value).strip()):
-            continue
-        if field in ("model", "train", "eval"):
-            items = _paths(str(value)) if field != "model" else [str(value).strip()]
-            checked = [str(check_path(p, allowed, key)) for p in items if p]
-            value = ",".join(checked)
-        overrides.append(f"--{key}={str(value).strip()}")
-    extra = str(form.get("extra", "")).split()
-    overrides.append(f"--output.dir={(runs_dir / name).resolve()}")
+    values: dict[str, Any] = {}
     try:
-        for key, _, flag in parse_overrides(extra):
+        for key, raw, flag in parse_overrides(str(form.get("extra", "")).split()):
             if key in RESERVED_KEYS:
                 raise FormError(422, f"{flag}: {key} cannot be set in more settings")
-        cfg = load_config(None, extra + overrides)
+            values[key] = raw
+    except ConfigError as e:
+        raise FormError(422, str(e)) from None
+    for field, key in FIELDS.items():
+        text = str(form.get(field) or "").strip()
+        if not text:
+            continue  # left to the config: its default, or its "missing required key" error
+        if field == "model":
+            values[key] = str(check_path(text, allowed, key))
+        elif field in ("train", "eval"):
+            values[key] = [str(check_path(p, allowed, key)) for p in text.splitlines() if p.strip()]
+        else:
+            values[key] = text
+    values["output.dir"] = str((runs_dir / name).resolve())
+    try:
+        cfg = config_from_values(values)
     except ConfigError as e:
         raise FormError(422, str(e)) from None
     return NewRun(name=name, cfg=cfg, nproc=nproc)
