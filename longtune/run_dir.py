@@ -278,6 +278,85 @@ def read_metrics(run: RunDir) -> list[dict[str, Any]]:
     return records
 
 
+def read_metrics_since(
+    run: RunDir, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str, bool]:
+    """The records of ``metrics.jsonl`` added since ``cursor`` (a live view's incremental read).
+
+    Args:
+        run: the run folder.
+        cursor: from an earlier call (None: from the start).
+
+    Returns:
+        ``(records, new cursor, reset)``; ``reset`` is True when the file was rewritten since
+        the cursor (a resumed run drops records it will write again): the records are then all
+        of them, and earlier ones are to be forgotten. A line still being written is left for
+        the next call; a line torn by a crash is skipped.
+    """
+    path = run.metrics
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return [], "0:0", cursor not in (None, "0:0")
+    inode, offset = (int(x) for x in (cursor or f"{st.st_ino}:0").split(":"))
+    reset = inode != st.st_ino or offset > st.st_size
+    if reset:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    records = []
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records, f"{st.st_ino}:{offset + len(complete)}", reset and cursor is not None
+
+
+def latest_metrics(
+    run: RunDir, want_eval: bool = True, block: int = 64 * 1024
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int | None]:
+    """The last train record, the last eval record and the last step of ``metrics.jsonl``,
+    read from the end (a long run's file is not read whole on every refresh of a runs list).
+
+    Args:
+        run: the run folder.
+        want_eval: look for an eval record too (else stop at the last train record).
+        block: bytes read at a time, backwards.
+
+    Returns:
+        ``(train record, eval record, step of the last record)``, None where there is none.
+    """
+    train = eval_ = last_step = None
+    try:
+        f = open(run.metrics, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return None, None, None
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        rest = b""
+        while pos > 0 and not (train is not None and (eval_ is not None or not want_eval)):
+            n = min(block, pos)
+            pos -= n
+            f.seek(pos)
+            lines = (f.read(n) + rest).split(b"\n")
+            rest = lines.pop(0) if pos > 0 else b""  # may be the tail of an earlier line
+            for line in reversed(lines):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # empty, torn, or still being written
+                    continue
+                if last_step is None:
+                    last_step = rec.get("step")
+                if rec.get("kind") == "eval":
+                    eval_ = eval_ or rec
+                elif "loss" in rec:
+                    train = train or rec
+    return train, eval_, last_step
+
+
 class RunLockedError(RuntimeError):
     """Another process holds the run folder's lock."""
 

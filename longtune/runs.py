@@ -41,6 +41,7 @@ import yaml
 from longtune.run_dir import (
     RunDir,
     end_launch,
+    latest_metrics,
     read_launch,
     read_status,
     write_launch,
@@ -257,43 +258,6 @@ def _reap(proc: subprocess.Popen, run: RunDir) -> None:
     end_launch(run, code)
 
 
-def read_metrics(
-    run_path: str | Path, cursor: str | None = None
-) -> tuple[builtins.list[dict[str, Any]], str, bool]:
-    """The records of ``metrics.jsonl`` added since ``cursor``.
-
-    Args:
-        run_path: the run folder.
-        cursor: from an earlier call (None: from the start).
-
-    Returns:
-        ``(records, new cursor, reset)``; ``reset`` is True when the file was rewritten since
-        the cursor (a resumed run drops records it will write again): the records are then all
-        of them, and earlier ones are to be forgotten. A line still being written is left for
-        the next call; a line torn by a crash is skipped.
-    """
-    path = RunDir(run_path).metrics
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return [], "0:0", cursor not in (None, "0:0")
-    inode, offset = (int(x) for x in (cursor or f"{st.st_ino}:0").split(":"))
-    reset = inode != st.st_ino or offset > st.st_size
-    if reset:
-        offset = 0
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    records = []
-    for line in complete.decode("utf-8", errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records, f"{st.st_ino}:{offset + len(complete)}", reset and cursor is not None
-
-
 def tail_log(run_path: str | Path, lines: int = 40) -> str:
     """The last ``lines`` lines of the run's ``train.log`` (or of its launch output, when the
     trainer has written no log yet).
@@ -344,7 +308,7 @@ def _info(run: RunDir) -> RunInfo:
     info.data = (cfg.get("data") or {}).get("train") or []
     _fill_state(info, run, status, launch)
     has_eval = bool((cfg.get("data") or {}).get("eval"))
-    train, eval_, last_step = _latest_records(run.metrics, want_eval=has_eval)
+    train, eval_, last_step = latest_metrics(run, want_eval=has_eval)
     info.train_loss = train["loss"] if train else None
     info.eval_loss = eval_["eval_loss"] if eval_ else None
     if last_step is not None:
@@ -403,39 +367,6 @@ def _fill_state(
         ended_at = max(filter(None, (_mtime(run.metrics), _mtime(run.status_file))), default=None)
     if ended_at is not None:
         info.duration_s = max(0.0, ended_at - info.started_at)
-
-
-def _latest_records(
-    path: Path, want_eval: bool, block: int = 64 * 1024
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int | None]:
-    """The last train record, the last eval record and the last step of ``metrics.jsonl``,
-    reading from the end (a long run's file is not read whole on every refresh)."""
-    train = eval_ = last_step = None
-    try:
-        f = open(path, "rb")  # noqa: SIM115 (closed below)
-    except FileNotFoundError:
-        return None, None, None
-    with f:
-        pos = f.seek(0, os.SEEK_END)
-        rest = b""
-        while pos > 0 and not (train is not None and (eval_ is not None or not want_eval)):
-            n = min(block, pos)
-            pos -= n
-            f.seek(pos)
-            lines = (f.read(n) + rest).split(b"\n")
-            rest = lines.pop(0) if pos > 0 else b""  # may be the tail of an earlier line
-            for line in reversed(lines):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # empty, torn, or still being written
-                    continue
-                if last_step is None:
-                    last_step = rec.get("step")
-                if rec.get("kind") == "eval":
-                    eval_ = eval_ or rec
-                elif "loss" in rec:
-                    train = train or rec
-    return train, eval_, last_step
 
 
 def _last_line(run: RunDir) -> str | None:

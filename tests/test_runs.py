@@ -19,7 +19,14 @@ from ui_server import runs_list_cli, wait_for
 
 import longtune
 from longtune import runs
-from longtune.run_dir import RunDir, end_launch, read_status, write_launch, write_status
+from longtune.run_dir import (
+    RunDir,
+    end_launch,
+    read_metrics_since,
+    read_status,
+    write_launch,
+    write_status,
+)
 from longtune.train.config import load_config, save_config
 
 STATUS_THEN_EXIT = (
@@ -180,21 +187,21 @@ def test_a_launched_process_that_ends_without_status_shows_its_last_line(tmp_pat
 
 def test_metrics_cursor_returns_only_new_complete_records(tmp_path):
     run = RunDir(tmp_path)
-    assert runs.read_metrics(tmp_path) == ([], "0:0", False)
+    assert read_metrics_since(run) == ([], "0:0", False)
     with open(run.metrics, "w") as f:
         f.write(json.dumps({"step": 1, "loss": 2.0}) + "\n" + '{"step": 2, "lo')
-    records, cursor, reset = runs.read_metrics(tmp_path)
+    records, cursor, reset = read_metrics_since(run)
     assert [r["step"] for r in records] == [1] and not reset
     with open(run.metrics, "a") as f:
         f.write('ss": 1.5}\n' + json.dumps({"step": 3, "loss": 1.0}) + "\n")
-    records, cursor, reset = runs.read_metrics(tmp_path, cursor)
+    records, cursor, reset = read_metrics_since(run, cursor)
     assert [r["step"] for r in records] == [2, 3] and not reset
-    assert runs.read_metrics(tmp_path, cursor)[0] == []
+    assert read_metrics_since(run, cursor)[0] == []
     # A resumed run rewrites the file (records past its checkpoint dropped): start over.
     tmp = run.metrics.with_name("m.tmp")
     tmp.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     os.replace(tmp, run.metrics)
-    records, _, reset = runs.read_metrics(tmp_path, cursor)
+    records, _, reset = read_metrics_since(run, cursor)
     assert reset and [r["step"] for r in records] == [1]
 
 

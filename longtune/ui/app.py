@@ -22,7 +22,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from longtune import runs
-from longtune.run_dir import RunDir
+from longtune.run_dir import RunDir, read_metrics_since
 from longtune.ui.forms import FormError, defaults, parse_form, task_types
 from longtune.ui.security import (
     LOGIN_PATH,
@@ -154,7 +154,7 @@ def create_app(settings: Settings) -> FastAPI:
         info = _get(name)
         if cursor is not None and not _is_cursor(cursor):
             raise HTTPException(422, f"cursor {cursor!r} is not of the form INODE:OFFSET")
-        records, new_cursor, reset = runs.read_metrics(info.path, cursor)
+        records, new_cursor, reset = read_metrics_since(RunDir(info.path), cursor)
         return {"records": records, "cursor": new_cursor, "reset": reset, "state": info.state}
 
     @app.post("/api/runs", status_code=201)
