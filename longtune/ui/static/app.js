@@ -32,7 +32,13 @@ async function api(path, body) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
   }
-  const response = await fetch(path, options);
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {
+    // The UI is restarting or gone: say so, and let the caller try again later.
+    return { ok: false, status: 0, data: { detail: `cannot reach the UI server (${e.message})` } };
+  }
   let data = null;
   try {
     data = await response.json();
