@@ -39,6 +39,11 @@ async function api(path, body) {
     // The UI is restarting or gone: say so, and let the caller try again later.
     return { ok: false, status: 0, data: { detail: `cannot reach the UI server (${e.message})` } };
   }
+  if (response.status === 401) {
+    // The UI was restarted (a new token): the old cookie no longer opens it.
+    const banner = $("#auth-lost");
+    if (banner) banner.hidden = false;
+  }
   let data = null;
   try {
     data = await response.json();
