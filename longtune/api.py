@@ -16,6 +16,7 @@ from typing import Any
 
 from longtune.run_dir import RunDir, read_metrics
 from longtune.train.config import config_from_values
+from longtune.train.signals import RunCancelled
 
 
 @dataclass
@@ -96,11 +97,16 @@ def finetune(
 
     try:
         return trainer.run_training(cfg)
-    except trainer.TrainingDivergedError as e:
-        # The run started and stopped on a NaN: report it like a finished run, with its metrics.
+    except (trainer.TrainingDivergedError, RunCancelled) as e:
+        # The run started and stopped on a NaN or a signal: report it like a finished run.
+        run = RunDir(cfg.output.dir)
+        status = "cancelled" if isinstance(e, RunCancelled) else "failed"
+        metrics = read_metrics(run)
+        steps = [m["step"] for m in metrics if m.get("kind") == "train"]
         return RunResult(
-            status="failed",
-            run_dir=Path(cfg.output.dir),
-            metrics=read_metrics(RunDir(cfg.output.dir)),
+            status=status,
+            run_dir=run.path,
+            final_step=max(steps, default=0),
+            metrics=metrics,
             error=str(e),
         )

@@ -15,7 +15,10 @@ import types
 import typing
 from collections.abc import Callable
 
+from longtune.run_dir import RunLockedError
 from longtune.train.config import FLAG_ALIASES, field_docs, load_config
+from longtune.train.keeper import RunKeeper
+from longtune.train.signals import RunCancelled, StopSignals
 
 
 def convert(hf_dir: str, native_dir: str) -> int:
@@ -207,8 +210,10 @@ All settings (--section.key=value):
 def train(argv: list[str]) -> int:
     """``longtune train``: parse, validate, run. Returns the exit code.
 
-    Exit codes: 0 done; 1 another rank died or stopped answering; 2 bad settings or data (one
-    line on stderr, nothing started); 3 stopped on a NaN/Inf loss.
+    Exit codes: 0 done; 1 another rank died or stopped answering, or anything unexpected; 2 bad
+    settings or data, or the output folder is in use by another run (one line on stderr,
+    nothing started); 3 stopped on a NaN/Inf loss; 130 / 143 stopped by SIGINT / SIGTERM (in
+    the loop: after the current step and a checkpoint).
 
     Args:
         argv: the arguments after ``train``.
@@ -218,23 +223,43 @@ def train(argv: list[str]) -> int:
         fields = "\n".join(f"  {k}: {doc}" for k, doc in field_docs().items())
         print(TRAIN_HELP.format(aliases=aliases, fields=fields))
         return 0
+    # Installed first, so a Ctrl-C while torch is being imported ends without a traceback too.
+    try:
+        with StopSignals() as stop:
+            try:
+                return _train(argv, stop)
+            except Exception:
+                if stop.requested:  # e.g. an import interrupted half-way
+                    raise stop.cancelled() from None
+                raise
+    except RunCancelled as e:
+        if not e.logged:
+            print(f"longtune train: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _train(argv: list[str], stop: StopSignals) -> int:
     path = argv[0] if argv and not argv[0].startswith("-") else None
     overrides = argv[1:] if path else argv
     try:
         cfg = load_config(path, overrides)
+        keeper = RunKeeper.of(cfg.output.dir)
+        keeper.claim_existing()  # a folder another run writes into: refused before torch loads
         # torch and the trainer are imported only once the config is known to be good.
         from longtune.parallel.dims import PeerLostError
         from longtune.train.trainer import TrainingDivergedError, run_training
 
         try:
-            result = run_training(cfg)
+            result = run_training(cfg, stop=stop, keeper=keeper)
         except TrainingDivergedError as e:
             print(f"longtune train: stopped: {e}", file=sys.stderr)
             return 3
         except PeerLostError as e:
             print(f"longtune train: stopped: {e}", file=sys.stderr)
             return 1
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        finally:
+            keeper.release()
+    except (ValueError, FileNotFoundError, NotImplementedError, RunLockedError) as e:
         # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
         print(f"longtune train: error: {e}", file=sys.stderr)
         return 2
@@ -335,8 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("_")}
     try:
         code = args._fn(**kwargs)
-    except (ValueError, FileNotFoundError) as e:
-        # User-facing errors (bad input, bad setting): the message, not a traceback.
+    except (ValueError, FileNotFoundError, RunLockedError) as e:
+        # User-facing errors (bad input, bad setting, a busy run folder): one line, no traceback.
         print(f"longtune {args.command}: error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)

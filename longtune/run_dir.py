@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,7 +169,7 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
     """Write ``record`` to a temporary sibling, then rename it over ``path`` (atomic)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
 

@@ -23,7 +23,7 @@ from test_model import read_all
 
 import longtune.train.trainer as T
 from longtune.api import finetune
-from longtune.run_dir import RunDir
+from longtune.run_dir import RunDir, read_status
 from longtune.run_dir import read_metrics as _read_metrics
 
 pytestmark = pytest.mark.slow
@@ -283,6 +283,8 @@ def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path, monkeyp
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-1", "step-2"]
     assert max(train_losses(out)) == 2
+    status = read_status(RunDir(out))
+    assert status["state"] == "failed" and status["reason"] == "nan" and "step 3" in status["error"]
 
     # Through the Python API the same stop is a failed run object, not an exception.
     real = T.run_training

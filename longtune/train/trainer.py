@@ -20,14 +20,16 @@ large allocation):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 from longtune.api import RunResult
 from longtune.data import (
     IGNORE_INDEX,
+    DataValidationError,
     PackedDataset,
     PackedLoader,
     build_packed_dataset,
@@ -66,18 +69,23 @@ from longtune.train.checkpoint import (
     checkpoint_info,
     find_latest_checkpoint,
     load_checkpoint,
+    read_extra,
     save_checkpoint,
 )
 from longtune.train.config import (
     ConfigError,
     Duration,
     JobConfig,
+    check_resume_config,
     config_to_dict,
+    load_config,
     resolve_grad_accum,
     save_config,
 )
+from longtune.train.keeper import RunKeeper
 from longtune.train.metrics import MetricsWriter, ProgressLine, setup_logging
 from longtune.train.schedule import build_lr_scheduler
+from longtune.train.signals import RunCancelled, StopSignals, signal_name
 
 logger = logging.getLogger("longtune.train")
 
@@ -122,12 +130,13 @@ def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
         n_heads=args.n_heads,
         n_kv_heads=args.n_kv_heads,
     )
-    _check_resume(cfg)
+    _check_resume(cfg, dims)
     return dims
 
 
-def _check_resume(cfg: JobConfig) -> None:
-    """Refuse a start that would mix a new run with the checkpoints of an older one."""
+def _check_resume(cfg: JobConfig, dims: ParallelDims) -> None:
+    """Refuse a start that would mix a new run with the checkpoints of an older one, or resume
+    a run with settings it was not trained with."""
     run = RunDir(cfg.output.dir)
     latest = find_latest_checkpoint(run.path) if run.checkpoints.is_dir() else None
     resume = cfg.checkpoint.resume
@@ -137,14 +146,37 @@ def _check_resume(cfg: JobConfig) -> None:
             f"(newest: {latest.name}); use another output.dir, delete {run.checkpoints}, "
             "or continue it with checkpoint.resume=auto"
         )
+    ckpt = latest if resume == "auto" else None
     if resume not in ("auto", "never"):
-        start = checkpoint_info(resume)["step"]  # raises on an incomplete checkpoint
+        ckpt = Path(resume)
+        start = checkpoint_info(ckpt)["step"]  # raises on an incomplete checkpoint
         if latest is not None and checkpoint_info(latest)["step"] > start:
             raise ConfigError(
                 f"checkpoint.resume={resume} is at step {start}, but output.dir={run.path} "
                 f"holds a newer checkpoint ({latest.name}) that the new run would mix with; "
                 "resume into another output.dir or move the newer checkpoints away"
             )
+    if ckpt is not None:
+        _check_same_settings(cfg, ckpt, dims)
+
+
+def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None:
+    """Compare the new settings with those of the run that wrote ``ckpt`` (its config.yaml)."""
+    run = RunDir(ckpt.parent.parent)
+    if not run.config.is_file():
+        logger.warning("%s has no %s: resuming without comparing settings", run.path, run.config)
+        return
+    try:
+        old = load_config(str(run.config), [])
+    except ConfigError as e:
+        raise ConfigError(f"cannot read the settings of the run being resumed: {e}") from None
+    new_batch = cfg.train.micro_batch_size * resolve_grad_accum(cfg, dims.dp) * dims.dp
+    old_batch = read_extra(ckpt).get("batch_sequences")
+    if old_batch is None:  # a checkpoint written before the global batch was recorded
+        old_world, old_sp = checkpoint_info(ckpt)["world_size"], old.parallel.sp
+        old_dp = old.parallel.dp if old.parallel.dp != -1 else old_world // old_sp
+        old_batch = old.train.micro_batch_size * resolve_grad_accum(old, old_dp) * old_dp
+    check_resume_config(old, cfg, old_batch, new_batch, run.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,22 +184,69 @@ def _check_resume(cfg: JobConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
+def run_training(
+    cfg: JobConfig,
+    *,
+    stop: StopSignals | None = None,
+    keeper: RunKeeper | None = None,
+    _fault: Any = None,
+) -> RunResult:
     """Run a fine-tuning job described by ``cfg`` (one process, or one rank under torchrun).
+
+    Global rank 0 locks the run folder and keeps its ``status.json`` (see
+    :mod:`longtune.train.keeper`).
 
     Args:
         cfg: the validated job config.
+        stop: the installed SIGTERM/SIGINT handling (the CLI installs it before importing
+            torch); None installs one for this call, whose second signal raises instead of
+            exiting the process.
+        keeper: the run folder's keeper, if the caller made one (the CLI, to refuse a locked
+            folder before importing torch); None makes one.
         _fault: test hook, called as ``_fault(step, loss_sum)`` and returning the loss sum to
             use (used to inject a NaN).
 
     Returns:
         The run's result (rank 0 has the export check; every rank has the status).
+
+    Raises:
+        RunLockedError: another run writes into ``output.dir`` (nothing was written).
+        RunCancelled: stopped by SIGTERM / SIGINT (in the loop: after a checkpoint).
+        TrainingDivergedError: the loss became NaN/Inf (no checkpoint of that step).
+        ConfigError, DataValidationError, FileNotFoundError: bad settings or data, found
+            before any process group or big allocation.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dims = preflight(cfg, world_size)
+    keeper = keeper or RunKeeper.of(cfg.output.dir)
+    signals = contextlib.nullcontext(stop) if stop is not None else StopSignals(hard_exit=False)
+    with signals as stop:
+        stop.on_hard_exit = lambda signum, message: keeper.end(
+            "cancelled", signal=signal_name(signum), message=message
+        )
+        try:
+            keeper.claim_existing()
+            dims = preflight(cfg, world_size)
+            keeper.claim()
+            result = _train(cfg, dims, stop, keeper, _fault)
+            keeper.end("succeeded")
+            return result
+        except BaseException as exc:
+            if stop.requested and not isinstance(exc, RunCancelled):
+                # A library interrupted half-way, or another rank stopped first and took the
+                # process group down with it.
+                exc = stop.cancelled()
+            _record_end(keeper, exc)
+            raise exc
+        finally:
+            keeper.release()
+
+
+def _train(
+    cfg: JobConfig, dims: ParallelDims, stop: StopSignals, keeper: RunKeeper, fault: Any
+) -> RunResult:
     rank, world, device = init_distributed(cfg.parallel.timeout_s)
     try:
-        trainer = Trainer(cfg, rank, dims, device, fault=_fault)
+        trainer = Trainer(cfg, rank, dims, device, stop=stop, keeper=keeper, fault=fault)
         trainer.build()
         trainer.resume()
         trainer.train()
@@ -186,6 +265,30 @@ def run_training(cfg: JobConfig, *, _fault: Any = None) -> RunResult:
             dist.destroy_process_group()
 
 
+def failure_reason(exc: BaseException) -> str:
+    """The ``reason`` recorded in ``status.json`` for a run that ended with ``exc``."""
+    if isinstance(exc, TrainingDivergedError):
+        return "nan"
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return "oom"
+    if isinstance(exc, DataValidationError):
+        return "data error"
+    if isinstance(exc, ValueError | FileNotFoundError | NotImplementedError):
+        return "config error"
+    return "error"
+
+
+def _record_end(keeper: RunKeeper, exc: BaseException) -> None:
+    if isinstance(exc, RunCancelled):
+        fields = {"signal": signal_name(exc.signum), "message": str(exc)}
+        keeper.end("cancelled", checkpoint=exc.checkpoint, **fields)
+        return
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if failure_reason(exc) == "error":
+        text = f"{type(exc).__name__}: {text}"
+    keeper.end("failed", reason=failure_reason(exc), error=text)
+
+
 class Trainer:
     """One rank's part of a run. Call :meth:`build`, :meth:`resume`, :meth:`train`,
     :meth:`finish` in this order (what :func:`run_training` does).
@@ -195,6 +298,8 @@ class Trainer:
         rank: this process's global rank.
         dims: the parallel layout (from :func:`preflight`).
         device: this rank's device.
+        stop: the installed SIGTERM/SIGINT handling.
+        keeper: the run folder's lock and status (acts on global rank 0 only).
         fault: test hook, see :func:`run_training`.
     """
 
@@ -204,6 +309,9 @@ class Trainer:
         rank: int,
         dims: ParallelDims,
         device: torch.device,
+        *,
+        stop: StopSignals,
+        keeper: RunKeeper,
         fault: Any = None,
     ) -> None:
         self.cfg = cfg
@@ -211,18 +319,22 @@ class Trainer:
         self.run = RunDir(cfg.output.dir)
         self.dims = dims
         self.dp_rank, self.sp_rank = self.dims.coords(rank)
-        self.fault = fault
+        self.stop, self.keeper, self.fault = stop, keeper, fault
         self.step = 0
         self.tokens_seen = 0
         self.elapsed_before = 0.0
         self.t_start = time.monotonic()
+        self.stopping = False
+        """Every rank agreed to stop (a SIGTERM/SIGINT reached one of them)."""
+        self.last_checkpoint: Path | None = None
+        self.evaluated_step = -1
+        self.eval_pending = False
+        """An eval was due at the step a stop checkpointed: it runs first thing on resume."""
 
     # ---- build: data, then model -> parallelize -> optimizer ------------------------------
 
     def build(self) -> None:
-        """Create the run folder and logging, then build data, model and optimizer."""
-        if self.rank == 0:
-            self.run.path.mkdir(parents=True, exist_ok=True)
+        """Logging into the run folder (rank 0 created it), then data, model and optimizer."""
         dist.barrier()
         setup_logging(self.run.path, self.rank)
         torch.manual_seed(self.cfg.train.seed)
@@ -351,7 +463,10 @@ class Trainer:
             self.step, self.tokens_seen = extra["step"], extra["tokens_seen"]
             self.elapsed_before = extra["elapsed_s"]
             self.loader.load_state_dict(extra["loader"])
+            self.eval_pending = extra.get("eval_pending", False)
+            self.last_checkpoint = ckpt
             logger.info("resumed from %s at step %d", ckpt, self.step)
+        self.keeper.progress(self.step, self.total_steps)
         if rank == 0:
             # A fresh start (no checkpoint) drops every earlier record, the step-0 eval included.
             last = self.step if ckpt is not None else -1
@@ -385,30 +500,55 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Optimizer steps until the run's length; eval and checkpoints on their schedule."""
+        """Optimizer steps until the run's length; eval and checkpoints on their schedule.
+
+        A SIGTERM/SIGINT inside the loop is only recorded; every rank learns of it from the
+        reductions of a step (:meth:`train_step`), and all stop after the same step with a
+        checkpoint (:meth:`cancel`).
+        """
         cfg = self.cfg
-        if self.step == 0:
-            self.log_eval(0)
+        if self.step == 0 or self.eval_pending:
+            self.log_eval(self.step)
         self.t_start = time.monotonic()
         self.progress.start(self.step)
-        while self.step < self.total_steps:
-            record = self.train_step()
-            self.metrics.log(self.step, record)
-            self.progress.update(self.step, record["loss"], record["tokens"], lr=record["lr"])
-            every = cfg.train.eval_every
-            if every > 0 and self.step % every == 0 and self.step < self.total_steps:
-                self.log_eval(self.step)
-            every = cfg.checkpoint.every
-            if self.step == self.total_steps or (every > 0 and self.step % every == 0):
-                self.save()
+        with self.stop.deferred():
+            while self.step < self.total_steps:
+                record = self.train_step()
+                if record is None:  # asked to stop before this step began
+                    break
+                self.metrics.log(self.step, record)
+                self.progress.update(self.step, record["loss"], record["tokens"], lr=record["lr"])
+                self.keeper.progress(self.step)
+                if self.stopping:
+                    break
+                every = cfg.train.eval_every
+                if every > 0 and self.step % every == 0 and self.step < self.total_steps:
+                    self.log_eval(self.step)
+                every = cfg.checkpoint.every
+                if self.step == self.total_steps or (every > 0 and self.step % every == 0):
+                    self.save()
+            if not self.stopping:  # a signal during the last checkpoint: agree once more
+                self.stopping = self._all_reduce_sum([self._stop_flag()])[0] > 0
+            if self.stopping:
+                self.cancel()
         self.log_eval(self.step)
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics record."""
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its metrics record.
+
+        The stop flag rides on the step's two reductions: raised at the first (before any
+        work), the step is skipped and None returned; at the second, the step is finished and
+        ``self.stopping`` set. Every rank sees the same sums, so every rank decides the same.
+        """
         t0 = time.monotonic()
+        position = self.loader.state_dict()
         batches = [next(self.loader) for _ in range(self.accum)]
         local_count = sum(b["num_supervised"] for b in batches)
-        (global_count,) = self._all_reduce_sum([local_count / self.dims.sp])
+        global_count, stop = self._all_reduce_sum([local_count / self.dims.sp, self._stop_flag()])
+        if stop > 0:
+            self.loader.load_state_dict(position)  # these micro-batches were not used
+            self.stopping = True
+            return None
         # FSDP averages gradients over the world: scale so the result is the global-mean grad.
         scale = self.world / max(global_count, 1.0)
         loss_sum = 0.0
@@ -418,7 +558,8 @@ class Trainer:
                 part = self.fault(self.step + 1, part)
             (part * scale).backward()
             loss_sum += float(part.detach())
-        (loss_sum,) = self._all_reduce_sum([loss_sum])
+        loss_sum, stop = self._all_reduce_sum([loss_sum, self._stop_flag()])
+        self.stopping = stop > 0
         loss = loss_sum / max(global_count, 1.0)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -500,6 +641,7 @@ class Trainer:
     def log_eval(self, at: int) -> None:
         """Evaluate and record the result at step ``at``."""
         result = self.evaluate()
+        self.evaluated_step = at
         if result is not None:
             self.metrics.log(at, {"kind": "eval", **result})
             logger.info(
@@ -508,7 +650,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write the checkpoint of the current step (collective); returns its folder."""
-        return save_checkpoint(
+        self.last_checkpoint = save_checkpoint(
             self.run.path,
             self.step,
             model=self.model,
@@ -519,9 +661,38 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "elapsed_s": self._elapsed(),
                 "loader": self.loader.state_dict(),
+                # Sequences per optimizer step: a resume may change the layout, not this.
+                "batch_sequences": self.mbs * self.accum * self.dims.dp,
+                "eval_pending": self.eval_pending,
             },
             keep_last=self.cfg.checkpoint.keep_last,
         )
+        return self.last_checkpoint
+
+    def cancel(self) -> NoReturn:
+        """Stop on every rank after the agreed step: checkpoint it (unless it just was), say
+        so in one line, raise :class:`RunCancelled`."""
+        saved = (
+            self.last_checkpoint is not None and self.last_checkpoint.name == f"step-{self.step}"
+        )
+        every = self.cfg.train.eval_every
+        due = every > 0 and self.step % every == 0 and self.step < self.total_steps
+        self.eval_pending = due and self.evaluated_step != self.step
+        if self.step > 0 and not saved:
+            self.save()
+        signum = self.stop.signum or signal.SIGTERM
+        where = f"after step {self.step} of {self.total_steps}"
+        if self.last_checkpoint is not None:
+            message = (
+                f"cancelled by {signal_name(signum)} {where}; checkpoint {self.last_checkpoint}; "
+                "rerun the same command to resume"
+            )
+        else:
+            message = f"cancelled by {signal_name(signum)} before the first step; nothing to keep"
+        logger.warning(message)
+        exc = RunCancelled(signum, message, str(self.last_checkpoint or "") or None)
+        exc.logged = True
+        raise exc
 
     # ---- the end --------------------------------------------------------------------------
 
@@ -537,7 +708,7 @@ class Trainer:
         )
         dist.barrier()
         dist.destroy_process_group()
-        result = RunResult(status="completed", run_dir=self.run.path, final_step=self.step)
+        result = RunResult(status="succeeded", run_dir=self.run.path, final_step=self.step)
         if self.rank == 0:
             source = read_run_source(self.run)
             check = export_and_check(
@@ -555,6 +726,9 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def _stop_flag(self) -> float:
+        return 1.0 if self.stop.requested else 0.0
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t_start
