@@ -76,6 +76,8 @@ class RunInfo:
     """From the start to the end (or to now, while it runs)."""
     error: str | None = None
     """The one-line reason of a failed run."""
+    message: str | None = None
+    """What the trainer said at the end (e.g. where a cancelled run checkpointed)."""
     pid: int | None = None
     pgid: int | None = None
     host: str | None = None
@@ -340,10 +342,11 @@ def _fill_state(
         info.started_at = status.get("started_at") or launched_at
         reason = status.get("reason")
         info.status = f"failed ({reason})" if info.state == "failed" and reason else info.state
+        info.message = status.get("message")
         if info.state == "failed":
             info.error = status.get("error") or _last_line(run)
         if info.state != "running" and reason != "process gone":
-            ended_at = status.get("updated_at", ended_at)
+            ended_at = status.get("ended_at") or status.get("updated_at", ended_at)
     elif launch is not None:
         info.pid, info.pgid, info.host = launch.get("pid"), launch.get("pgid"), launch.get("host")
         info.started_at = launched_at
@@ -477,6 +480,7 @@ def format_details(info: RunInfo) -> str:
         ("folder", str(info.path)),
         ("status", info.status),
         ("error", info.error),
+        ("message", info.message if info.message != info.error else None),
         ("model", info.model),
         ("data", ", ".join(info.data) or None),
         ("step", format_progress(info)),

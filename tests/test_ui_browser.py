@@ -137,6 +137,7 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             page.click("#cancel")
             expect(page.locator("#status")).to_have_text("cancelled", timeout=60_000)
             expect(page.locator("#cancel")).to_be_hidden()
+            expect(page.locator("#message")).to_contain_text("checkpoint")  # where to resume from
 
             # Compare: both loss curves on one chart.
             page.goto(f"{ui.base}/compare?run=first&run=second")

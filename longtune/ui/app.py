@@ -12,6 +12,7 @@ module, the config and the data checker, never the trainer.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,10 +55,20 @@ def run_json(info: runs.RunInfo) -> dict[str, Any]:
         "train_loss": runs.format_loss(info.train_loss),
         "eval_loss": runs.format_loss(info.eval_loss),
         "started": runs.format_time(info.started_at),
+        "started_short": _short_time(info.started_at),
         "duration": "-" if info.duration_s is None else runs.format_duration(info.duration_s),
         "check": "-" if check is None else ("passed" if check.get("passed") else "failed"),
     }
     return out
+
+
+def _short_time(timestamp: float | None) -> str:
+    """``08:26:02`` today, ``11-27 08:26`` before."""
+    if timestamp is None:
+        return "-"
+    then = time.localtime(timestamp)
+    same_day = time.strftime("%Y%m%d", then) == time.strftime("%Y%m%d")
+    return time.strftime("%H:%M:%S" if same_day else "%m-%d %H:%M", then)
 
 
 def create_app(settings: Settings) -> FastAPI:

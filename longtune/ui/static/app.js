@@ -275,10 +275,13 @@ function runPage() {
     $("#progress-bar").value = run.progress || 0;
     $("#train-loss").textContent = run.display.train_loss;
     $("#eval-loss").textContent = run.display.eval_loss;
-    $("#started").textContent = run.display.started;
+    $("#started").textContent = run.display.started_short;
+    $("#started").title = run.display.started;
     $("#duration").textContent = run.display.duration;
     $("#error").textContent = run.error || "";
     $("#error").hidden = !run.error;
+    $("#message").textContent = run.message || "";
+    $("#message").hidden = Boolean(run.error) || !run.message;
     $("#cancel").hidden = !["running", "starting"].includes(run.state);
     const log = $("#log");
     const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
