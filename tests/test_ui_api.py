@@ -10,25 +10,29 @@ import signal
 from urllib.parse import quote
 
 import pytest
-from helpers import make_hf_checkpoint
+import yaml
 from ui_server import DEMO_DATA, UIServer, kill_runs, runs_list_cli, tiny_run_form, wait_for
 
 from longtune.data import check_data
+from longtune.run_dir import RunDir, write_status
 from longtune.train.config import ConfigError, config_from_values
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, ui_assets):
     base = tmp_path_factory.mktemp("ui_api")
     models = base / "models"
-    model = make_hf_checkpoint(models / "tiny")
+    models.mkdir()
+    model = ui_assets["model"]
     outside = base / "outside"
     outside.mkdir()
     (outside / "secret.jsonl").write_text("{}\n")
     (models / "sneaky").symlink_to(outside)  # inside the allowed folder, pointing out of it
-    cache = base / "cache"
-    server = UIServer(base / "runs", allow=[models], env={"LONGTUNE_CACHE": str(cache)})
-    yield {"server": server, "model": model, "models": models, "outside": outside, "base": base}
+    cache = ui_assets["cache"]
+    server = UIServer(
+        base / "runs", allow=[models, ui_assets["models"]], env={"LONGTUNE_CACHE": str(cache)}
+    )
+    yield {"server": server, "model": model, "models": models, "outside": outside, "cache": cache}
     server.stop()
     kill_runs(server.runs_dir)
 
@@ -152,7 +156,7 @@ def test_preview_reports_statistics_and_loss_masks(env):
         str(model),
         context_length=128,
         overlength="split",
-        cache_dir=str(env["base"] / "cache" / "tokens"),
+        cache_dir=str(env["cache"] / "tokens"),
         preview=3,
     )
     assert body["files"] == [json.loads(json.dumps(vars(f))) for f in ref.stats.files]
@@ -219,3 +223,17 @@ def test_listens_on_loopback_unless_told_and_then_warns(env, tmp_path):
         assert wide.request("GET", "/api/runs")[0] == 200
     finally:
         wide.stop()
+
+
+def test_untrusted_text_is_escaped_in_pages(env):
+    ui = env["server"]
+    run = RunDir(ui.runs_dir / "xss")
+    run.path.mkdir(parents=True)
+    config = {"model": {"path": "<script>alert(1)</script>"}, "data": {"train": ["<img src=x>"]}}
+    run.config.write_text(yaml.safe_dump(config))
+    write_status(run, "failed", reason="error", error="<b>boom</b>")
+    status, _, html = ui.request("GET", "/runs/xss")
+    assert status == 200 and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script>alert" not in html and "<b>boom" not in html
+    status, _, html = ui.request("GET", "/")
+    assert status == 200 and "<script>alert" not in html and "<img src=x>" not in html

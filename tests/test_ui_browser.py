@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_hf_checkpoint
 from ui_server import ROOT, UIServer, kill_runs, runs_list_cli
 
 CHROMIUM = "/usr/bin/chromium"
@@ -66,13 +65,13 @@ def fill_new_run(page, name: str, model: Path, duration: str) -> None:
     page.fill("textarea[name=extra]", EXTRA)
 
 
-def test_ui_end_to_end_in_chromium(tmp_path):
+def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
     from playwright.sync_api import expect, sync_playwright
 
-    model = make_hf_checkpoint(tmp_path / "models" / "tiny")
+    model = ui_assets["model"]
     runs_dir = tmp_path / "runs"
-    env = {"LONGTUNE_CACHE": str(tmp_path / "cache")}
-    ui = UIServer(runs_dir, allow=[tmp_path / "models"], env=env)
+    env = {"LONGTUNE_CACHE": str(ui_assets["cache"])}
+    ui = UIServer(runs_dir, allow=[ui_assets["models"]], env=env)
     js_errors: list[str] = []
     try:
         with sync_playwright() as pw:
@@ -127,7 +126,7 @@ def test_ui_end_to_end_in_chromium(tmp_path):
             before_restart = wait_points(page, growing + 2, 60)  # the loss chart gains points
             port = ui.port
             ui.stop()
-            ui = UIServer(runs_dir, allow=[tmp_path / "models"], port=port, env=env)
+            ui = UIServer(runs_dir, allow=[ui_assets["models"]], port=port, env=env)
             page.goto(ui.login_url)
             page.goto(f"{ui.base}/runs/second")
             expect(page.locator("#status")).to_have_text("running")
