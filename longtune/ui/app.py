@@ -81,8 +81,20 @@ def create_app(settings: Settings) -> FastAPI:
         The FastAPI app (serve it with uvicorn).
     """
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    _add_guard(app, settings)
+    _add_pages(app, settings)
+    _add_api(app, settings)
+
+    @app.exception_handler(FormError)
+    async def form_error(request: Request, exc: FormError) -> Response:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    return app
+
+
+def _add_guard(app: FastAPI, settings: Settings) -> None:
+    """The security guard in front of every route (static files included)."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
@@ -101,6 +113,11 @@ def create_app(settings: Settings) -> FastAPI:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
+
+
+def _add_pages(app: FastAPI, settings: Settings) -> None:
+    """The login link and the server-rendered pages."""
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     def page(request: Request, template: str, **context: Any) -> Response:
         return templates.TemplateResponse(request, template, {"page": template, **context})
@@ -135,7 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/runs/{name}")
     def run_page(request: Request, name: str) -> Response:
-        info = _get(name)
+        info = _get_run(settings, name)
         return page(request, "run.html", run=run_json(info))
 
     @app.get("/compare")
@@ -146,13 +163,17 @@ def create_app(settings: Settings) -> FastAPI:
         chosen = [n for n in (run or []) if n in found]
         return page(request, "compare.html", names=found, chosen=chosen)
 
+
+def _add_api(app: FastAPI, settings: Settings) -> None:
+    """The JSON API the pages use (and scripts may, with the bearer token)."""
+
     @app.get("/api/runs")
     def api_runs() -> dict[str, Any]:
         return {"runs": [run_json(r) for r in runs.list(settings.runs_dir)]}
 
     @app.get("/api/runs/{name}")
     def api_run(name: str) -> dict[str, Any]:
-        info = _get(name)
+        info = _get_run(settings, name)
         out = run_json(info)
         config = RunDir(info.path).config
         out["config_text"] = config.read_text() if config.is_file() else ""
@@ -162,7 +183,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/api/runs/{name}/metrics")
     def api_metrics(name: str, cursor: str | None = None) -> dict[str, Any]:
-        info = _get(name)
+        info = _get_run(settings, name)
         if cursor is not None and not _is_cursor(cursor):
             raise HTTPException(422, f"cursor {cursor!r} is not of the form INODE:OFFSET")
         records, new_cursor, reset = read_metrics_since(RunDir(info.path), cursor)
@@ -179,7 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/api/runs/{name}/cancel")
     def api_cancel(name: str) -> dict[str, Any]:
-        _get(name)
+        _get_run(settings, name)
         try:
             return run_json(runs.cancel(name, settings.runs_dir))
         except ValueError as e:
@@ -192,17 +213,12 @@ def create_app(settings: Settings) -> FastAPI:
         new = parse_form(form, settings.runs_dir, settings.allow_dirs)
         return await run_in_threadpool(_preview, new.cfg)  # seconds of work: off the event loop
 
-    @app.exception_handler(FormError)
-    async def form_error(request: Request, exc: FormError) -> Response:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    def _get(name: str) -> runs.RunInfo:
-        try:
-            return runs.get(name, settings.runs_dir)
-        except (FileNotFoundError, ValueError) as e:
-            raise HTTPException(404, str(e)) from None
-
-    return app
+def _get_run(settings: Settings, name: str) -> runs.RunInfo:
+    try:
+        return runs.get(name, settings.runs_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise HTTPException(404, str(e)) from None
 
 
 async def _form(request: Request) -> dict[str, Any]:
