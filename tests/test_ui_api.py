@@ -190,7 +190,7 @@ def test_launch_failing_in_preflight_shows_its_one_line_error(env):
         lambda: (r := ui.run("bad"))["state"] == "failed" and r, 90, "the launch to fail"
     )
     assert f"{bad}:2: last-not-assistant" in info["error"] and "\n" not in info["error"]
-    assert runs_list_cli(ui.runs_dir)["bad"]["status"].startswith("failed")
+    assert runs_list_cli(ui.runs_dir)["bad"]["status"] == "failed (data error)"
 
 
 def test_kill9_of_a_run_shows_failed_process_gone(env):
