@@ -4,7 +4,7 @@ Public API:
     load_model(path, dtype=None, device="cpu") -> native Transformer
     save_model(model, out_dir, source=hf_dir)  -> writes a Hugging Face checkpoint folder
     finetune(model=..., train_data=..., ...)   -> RunResult (status, metrics, export path)
-    runs.list(runs_dir) / runs.get(name) / runs.cancel(name) -> the runs of a runs folder
+    runs.list(runs_dir) / .get(name) / .cancel(name) / .resume(name) -> the runs of a runs folder
 """
 
 __version__ = "0.1.0"

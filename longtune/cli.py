@@ -159,10 +159,26 @@ def runs_cancel(name: str, runs_dir: str = "runs") -> int:
     return 0
 
 
+def runs_resume(name: str, runs_dir: str = "runs", nproc: int | None = None) -> int:
+    """Start a cancelled or failed run again in its folder, from its newest checkpoint.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the folder holding the run folders.
+        nproc: processes (default: as it was launched, else 1).
+    """
+    from longtune import runs
+
+    info = runs.resume(name, runs_dir, nproc=nproc)
+    print(f"restarted run {info.name} (pid {info.pid}); its output goes to {info.path}/launch.log")
+    return 0
+
+
 RUNS_COMMANDS: dict[str, Callable[..., int]] = {
     "list": runs_list,
     "show": runs_show,
     "cancel": runs_cancel,
+    "resume": runs_resume,
 }
 
 
@@ -188,8 +204,8 @@ def ui(
 
 
 def _add_runs_commands(sub: argparse._SubParsersAction) -> None:
-    """``longtune runs list|show|cancel``: a command with subcommands."""
-    p = sub.add_parser("runs", help="List, show or cancel the runs of a runs folder.")
+    """``longtune runs list|show|cancel|resume``: a command with subcommands."""
+    p = sub.add_parser("runs", help="List, show, cancel or resume the runs of a runs folder.")
     runs_sub = p.add_subparsers(dest="_runs_command", required=True, metavar="ACTION")
     for name, fn in RUNS_COMMANDS.items():
         _add_command(runs_sub, name, fn)

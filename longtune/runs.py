@@ -1,7 +1,7 @@
 """The runs of a runs folder: list, inspect, launch and cancel them.
 
-``longtune runs list|show|cancel``, ``longtune.runs.list() / get(name) / cancel(name)`` and the
-web UI all use this module, and it reads runs only from their folders through
+``longtune runs list|show|cancel|resume``, ``longtune.runs.list() / get(name) / cancel(name) /
+resume(name)`` and the web UI all use this module, and it reads runs only from their folders through
 :mod:`longtune.run_dir` (``status.json``, ``config.yaml``, ``metrics.jsonl``, the launch record):
 nothing is kept in memory, so runs started from the CLI, the Python API or the UI appear in all
 three, and a restarted UI finds its runs again.
@@ -235,7 +235,45 @@ def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
             "folder it did not create for this run)"
         ) from None
     save_config(cfg, run.config)
-    argv = [sys.executable, "-m", "longtune", "train", str(run.config)]
+    return _start(run, nproc)
+
+
+def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None = None) -> RunInfo:
+    """Start a stopped run (cancelled, failed) again in its folder, as :func:`launch` does.
+
+    The trainer continues from the run's newest complete checkpoint (``checkpoint.resume=auto``
+    over the run's own ``config.yaml``), or starts it over when there is none.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the runs folder.
+        nproc: processes; default: as the run was launched (1 for a run started elsewhere).
+
+    Returns:
+        The run, ``starting``.
+
+    Raises:
+        ValueError: the run is running or finished.
+        FileNotFoundError: no such run, or it has no ``config.yaml``.
+    """
+    info = get(name, runs_dir)
+    if info.state not in ("cancelled", "failed"):
+        raise ValueError(
+            f"run {name!r} is {info.status}; only a cancelled or failed run can be resumed"
+        )
+    run = RunDir(info.path)
+    if not run.config.is_file():
+        raise FileNotFoundError(f"run {name!r} has no {run.config.name}; it cannot be restarted")
+    if nproc is None:
+        nproc = int((read_launch(run) or {}).get("nproc", 1))
+    return _start(run, nproc, ["--checkpoint.resume=auto"])
+
+
+def _start(run: RunDir, nproc: int, extra: builtins.list[str] | None = None) -> RunInfo:
+    """Start ``longtune train RUN/config.yaml`` for ``run`` in a new session; record it."""
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} must be >= 1")
+    argv = [sys.executable, "-m", "longtune", "train", str(run.config), *(extra or [])]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         argv = [*launcher, "--nproc-per-node", str(nproc), *argv[1:]]
@@ -334,6 +372,8 @@ def _fill_state(
     """State, process and times from the status record, else from the launch record."""
     launched_at = launch.get("launched_at") if launch else None
     ended_at = launch.get("ended_at") if launch else None
+    if status is not None and launched_at and launched_at > status.get("updated_at", 0):
+        status = None  # from an earlier attempt (before a resume): the new process has not written
     if status is not None:
         info.state = status.get("state", "unknown")
         info.step = status.get("step")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from urllib.parse import quote
 
@@ -193,11 +194,12 @@ def test_launch_failing_in_preflight_shows_its_one_line_error(env):
     assert runs_list_cli(ui.runs_dir)["bad"]["status"] == "failed (data error)"
 
 
-def test_kill9_of_a_run_shows_failed_process_gone(env):
+def test_kill9_of_a_run_shows_failed_process_gone_then_it_resumes(env):
     ui, model = env["server"], env["model"]
     form = tiny_run_form("killed", model, "5000st")
+    form["extra"] += " --checkpoint.every=2"
     assert ui.request("POST", "/api/runs", body=form)[0] == 201
-    wait_for(lambda: (ui.run("killed")["step"] or 0) >= 1, 120, "the run's first step")
+    wait_for(lambda: (ui.run("killed")["step"] or 0) >= 3, 120, "the run's third step")
     pgid = ui.run("killed")["pgid"]
     os.killpg(pgid, signal.SIGKILL)
     status = wait_for(
@@ -208,6 +210,20 @@ def test_kill9_of_a_run_shows_failed_process_gone(env):
     assert status == "failed (process gone)"
     page = ui.request("GET", f"/runs/{quote('killed')}")
     assert page[0] == 200 and "failed (process gone)" in page[2]
+
+    # Resume: the same folder, from its newest complete checkpoint.
+    status, _, run = ui.request("POST", "/api/runs/killed/resume", body={})
+    assert status == 200 and run["status"] == "starting", run
+    log = ui.runs_dir / "killed" / "train.log"
+    pattern = re.compile(r"resumed from (\S+)/checkpoints/step-(\d+) at step (\d+)")
+    resumed = wait_for(lambda: pattern.search(log.read_text()), 120, "the run to resume")
+    assert resumed.group(1) == str(ui.runs_dir / "killed")
+    assert int(resumed.group(2)) == int(resumed.group(3)) >= 2  # its newest complete checkpoint
+    status, _, body = ui.request("POST", "/api/runs/killed/resume", body={})
+    assert status == 409 and "only a cancelled or failed run can be resumed" in body["detail"]
+    wait_for(lambda: ui.run("killed")["state"] == "running", 60, "the resumed run to run")
+    assert ui.request("POST", "/api/runs/killed/cancel", body={})[0] == 200
+    wait_for(lambda: ui.run("killed")["status"] == "cancelled", 60, "the cancel")
 
 
 def test_listens_on_loopback_unless_told_and_then_warns(env, tmp_path):

@@ -3,7 +3,7 @@
 Pages: ``/`` (runs), ``/new`` (new run), ``/runs/NAME`` (one run), ``/compare?run=A&run=B``.
 API: ``GET /api/runs``, ``GET /api/runs/NAME``, ``GET /api/runs/NAME/metrics?cursor=C`` (the
 records added since the cursor; the run page polls it), ``POST /api/runs`` (launch),
-``POST /api/runs/NAME/cancel``, ``POST /api/preview`` (``longtune validate`` on the form's data).
+``POST /api/runs/NAME/cancel``, ``POST /api/runs/NAME/resume``, ``POST /api/preview`` (``longtune validate`` on the form's data).
 
 Everything a page shows is read from the run folders on each request (:mod:`longtune.runs`),
 so a restarted UI shows what the last one did. This module imports the runs API, the run-folder
@@ -204,6 +204,14 @@ def _add_api(app: FastAPI, settings: Settings) -> None:
         try:
             return run_json(runs.cancel(name, settings.runs_dir))
         except ValueError as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.post("/api/runs/{name}/resume")
+    def api_resume(name: str) -> dict[str, Any]:
+        _get_run(settings, name)
+        try:
+            return run_json(runs.resume(name, settings.runs_dir))
+        except (ValueError, FileNotFoundError) as e:
             raise HTTPException(409, str(e)) from None
 
     @app.post("/api/preview")

@@ -283,6 +283,7 @@ function runPage() {
     $("#message").textContent = run.message || "";
     $("#message").hidden = Boolean(run.error) || !run.message;
     $("#cancel").hidden = !["running", "starting"].includes(run.state);
+    $("#resume").hidden = !["cancelled", "failed"].includes(run.state);
     const log = $("#log");
     const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     log.textContent = run.log_tail || run.launch_output || "(no log yet)";
@@ -317,6 +318,16 @@ function runPage() {
     }
     $("#cancel").disabled = false;
     await pollRun();
+  });
+  $("#resume").addEventListener("click", async () => {
+    $("#resume").disabled = true;
+    const r = await api(`/api/runs/${enc}/resume`, {});
+    if (!r.ok) {
+      $("#error").textContent = r.data.detail;
+      $("#error").hidden = false;
+    }
+    $("#resume").disabled = false;
+    await Promise.all([pollRun(), pollMetrics()]);
   });
   tick();
 }
