@@ -1,4 +1,4 @@
-"""The runs of a runs folder: list, inspect, launch and cancel them.
+"""The runs of a runs folder: list, inspect, launch, cancel and resume them.
 
 ``longtune runs list|show|cancel|resume``, ``longtune.runs.list() / get(name) / cancel(name) /
 resume(name)`` and the web UI all use this module, and it reads runs only from their folders through

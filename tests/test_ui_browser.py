@@ -3,7 +3,8 @@
 Log in through the printed link, preview the demo data and start a run of a tiny model from the
 form, watch its loss chart gain points until it succeeds, start a second run, restart the UI
 while it goes (it still shows as running and its charts continue), cancel it from its page,
-compare the two, and read both statuses back through `longtune runs list`.
+resume it and cancel it again, compare the two runs, and read both statuses back through
+`longtune runs list`.
 
 Set LONGTUNE_UPDATE_DOCS=1 to refresh the screenshot in docs/ (the run page of the first run).
 """
@@ -137,6 +138,14 @@ def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
             expect(page.locator("#status")).to_have_text("cancelled", timeout=60_000)
             expect(page.locator("#cancel")).to_be_hidden()
             expect(page.locator("#message")).to_contain_text("checkpoint")  # where to resume from
+
+            # Resume it from that checkpoint, see it go on, and cancel it again.
+            at_cancel = points(page)
+            page.click("#resume")
+            expect(page.locator("#status")).to_have_text("running", timeout=60_000)
+            wait_points(page, at_cancel + 2, 60)
+            page.click("#cancel")
+            expect(page.locator("#status")).to_have_text("cancelled", timeout=60_000)
 
             # Compare: both loss curves on one chart.
             page.goto(f"{ui.base}/compare?run=first&run=second")
