@@ -142,10 +142,12 @@ def _add_pages(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/new")
     def new_page(request: Request) -> Response:
+        form = defaults()
         return page(
             request,
             "new.html",
-            form=defaults(),
+            form=form,
+            model_ready=(Path(form["model"]) / "config.json").is_file(),
             task_types=task_types(),
             allowed=[str(p) for p in settings.allow_dirs],
         )
