@@ -109,6 +109,114 @@ def demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
     return run_demo(output_dir=output_dir, steps=steps)
 
 
+def runs_list(runs_dir: str = "runs", json: bool = False) -> int:
+    """List the runs of a runs folder: status, progress, latest losses, start, duration.
+
+    Args:
+        runs_dir: the folder holding the run folders.
+        json: print JSON (one object per run) instead of a table.
+    """
+    from longtune import runs
+
+    found = runs.list(runs_dir)
+    if json:
+        import json as json_module
+
+        print(json_module.dumps([r.to_json() for r in found], indent=1))
+    else:
+        print(runs.format_table(found) if found else f"no runs in {runs_dir}")
+    return 0
+
+
+def runs_show(name: str, runs_dir: str = "runs", json: bool = False) -> int:
+    """Show one run: status (and why it failed), progress, losses, processes, export and check.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the folder holding the run folders.
+        json: print JSON instead of text.
+    """
+    from longtune import runs
+
+    info = runs.get(name, runs_dir)
+    if json:
+        import json as json_module
+
+        print(json_module.dumps(info.to_json(), indent=1))
+    else:
+        print(runs.format_details(info))
+    return 0
+
+
+def runs_cancel(name: str, runs_dir: str = "runs") -> int:
+    """Stop a running run: SIGTERM to its process group; it checkpoints and ends `cancelled`.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the folder holding the run folders.
+    """
+    from longtune import runs
+
+    info = runs.cancel(name, runs_dir)
+    print(
+        f"sent SIGTERM to run {info.name}; it finishes its step, writes a checkpoint and ends "
+        f"with status cancelled (now: {info.status})"
+    )
+    return 0
+
+
+def runs_resume(name: str, runs_dir: str = "runs", nproc: int | None = None) -> int:
+    """Start a cancelled or failed run again in its folder, from its newest checkpoint.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the folder holding the run folders.
+        nproc: processes (default: as it was launched, else 1).
+    """
+    from longtune import runs
+
+    info = runs.resume(name, runs_dir, nproc=nproc)
+    print(f"restarted run {info.name} (pid {info.pid}); its output goes to {info.path}/launch.log")
+    return 0
+
+
+RUNS_COMMANDS: dict[str, Callable[..., int]] = {
+    "list": runs_list,
+    "show": runs_show,
+    "cancel": runs_cancel,
+    "resume": runs_resume,
+}
+
+
+def ui(
+    host: str = "127.0.0.1",
+    port: int = 8600,
+    runs_dir: str = "runs",
+    allow_dir: list[str] | None = None,
+) -> int:
+    """Serve the web UI: start, watch, compare and cancel runs from a browser.
+
+    Args:
+        host: address to listen on; anything but a loopback address is reachable from other
+            machines (a warning is printed).
+        port: TCP port (0: any free port).
+        runs_dir: the folder holding the run folders.
+        allow_dir: folders the UI may read models and data from; default: the current
+            folder. The runs folder and the demo's data and model are always allowed.
+    """
+    from longtune.ui.server import serve
+
+    return serve(host=host, port=port, runs_dir=runs_dir, allow_dirs=allow_dir)
+
+
+def _add_runs_commands(sub: argparse._SubParsersAction) -> None:
+    """``longtune runs list|show|cancel|resume``: a command with subcommands."""
+    p = sub.add_parser("runs", help="List, show, cancel or resume the runs of a runs folder.")
+    runs_sub = p.add_subparsers(dest="_runs_command", required=True, metavar="ACTION")
+    for name, fn in RUNS_COMMANDS.items():
+        _add_command(runs_sub, name, fn)
+
+
 TRAIN_HELP = """usage: longtune train [CONFIG.yaml] [--section.key=value ...] [--flag value ...]
 
 Fine-tune a Llama-family model. Settings come from defaults, then CONFIG.yaml, then flags
@@ -192,6 +300,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "export": export,
     "validate": validate,
     "demo": demo,
+    "ui": ui,
 }
 
 
@@ -219,10 +328,10 @@ def _add_command(sub: argparse._SubParsersAction, name: str, fn: Callable) -> No
     for pname, param in inspect.signature(fn).parameters.items():
         hint = hints.get(pname, str)
         help_text = docs.get(pname, "")
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         is_list = typing.get_origin(hint) is list
         base = typing.get_args(hint)[0] if is_list else hint
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            base = next(a for a in typing.get_args(hint) if a is not type(None))
         required = param.default is inspect.Parameter.empty
         if required and param.kind is inspect.Parameter.KEYWORD_ONLY:
             p.add_argument(
@@ -232,6 +341,16 @@ def _add_command(sub: argparse._SubParsersAction, name: str, fn: Callable) -> No
             p.add_argument(pname, type=base, nargs="+" if is_list else None, help=help_text)
         elif hint is bool:
             p.add_argument("--" + pname.replace("_", "-"), action="store_true", help=help_text)
+        elif is_list:
+            p.add_argument(
+                "--" + pname.replace("_", "-"),
+                dest=pname,
+                type=base,
+                action="extend",
+                nargs="+",
+                default=param.default,
+                help=help_text,
+            )
         else:
             p.add_argument(
                 "--" + pname.replace("_", "-"),
@@ -251,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, fn in COMMANDS.items():
         _add_command(sub, name, fn)
+    _add_runs_commands(sub)
     sub.add_parser(
         "train",
         help="Fine-tune a model (YAML config + --section.key=value overrides; see `longtune train --help`).",
@@ -264,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "train":
         sys.exit(train(argv[1:]))
     args = build_parser().parse_args(argv)
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn")}
+    kwargs = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("_")}
     try:
         code = args._fn(**kwargs)
     except (ValueError, FileNotFoundError, RunLockedError) as e:

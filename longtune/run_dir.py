@@ -12,13 +12,17 @@ runs through this module and nothing else. Layout of ``RUN/``::
     source/              the source model's config, tokenizer files and tensor layout
     hf/                  the exported Hugging Face folder
     export_check.json    the export's self-check
+    launch.json          written only for a run launched by ``longtune.runs.launch`` (the web UI):
+                         the launched process (pid, pgid, host, start time, argv, exit code)
+    launch.log           that process's stdout and stderr
 
 ``status.json`` holds ``state`` (one of :data:`STATES`) and, while running, ``pid``, ``pgid``,
 ``host`` and ``proc_start`` (the process's start time, so a reused pid is not mistaken for the
 run), ``started_at``, ``updated_at``, ``step`` and ``total_steps``; ``failed`` runs add
 ``reason`` (one of :data:`FAIL_REASONS`) and ``error`` (the message); ``exit_code`` once ended.
 A ``running`` status whose process is gone (on this host) reads as ``failed`` with reason
-``process gone``: a killed run never shows as running.
+``process gone``: a killed run never shows as running. A process that has exited but not yet
+been reaped by its parent (a zombie) counts as gone.
 
 One writer per run folder: the training process (global rank 0) holds an exclusive ``flock`` on
 ``run.lock`` for the whole run (:func:`lock_run`); the OS releases it when the process dies, so
@@ -47,6 +51,8 @@ CHECKPOINTS = "checkpoints"
 SOURCE = "source"
 EXPORT = "hf"
 EXPORT_CHECK = "export_check.json"
+LAUNCH = "launch.json"
+LAUNCH_LOG = "launch.log"
 
 STATES = ("running", "succeeded", "failed", "cancelled")
 FAIL_REASONS = ("nan", "oom", "data error", "config error", "killed", "process gone", "error")
@@ -101,6 +107,14 @@ class RunDir:
     def export_check(self) -> Path:
         return self.path / EXPORT_CHECK
 
+    @property
+    def launch(self) -> Path:
+        return self.path / LAUNCH
+
+    @property
+    def launch_log(self) -> Path:
+        return self.path / LAUNCH_LOG
+
     def is_run(self) -> bool:
         """True when longtune wrote this folder (it has a status or a resolved config)."""
         return self.status_file.is_file() or self.config.is_file()
@@ -110,6 +124,7 @@ def process_start_time(pid: int) -> int | None:
     """The start time of process ``pid`` in clock ticks since boot (Linux), None if it is gone.
 
     With the pid it identifies a process: a pid reused by a later process has another start time.
+    A process that has exited and waits to be reaped (a zombie) is gone.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -117,6 +132,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: split after it.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # field 3: state; exited, not yet reaped
+        return None
     return int(fields[19])  # field 22 overall
 
 
@@ -146,10 +163,15 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
         )
     record.update(fields)
     record["updated_at"] = time.time()
-    tmp = run.status_file.with_name(f"{STATUS}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, run.status_file)
+    _write_json(run.status_file, record)
     return record
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to a temporary sibling, then rename it over ``path`` (atomic)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
 
 
 def read_status(run: RunDir) -> dict[str, Any] | None:
@@ -180,6 +202,61 @@ def _alive(record: dict[str, Any]) -> bool:
     return start is not None and start == record.get("proc_start")
 
 
+def write_launch(run: RunDir, pid: int, **fields: Any) -> dict[str, Any]:
+    """Record the process launched for a run (``launch.json``, atomic).
+
+    Args:
+        run: the run folder (must exist).
+        pid: the launched process (the leader of its own session and process group).
+        **fields: the rest of the record (``argv``, ``nproc``, ...).
+
+    Returns:
+        The record written: ``pid``, ``pgid``, ``host``, ``proc_start``, ``launched_at`` and
+        ``fields``.
+    """
+    record: dict[str, Any] = {
+        "pid": pid,
+        "pgid": os.getpgid(pid),
+        "host": socket.gethostname(),
+        "proc_start": process_start_time(pid),
+        "launched_at": time.time(),
+        **fields,
+    }
+    _write_json(run.launch, record)
+    return record
+
+
+def end_launch(run: RunDir, exit_code: int) -> None:
+    """Add the launched process's exit code and end time to ``launch.json``.
+
+    Args:
+        run: the run folder, with a launch record.
+        exit_code: the process's return code (negative: killed by that signal).
+    """
+    record = json.loads(run.launch.read_text())
+    record.update(exit_code=exit_code, ended_at=time.time())
+    _write_json(run.launch, record)
+
+
+def read_launch(run: RunDir) -> dict[str, Any] | None:
+    """The run's launch record plus ``alive`` (whether the launched process still runs), or None
+    when the run was not launched by :func:`write_launch`'s caller.
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        The record, with ``alive`` added (True for a process on another host: it cannot be told).
+    """
+    try:
+        record = json.loads(run.launch.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return {"alive": False, "error": f"unreadable {run.launch}"}
+    return {**record, "alive": "exit_code" not in record and _alive(record)}
+
+
 def read_metrics(run: RunDir) -> list[dict[str, Any]]:
     """Every record of ``metrics.jsonl`` in order; a line torn by a crash mid-write is skipped.
 
@@ -200,6 +277,85 @@ def read_metrics(run: RunDir) -> list[dict[str, Any]]:
         except json.JSONDecodeError:  # a record torn by a crash while it was being written
             continue
     return records
+
+
+def read_metrics_since(
+    run: RunDir, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str, bool]:
+    """The records of ``metrics.jsonl`` added since ``cursor`` (a live view's incremental read).
+
+    Args:
+        run: the run folder.
+        cursor: from an earlier call (None: from the start).
+
+    Returns:
+        ``(records, new cursor, reset)``; ``reset`` is True when the file was rewritten since
+        the cursor (a resumed run drops records it will write again): the records are then all
+        of them, and earlier ones are to be forgotten. A line still being written is left for
+        the next call; a line torn by a crash is skipped.
+    """
+    path = run.metrics
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return [], "0:0", cursor not in (None, "0:0")
+    inode, offset = (int(x) for x in (cursor or f"{st.st_ino}:0").split(":"))
+    reset = inode != st.st_ino or offset > st.st_size
+    if reset:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    records = []
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records, f"{st.st_ino}:{offset + len(complete)}", reset and cursor is not None
+
+
+def latest_metrics(
+    run: RunDir, want_eval: bool = True, block: int = 64 * 1024
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int | None]:
+    """The last train record, the last eval record and the last step of ``metrics.jsonl``,
+    read from the end (a long run's file is not read whole on every refresh of a runs list).
+
+    Args:
+        run: the run folder.
+        want_eval: look for an eval record too (else stop at the last train record).
+        block: bytes read at a time, backwards.
+
+    Returns:
+        ``(train record, eval record, step of the last record)``, None where there is none.
+    """
+    train = eval_ = last_step = None
+    try:
+        f = open(run.metrics, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return None, None, None
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        rest = b""
+        while pos > 0 and not (train is not None and (eval_ is not None or not want_eval)):
+            n = min(block, pos)
+            pos -= n
+            f.seek(pos)
+            lines = (f.read(n) + rest).split(b"\n")
+            rest = lines.pop(0) if pos > 0 else b""  # may be the tail of an earlier line
+            for line in reversed(lines):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # empty, torn, or still being written
+                    continue
+                if last_step is None:
+                    last_step = rec.get("step")
+                if rec.get("kind") == "eval":
+                    eval_ = eval_ or rec
+                elif "loss" in rec:
+                    train = train or rec
+    return train, eval_, last_step
 
 
 class RunLockedError(RuntimeError):

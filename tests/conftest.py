@@ -18,6 +18,17 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def ui_assets(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random model and one token cache for the web UI tests (the demo data is tokenized
+    once for all of them)."""
+    from helpers import make_hf_checkpoint
+
+    base = tmp_path_factory.mktemp("ui_assets")
+    model = make_hf_checkpoint(base / "models" / "tiny")
+    return {"models": model.parent, "model": model, "cache": base / "cache"}
+
+
+@pytest.fixture(scope="session")
 def cli_server():
     """One process that forks a ``longtune`` command line per call (see cli_harness)."""
     from cli_harness import CliServer

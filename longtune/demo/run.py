@@ -10,20 +10,8 @@ from pathlib import Path
 import torch
 
 from longtune.api import finetune
+from longtune.demo import DATA_DIR, DEMO_SETTINGS, DEMO_STEPS
 from longtune.run_dir import RunDir, delete_run
-
-DATA_DIR = Path(__file__).parent / "data"
-
-# Chosen to finish in a few minutes on 2 CPU cores (see docs/benchmarks.md for measured times).
-DEMO_SETTINGS = {
-    "context_length": 1024,
-    "learning_rate": 1e-4,
-    "optim__warmup_steps": 3,
-    "optim__schedule": "cosine",
-    "model__activation_checkpointing": "none",
-    "checkpoint__every": 12,
-    "train__eval_batches": 8,  # 8 packed sequences of the eval set (about 13 of its 24 examples)
-}
 
 
 def generate_answer(
@@ -47,7 +35,7 @@ def generate_answer(
     return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
+def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     """Run the demo; returns the process exit code."""
     from longtune.assets import smollm2_checkpoint
 
