@@ -8,7 +8,6 @@ its working folder, points stdin at /dev/null and stdout / stderr at files, and 
 exception printed the way the interpreter prints it (``Traceback ...``, exit code 1). A child is
 an ordinary process: a test can send it signals (``os.kill``) while it runs.
 
-:func:`run_cli_many` runs a list of command lines one after the other.
 """
 
 from __future__ import annotations
@@ -192,19 +191,3 @@ class CliServer:
     def run(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> CliResult:
         """Start and wait."""
         return self.wait(self.start(argv, cwd, env))
-
-
-def run_cli_many(
-    cases: list[tuple[list[str], Path]], env: dict[str, str] | None = None
-) -> list[CliResult]:
-    """Run ``longtune ARGV`` in working folder ``cwd`` for each ``(argv, cwd)``, one process each.
-
-    Args:
-        cases: command lines (without the leading ``longtune``) and their working folders.
-        env: extra environment variables for every command line.
-
-    Returns:
-        One :class:`CliResult` per case, in order.
-    """
-    with CliServer() as server:
-        return [server.run(argv, cwd, env) for argv, cwd in cases]
