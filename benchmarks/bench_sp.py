@@ -3,9 +3,10 @@
 Each SP degree runs under ``torchrun`` (gloo on CPU, NCCL on GPU) with the trainer's own pieces:
 the model built on the meta device, ``parallelize`` (Ulysses, selective activation
 checkpointing, FSDP2 over the SP ranks), AdamW. A warm-up step allocates gradients and optimizer
-state; then one full step (forward, backward, optimizer) runs at a short context ``L0`` (an
-eighth of the context) and one at the measured context ``L``, each after resetting the
-peak-memory counter. Reported per rank:
+state; then one full step (forward, backward, optimizer) runs at a shorter context ``L0`` and
+one at the measured context ``L``, each after resetting the peak-memory counter. ``L0`` is the
+same for every degree: an eighth of ``L``, but at least one full loss chunk (1024 tokens) per
+rank at the largest degree, so the loss's fixed-size chunk buffers are in both peaks. Reported per rank:
 
 - ``base``: resident memory before the measured step (weights, gradients, optimizer state,
   runtime) — it shrinks with the FSDP shard, not with the context;
@@ -124,7 +125,7 @@ def worker(opts: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated() if on_gpu else _status_kib("VmHWM") * 1024
         return before, peak, seconds
 
-    short = opts.context // 8
+    short = opts.short
     step(short)  # warm-up: gradients and optimizer state exist from here on
     _, peak_short, _ = measured(short)
     base, peak, seconds = measured(opts.context)
@@ -189,7 +190,7 @@ def transformers_worker(opts: argparse.Namespace) -> None:
         peak = torch.cuda.max_memory_allocated() if on_gpu else _status_kib("VmHWM") * 1024
         return before, peak, seconds
 
-    short = opts.context // 8
+    short = opts.short
     step(short)
     _, peak_short, _ = measured(short)
     base, peak, seconds = measured(opts.context)
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--doc-len", type=int, default=2048)
     parser.add_argument("--ac", choices=("none", "selective", "full"), default="selective")
     parser.add_argument("--transformers", action="store_true", help="also measure transformers")
+    parser.add_argument("--short", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("longtune", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -224,7 +226,9 @@ def main() -> None:
     degrees = opts.degrees or ([1, 3] if opts.shape == "smollm2" else [1, 2, 4])
     out = Path(tempfile.mkdtemp(prefix="bench_sp-")) / "results.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    short = max(opts.context // 8, 1024 * max(degrees))
     same = ["--shape", opts.shape, "--context", str(opts.context), "--doc-len", str(opts.doc_len)]
+    same += ["--short", str(short)]
     same += ["--ac", opts.ac, "--out", str(out)]
     script = str(Path(__file__).resolve())
     for sp in degrees:
@@ -237,8 +241,8 @@ def main() -> None:
     records = [json.loads(line) for line in out.read_text().splitlines()]
     gib = 2**30
     print(
-        f"\n{opts.shape} ({SHAPES[opts.shape]}), context {opts.context} tokens in documents of "
-        f"{opts.doc_len}, activation checkpointing {opts.ac} (transformers: full)"
+        f"\n{opts.shape} ({SHAPES[opts.shape]}), context {opts.context} tokens (L0 = {short}) in "
+        f"documents of {opts.doc_len}, activation checkpointing {opts.ac} (transformers: full)"
     )
     print("| layout | rank | base GiB | peak GiB | grows GiB | grows / SP=1 | limit 1.2/N | s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
