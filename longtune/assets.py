@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from longtune.fsutil import atomic_dir
+from longtune.fsutil import OUTPUT_MARKER, atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,6 +46,18 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def smollm2_default_dir(dtype: str = "bfloat16") -> Path:
+    """Where :func:`smollm2_checkpoint` keeps its folder by default (it may not exist yet).
+
+    Args:
+        dtype: the weights' dtype.
+
+    Returns:
+        ``cache_dir()/smollm2-135m-instruct-<dtype>``.
+    """
+    return cache_dir() / f"smollm2-135m-instruct-{dtype}"
+
+
 def smollm2_checkpoint(out_dir: str | Path | None = None, dtype: str = "bfloat16") -> Path:
     """Return an HF checkpoint folder of SmolLM2-135M-Instruct, building it once from the GGUF.
 
@@ -61,7 +73,7 @@ def smollm2_checkpoint(out_dir: str | Path | None = None, dtype: str = "bfloat16
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
-    out = Path(out_dir) if out_dir else cache_dir() / f"smollm2-135m-instruct-{dtype}"
+    out = Path(out_dir) if out_dir else smollm2_default_dir(dtype)
     marker = out / ".longtune-complete"
     stamp = f"{gguf.stat().st_size}:{dtype}"
     if marker.is_file() and marker.read_text() == stamp:
@@ -88,7 +100,10 @@ def smollm2_checkpoint(out_dir: str | Path | None = None, dtype: str = "bfloat16
     model.tie_weights()
     del gguf_model
 
-    with atomic_dir(out) as tmp:
+    if marker.is_file() and not (out / OUTPUT_MARKER).exists():
+        # Built by a longtune that predates the output marker: it is ours to replace.
+        (out / OUTPUT_MARKER).write_text('{"written_by": "longtune", "kind": "asset"}\n')
+    with atomic_dir(out, kind="asset", overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # Sanity: the folder must describe itself as a llama checkpoint.

@@ -15,39 +15,50 @@ import types
 import typing
 from collections.abc import Callable
 
+from longtune.run_dir import RunLockedError
+from longtune.train.config import FLAG_ALIASES, field_docs, load_config
+from longtune.train.keeper import RunKeeper
+from longtune.train.signals import RunCancelled, StopSignals
 
-def convert(hf_dir: str, native_dir: str) -> int:
+
+def convert(hf_dir: str, native_dir: str, overwrite: bool = False) -> int:
     """Convert an HF Llama checkpoint folder into longtune's native (fused) format.
 
     Args:
         hf_dir: Hugging Face checkpoint folder (config.json + safetensors).
-        native_dir: output folder (fused safetensors + longtune.json + hf/ metadata).
+        native_dir: output folder (fused safetensors + longtune.json + hf/ metadata); must be
+            new or empty.
+        overwrite: replace native_dir if it is an earlier longtune output (never a folder
+            longtune did not write).
     """
     from longtune.model.convert import convert_hf_to_native
 
-    out = convert_hf_to_native(hf_dir, native_dir)
+    out = convert_hf_to_native(hf_dir, native_dir, overwrite=overwrite)
     print(f"wrote native checkpoint {out}")
     return 0
 
 
-def export(source: str, hf_out: str, dtype: str | None = None) -> int:
+def export(source: str, hf_out: str, dtype: str | None = None, overwrite: bool = False) -> int:
     """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder.
 
     Args:
         source: a folder written by `longtune convert`, or RUN_DIR/checkpoints/step-N.
-        hf_out: output HF folder (safetensors, config.json, tokenizer files).
+        hf_out: output HF folder (safetensors, config.json, tokenizer files); must be new or
+            empty.
         dtype: write tensors in this dtype (float32, bfloat16, float16); default: as the source.
+        overwrite: replace hf_out if it is an earlier longtune output (never a folder longtune
+            did not write).
     """
     from pathlib import Path
 
     from longtune.export.hf import export_native
 
     if (Path(source) / "longtune.json").is_file():
-        out = export_native(source, hf_out, dtype=dtype)
+        out = export_native(source, hf_out, dtype=dtype, overwrite=overwrite)
     else:
-        from longtune.train.trainer import export_checkpoint
+        from longtune.export.check import export_checkpoint
 
-        out = export_checkpoint(source, hf_out, dtype=dtype)
+        out = export_checkpoint(source, hf_out, dtype=dtype, overwrite=overwrite)
     print(f"wrote Hugging Face checkpoint {out}")
     return 0
 
@@ -98,11 +109,198 @@ def demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
     return run_demo(output_dir=output_dir, steps=steps)
 
 
+def runs_list(runs_dir: str = "runs", json: bool = False) -> int:
+    """List the runs of a runs folder: status, progress, latest losses, start, duration.
+
+    Args:
+        runs_dir: the folder holding the run folders.
+        json: print JSON (one object per run) instead of a table.
+    """
+    from longtune import runs
+
+    found = runs.list(runs_dir)
+    if json:
+        import json as json_module
+
+        print(json_module.dumps([r.to_json() for r in found], indent=1))
+    else:
+        print(runs.format_table(found) if found else f"no runs in {runs_dir}")
+    return 0
+
+
+def runs_show(name: str, runs_dir: str = "runs", json: bool = False) -> int:
+    """Show one run: status (and why it failed), progress, losses, processes, export and check.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the folder holding the run folders.
+        json: print JSON instead of text.
+    """
+    from longtune import runs
+
+    info = runs.get(name, runs_dir)
+    if json:
+        import json as json_module
+
+        print(json_module.dumps(info.to_json(), indent=1))
+    else:
+        print(runs.format_details(info))
+    return 0
+
+
+def runs_cancel(name: str, runs_dir: str = "runs") -> int:
+    """Stop a running run: SIGTERM to its process group; it checkpoints and ends `cancelled`.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the folder holding the run folders.
+    """
+    from longtune import runs
+
+    info = runs.cancel(name, runs_dir)
+    print(
+        f"sent SIGTERM to run {info.name}; it finishes its step, writes a checkpoint and ends "
+        f"with status cancelled (now: {info.status})"
+    )
+    return 0
+
+
+def runs_resume(name: str, runs_dir: str = "runs", nproc: int | None = None) -> int:
+    """Start a cancelled or failed run again in its folder, from its newest checkpoint.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the folder holding the run folders.
+        nproc: processes (default: as it was launched, else 1).
+    """
+    from longtune import runs
+
+    info = runs.resume(name, runs_dir, nproc=nproc)
+    print(f"restarted run {info.name} (pid {info.pid}); its output goes to {info.path}/launch.log")
+    return 0
+
+
+RUNS_COMMANDS: dict[str, Callable[..., int]] = {
+    "list": runs_list,
+    "show": runs_show,
+    "cancel": runs_cancel,
+    "resume": runs_resume,
+}
+
+
+def ui(
+    host: str = "127.0.0.1",
+    port: int = 8600,
+    runs_dir: str = "runs",
+    allow_dir: list[str] | None = None,
+) -> int:
+    """Serve the web UI: start, watch, compare and cancel runs from a browser.
+
+    Args:
+        host: address to listen on; anything but a loopback address is reachable from other
+            machines (a warning is printed).
+        port: TCP port (0: any free port).
+        runs_dir: the folder holding the run folders.
+        allow_dir: folders the UI may read models and data from; default: the current
+            folder. The runs folder and the demo's data and model are always allowed.
+    """
+    from longtune.ui.server import serve
+
+    return serve(host=host, port=port, runs_dir=runs_dir, allow_dirs=allow_dir)
+
+
+def _add_runs_commands(sub: argparse._SubParsersAction) -> None:
+    """``longtune runs list|show|cancel|resume``: a command with subcommands."""
+    p = sub.add_parser("runs", help="List, show, cancel or resume the runs of a runs folder.")
+    runs_sub = p.add_subparsers(dest="_runs_command", required=True, metavar="ACTION")
+    for name, fn in RUNS_COMMANDS.items():
+        _add_command(runs_sub, name, fn)
+
+
+TRAIN_HELP = """usage: longtune train [CONFIG.yaml] [--section.key=value ...] [--flag value ...]
+
+Fine-tune a Llama-family model. Settings come from defaults, then CONFIG.yaml, then flags
+(flags win). Run under torchrun for several processes (gloo on CPU, NCCL on GPU).
+
+Common flags: {aliases}
+
+All settings (--section.key=value):
+{fields}
+"""
+
+
+def train(argv: list[str]) -> int:
+    """``longtune train``: parse, validate, run. Returns the exit code.
+
+    Exit codes: 0 done; 1 another rank died or stopped answering, or anything unexpected; 2 bad
+    settings or data, or the output folder is in use by another run (one line on stderr,
+    nothing started); 3 stopped on a NaN/Inf loss; 130 / 143 stopped by SIGINT / SIGTERM (in
+    the loop: after the current step and a checkpoint).
+
+    Args:
+        argv: the arguments after ``train``.
+    """
+    if any(a in ("-h", "--help") for a in argv):
+        aliases = ", ".join(f"--{k} ({v})" for k, v in FLAG_ALIASES.items())
+        fields = "\n".join(f"  {k}: {doc}" for k, doc in field_docs().items())
+        print(TRAIN_HELP.format(aliases=aliases, fields=fields))
+        return 0
+    # Installed first, so a Ctrl-C while torch is being imported ends without a traceback too.
+    try:
+        with StopSignals() as stop:
+            try:
+                return _train(argv, stop)
+            except Exception:
+                if stop.requested:  # e.g. an import interrupted half-way
+                    raise stop.cancelled() from None
+                raise
+    except RunCancelled as e:
+        if not e.logged:
+            print(f"longtune train: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _train(argv: list[str], stop: StopSignals) -> int:
+    path = argv[0] if argv and not argv[0].startswith("-") else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(path, overrides)
+        keeper = RunKeeper.of(cfg.output.dir)
+        keeper.claim_existing()  # a folder another run writes into: refused before torch loads
+        # torch and the trainer are imported only once the config is known to be good.
+        from longtune.parallel.dims import PeerLostError
+        from longtune.train.trainer import TrainingDivergedError, run_training
+
+        try:
+            result = run_training(cfg, stop=stop, keeper=keeper)
+        except TrainingDivergedError as e:
+            print(f"longtune train: stopped: {e}", file=sys.stderr)
+            return 3
+        except PeerLostError as e:
+            print(f"longtune train: stopped: {e}", file=sys.stderr)
+            return 1
+        finally:
+            keeper.release()
+    except (ValueError, FileNotFoundError, NotImplementedError, RunLockedError) as e:
+        # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
+        print(f"longtune train: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only folder, ...: the folder and the cause
+        from longtune.fsutil import describe_os_error
+
+        print(f"longtune train: error: {describe_os_error(e, 'run files')}", file=sys.stderr)
+        return 2
+    if result.export_dir is not None:
+        print(f"done: {result.final_step} steps; Hugging Face checkpoint in {result.export_dir}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[..., int]] = {
     "convert": convert,
     "export": export,
     "validate": validate,
     "demo": demo,
+    "ui": ui,
 }
 
 
@@ -130,10 +328,10 @@ def _add_command(sub: argparse._SubParsersAction, name: str, fn: Callable) -> No
     for pname, param in inspect.signature(fn).parameters.items():
         hint = hints.get(pname, str)
         help_text = docs.get(pname, "")
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
         is_list = typing.get_origin(hint) is list
         base = typing.get_args(hint)[0] if is_list else hint
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            base = next(a for a in typing.get_args(hint) if a is not type(None))
         required = param.default is inspect.Parameter.empty
         if required and param.kind is inspect.Parameter.KEYWORD_ONLY:
             p.add_argument(
@@ -143,6 +341,16 @@ def _add_command(sub: argparse._SubParsersAction, name: str, fn: Callable) -> No
             p.add_argument(pname, type=base, nargs="+" if is_list else None, help=help_text)
         elif hint is bool:
             p.add_argument("--" + pname.replace("_", "-"), action="store_true", help=help_text)
+        elif is_list:
+            p.add_argument(
+                "--" + pname.replace("_", "-"),
+                dest=pname,
+                type=base,
+                action="extend",
+                nargs="+",
+                default=param.default,
+                help=help_text,
+            )
         else:
             p.add_argument(
                 "--" + pname.replace("_", "-"),
@@ -162,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, fn in COMMANDS.items():
         _add_command(sub, name, fn)
+    _add_runs_commands(sub)
     sub.add_parser(
         "train",
         help="Fine-tune a model (YAML config + --section.key=value overrides; see `longtune train --help`).",
@@ -173,15 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        from longtune.train.trainer import train_main
-
-        sys.exit(train_main(argv[1:]))
+        sys.exit(train(argv[1:]))
     args = build_parser().parse_args(argv)
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("command", "_fn")}
+    kwargs = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("_")}
     try:
         code = args._fn(**kwargs)
-    except (ValueError, FileNotFoundError) as e:
-        # User-facing errors (bad input, bad setting): the message, not a traceback.
+    except (ValueError, FileNotFoundError, RunLockedError) as e:
+        # User-facing errors (bad input, bad setting, a busy run folder): one line, no traceback.
         print(f"longtune {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:  # disk full, read-only folder, ...: the folder and the cause
+        from longtune.fsutil import describe_os_error
+
+        print(f"longtune {args.command}: error: {describe_os_error(e, 'output')}", file=sys.stderr)
         code = 2
     sys.exit(code)

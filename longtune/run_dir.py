@@ -12,20 +12,31 @@ runs through this module and nothing else. Layout of ``RUN/``::
     source/              the source model's config, tokenizer files and tensor layout
     hf/                  the exported Hugging Face folder
     export_check.json    the export's self-check
+    launch.json          written only for a run launched by ``longtune.runs.launch`` (the web UI):
+                         the launched process (pid, pgid, host, start time, argv, exit code)
+    launch.log           that process's stdout and stderr
 
 ``status.json`` holds ``state`` (one of :data:`STATES`) and, while running, ``pid``, ``pgid``,
 ``host`` and ``proc_start`` (the process's start time, so a reused pid is not mistaken for the
 run), ``started_at``, ``updated_at``, ``step`` and ``total_steps``; ``failed`` runs add
 ``reason`` (one of :data:`FAIL_REASONS`) and ``error`` (the message); ``exit_code`` once ended.
 A ``running`` status whose process is gone (on this host) reads as ``failed`` with reason
-``process gone``: a killed run never shows as running.
+``process gone``: a killed run never shows as running. A process that has exited but not yet
+been reaped by its parent (a zombie) counts as gone.
+
+One writer per run folder: the training process (global rank 0) holds an exclusive ``flock`` on
+``run.lock`` for the whole run (:func:`lock_run`); the OS releases it when the process dies, so
+``kill -9`` never leaves a folder locked. The file names the holder's pid and host.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +51,8 @@ CHECKPOINTS = "checkpoints"
 SOURCE = "source"
 EXPORT = "hf"
 EXPORT_CHECK = "export_check.json"
+LAUNCH = "launch.json"
+LAUNCH_LOG = "launch.log"
 
 STATES = ("running", "succeeded", "failed", "cancelled")
 FAIL_REASONS = ("nan", "oom", "data error", "config error", "killed", "process gone", "error")
@@ -94,6 +107,14 @@ class RunDir:
     def export_check(self) -> Path:
         return self.path / EXPORT_CHECK
 
+    @property
+    def launch(self) -> Path:
+        return self.path / LAUNCH
+
+    @property
+    def launch_log(self) -> Path:
+        return self.path / LAUNCH_LOG
+
     def is_run(self) -> bool:
         """True when longtune wrote this folder (it has a status or a resolved config)."""
         return self.status_file.is_file() or self.config.is_file()
@@ -103,6 +124,7 @@ def process_start_time(pid: int) -> int | None:
     """The start time of process ``pid`` in clock ticks since boot (Linux), None if it is gone.
 
     With the pid it identifies a process: a pid reused by a later process has another start time.
+    A process that has exited and waits to be reaped (a zombie) is gone.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -110,6 +132,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: split after it.
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # field 3: state; exited, not yet reaped
+        return None
     return int(fields[19])  # field 22 overall
 
 
@@ -139,10 +163,15 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
         )
     record.update(fields)
     record["updated_at"] = time.time()
-    tmp = run.status_file.with_name(f"{STATUS}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, run.status_file)
+    _write_json(run.status_file, record)
     return record
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to a temporary sibling, then rename it over ``path`` (atomic)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
 
 
 def read_status(run: RunDir) -> dict[str, Any] | None:
@@ -171,3 +200,237 @@ def _alive(record: dict[str, Any]) -> bool:
         return False
     start = process_start_time(pid)
     return start is not None and start == record.get("proc_start")
+
+
+def write_launch(run: RunDir, pid: int, **fields: Any) -> dict[str, Any]:
+    """Record the process launched for a run (``launch.json``, atomic).
+
+    Args:
+        run: the run folder (must exist).
+        pid: the launched process (the leader of its own session and process group).
+        **fields: the rest of the record (``argv``, ``nproc``, ...).
+
+    Returns:
+        The record written: ``pid``, ``pgid``, ``host``, ``proc_start``, ``launched_at`` and
+        ``fields``.
+    """
+    record: dict[str, Any] = {
+        "pid": pid,
+        "pgid": os.getpgid(pid),
+        "host": socket.gethostname(),
+        "proc_start": process_start_time(pid),
+        "launched_at": time.time(),
+        **fields,
+    }
+    _write_json(run.launch, record)
+    return record
+
+
+def end_launch(run: RunDir, exit_code: int) -> None:
+    """Add the launched process's exit code and end time to ``launch.json``.
+
+    Args:
+        run: the run folder, with a launch record.
+        exit_code: the process's return code (negative: killed by that signal).
+    """
+    record = json.loads(run.launch.read_text())
+    record.update(exit_code=exit_code, ended_at=time.time())
+    _write_json(run.launch, record)
+
+
+def read_launch(run: RunDir) -> dict[str, Any] | None:
+    """The run's launch record plus ``alive`` (whether the launched process still runs), or None
+    when the run was not launched by :func:`write_launch`'s caller.
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        The record, with ``alive`` added (True for a process on another host: it cannot be told).
+    """
+    try:
+        record = json.loads(run.launch.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return {"alive": False, "error": f"unreadable {run.launch}"}
+    return {**record, "alive": "exit_code" not in record and _alive(record)}
+
+
+def read_metrics(run: RunDir) -> list[dict[str, Any]]:
+    """Every record of ``metrics.jsonl`` in order; a line torn by a crash mid-write is skipped.
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        The records (``{"step", "kind": "train" | "eval", ...}``); empty when there are none.
+    """
+    try:
+        text = run.metrics.read_text()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a record torn by a crash while it was being written
+            continue
+    return records
+
+
+def read_metrics_since(
+    run: RunDir, cursor: str | None = None
+) -> tuple[list[dict[str, Any]], str, bool]:
+    """The records of ``metrics.jsonl`` added since ``cursor`` (a live view's incremental read).
+
+    Args:
+        run: the run folder.
+        cursor: from an earlier call (None: from the start).
+
+    Returns:
+        ``(records, new cursor, reset)``; ``reset`` is True when the file was rewritten since
+        the cursor (a resumed run drops records it will write again): the records are then all
+        of them, and earlier ones are to be forgotten. A line still being written is left for
+        the next call; a line torn by a crash is skipped.
+    """
+    path = run.metrics
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return [], "0:0", cursor not in (None, "0:0")
+    inode, offset = (int(x) for x in (cursor or f"{st.st_ino}:0").split(":"))
+    reset = inode != st.st_ino or offset > st.st_size
+    if reset:
+        offset = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    records = []
+    for line in complete.decode("utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records, f"{st.st_ino}:{offset + len(complete)}", reset and cursor is not None
+
+
+def latest_metrics(
+    run: RunDir, want_eval: bool = True, block: int = 64 * 1024
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int | None]:
+    """The last train record, the last eval record and the last step of ``metrics.jsonl``,
+    read from the end (a long run's file is not read whole on every refresh of a runs list).
+
+    Args:
+        run: the run folder.
+        want_eval: look for an eval record too (else stop at the last train record).
+        block: bytes read at a time, backwards.
+
+    Returns:
+        ``(train record, eval record, step of the last record)``, None where there is none.
+    """
+    train = eval_ = last_step = None
+    try:
+        f = open(run.metrics, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return None, None, None
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        rest = b""
+        while pos > 0 and not (train is not None and (eval_ is not None or not want_eval)):
+            n = min(block, pos)
+            pos -= n
+            f.seek(pos)
+            lines = (f.read(n) + rest).split(b"\n")
+            rest = lines.pop(0) if pos > 0 else b""  # may be the tail of an earlier line
+            for line in reversed(lines):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # empty, torn, or still being written
+                    continue
+                if last_step is None:
+                    last_step = rec.get("step")
+                if rec.get("kind") == "eval":
+                    eval_ = eval_ or rec
+                elif "loss" in rec:
+                    train = train or rec
+    return train, eval_, last_step
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``RUN/run.lock``, held until :meth:`release` or process exit.
+
+    Use :func:`lock_run` to take one.
+    """
+
+    def __init__(self, run: RunDir, fd: int) -> None:
+        self.run = run
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Release the lock (the file stays; an unlocked file means nothing)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def lock_run(run: RunDir) -> RunLock:
+    """Take the run folder's exclusive lock without waiting, and write our pid and host into it.
+
+    Args:
+        run: the run folder (must exist).
+
+    Returns:
+        The held lock.
+
+    Raises:
+        RunLockedError: naming the pid and host of the process that holds it.
+    """
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip()
+        os.close(fd)
+        try:
+            who = json.loads(holder)
+            text = f"pid {who['pid']} on host {who['host']}"
+        except (json.JSONDecodeError, KeyError, TypeError):
+            text = "another process"
+        raise RunLockedError(
+            f"{run.path} is in use by another longtune run ({text}); wait for it to end, stop "
+            "it, or choose another output folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return RunLock(run, fd)
+
+
+def delete_run(run: RunDir) -> None:
+    """Delete a run folder that longtune wrote (nothing when it does not exist).
+
+    Args:
+        run: the run folder.
+
+    Raises:
+        ValueError: when the folder is not a longtune run (a user's folder is never deleted).
+        RunLockedError: when a run is still writing into it.
+    """
+    if not run.path.exists():
+        return
+    if not run.path.is_dir() or not run.is_run():
+        raise ValueError(
+            f"{run.path} is not a longtune run folder (no {STATUS} or {CONFIG}); not deleting "
+            "it: choose another output folder or remove it yourself"
+        )
+    lock = lock_run(run)
+    try:
+        shutil.rmtree(run.path)
+    finally:
+        lock.release()

@@ -28,7 +28,7 @@ def test_convert_then_export_round_trip(tmp_path):
 def test_convert_error_is_a_message_not_a_traceback(tmp_path, capsys):
     assert run(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "config.json not found" in err and "Traceback" not in err
+    assert "no such folder" in err and "Traceback" not in err
 
 
 def test_validate_exit_codes(tmp_path, capsys):

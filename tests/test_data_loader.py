@@ -207,3 +207,51 @@ def test_multiprocess_dp_sp_layouts(data, tmp_path):
 
     args = {k: data[k] for k in ("paths", "model", "cache")}
     mp.spawn(_worker, args=(args, f"file://{tmp_path}/store"), nprocs=WORLD, join=True)
+
+
+class _First:
+    """The first ``m`` sequences of a packed dataset (what the loader needs of one)."""
+
+    def __init__(self, ds, m: int) -> None:
+        self.ds, self.m, self.pad_id = ds, m, ds.pad_id
+
+    def __len__(self) -> int:
+        return self.m
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[i]
+
+
+def test_resume_at_another_data_parallel_degree(data):
+    """A position saved at dp=2 continues at dp=1 (and back) with the same sequences in the same
+    order, where the layouts fill an epoch alike; otherwise the error names both degrees."""
+    ds = _First(data["ds"], 8)
+    dp2 = [make_loader(ds, dp_rank=r, dp_size=2, micro_batch_size=1, seed=5) for r in range(2)]
+    for ld in dp2:
+        take(ld, 3)
+    one = make_loader(ds, micro_batch_size=1, seed=5)
+    one.load_state_dict(json.loads(json.dumps(dp2[0].state_dict())))
+    assert (one.epoch, one.step) == (0, 6)
+    # The rest of the epoch at dp=2 (step 3, rank 0 then rank 1) and two steps of the next one
+    # are what dp=1 reads next.
+    want = [
+        b["sample_ids"][0] for pair in zip(*(take(ld, 3) for ld in dp2), strict=True) for b in pair
+    ]
+    assert [b["sample_ids"][0] for b in take(one, 6)] == want
+
+    back = make_loader(ds, dp_rank=1, dp_size=2, micro_batch_size=1, seed=5)
+    single = make_loader(ds, micro_batch_size=1, seed=5)
+    take(single, 4)
+    back.load_state_dict(single.state_dict())
+    assert (back.epoch, back.step) == (0, 2)
+    take(single, 3)  # 7 consumed: not a whole number of dp=2 steps
+    with pytest.raises(ValueError) as info:
+        back.load_state_dict(single.state_dict())
+    msg = str(info.value)
+    assert "data-parallel degree 1" in msg and "this run has 2" in msg
+    assert "7 sequences of epoch 0 are consumed" in msg and "parallel.dp=1" in msg
+    # 7 sequences fill 8 slots an epoch at dp=2 (one repeat), 7 at dp=1: not the same run.
+    odd = _First(data["ds"], 7)
+    state = make_loader(odd, dp_size=2, micro_batch_size=1, seed=5).state_dict()
+    with pytest.raises(ValueError, match="fills 8 slots at the old layout and 7 at the new"):
+        make_loader(odd, micro_batch_size=1, seed=5).load_state_dict(state)

@@ -141,8 +141,9 @@ def test_overlength_truncate_and_drop(tmp_path, tiny_model):
     assert drop.stats.documents == 1 and len(drop) == 1
 
 
-def test_overlength_split_keeps_every_token_once(tmp_path, tiny_model):
-    """split: a long text becomes consecutive context-length pieces, each its own document."""
+def test_overlength_split_keeps_every_target_once(tmp_path, tiny_model):
+    """split: a long text becomes context-length pieces that overlap by one token, each its own
+    document; together their targets are exactly the targets of the whole text."""
     from transformers import AutoTokenizer
 
     text = "".join(chr(ord("a") + i % 26) for i in range(200))  # 201 tokens with eos
@@ -152,8 +153,9 @@ def test_overlength_split_keeps_every_token_once(tmp_path, tiny_model):
     )
     f = ds.stats.files[0]
     assert (f.overlength, f.split, f.truncated, f.dropped) == (1, 1, 0, 0)
-    assert ds.stats.documents == 1 + 4  # 201 tokens -> 64 + 64 + 64 + 9
-    assert ds.stats.tokens == 10 + 201
+    # 200 targets, 63 per piece: pieces start at 0, 63, 126, 189 (64 + 64 + 64 + 12 tokens).
+    assert ds.stats.documents == 1 + 4
+    assert ds.stats.tokens == 10 + 3 * 64 + 12
     tok = AutoTokenizer.from_pretrained(tiny_model)
     full = tok(text)["input_ids"] + [tok.eos_token_id]
     assert len(full) == 201
@@ -165,7 +167,8 @@ def test_overlength_split_keeps_every_token_once(tmp_path, tiny_model):
             segments.append(
                 (item["input_ids"][a:b].tolist(), item["labels"][a:b], item["position_ids"][a:b])
             )
-    for start in (0, 64, 128, 192):
+    targets = []
+    for start in (0, 63, 126, 189):
         piece = full[start : start + 64]
         found = [seg for seg in segments if seg[0] == piece]
         assert len(found) == 1, f"piece at {start} found {len(found)} times"
@@ -173,6 +176,10 @@ def test_overlength_split_keeps_every_token_once(tmp_path, tiny_model):
         assert positions.tolist() == list(range(len(ids)))  # positions restart in each piece
         np.testing.assert_array_equal(labels[:-1], ids[1:])  # targets stay inside the piece
         assert labels[-1] == IGNORE_INDEX
+        targets.extend(labels[:-1].tolist())
+    # The whole text packed alone: its targets, in order, are the pieces' targets, in order.
+    whole = pack_sequence([(np.asarray(full), np.ones(len(full), np.uint8))], 256, 0)["labels"]
+    assert targets == whole[: len(full) - 1].tolist() == full[1:]
 
 
 def test_cache_reused_and_invalidated(tmp_path, tiny_model, monkeypatch):
@@ -229,3 +236,40 @@ def test_concurrent_store_builds_keep_one_copy(tmp_path, tiny_model):
     b = build_store(str(path), encoder, tmp_path / "cache" / "key")
     assert a.path == b.path and np.array_equal(a.ids, b.ids)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["key"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(2, 12),
+    st.lists(st.tuples(st.integers(1, 60), st.integers(0, 2**60)), min_size=1, max_size=6),
+)
+def test_split_pieces_cover_every_target_exactly_once(context_length, docs):
+    """Property: for any lengths, masks and context, each supervised target of a document is
+    the target of exactly one piece (absolute token positions compared)."""
+    from pathlib import Path
+
+    from longtune.data.packing import _usable_docs
+    from longtune.data.tokenize import TokenStore
+
+    lengths = [n for n, _ in docs]
+    masks = [np.array([(bits >> i) & 1 for i in range(n)], np.uint8) for n, bits in docs]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    store = TokenStore(
+        file="f",
+        ids=np.arange(offsets[-1], dtype=np.uint32),
+        mask=np.concatenate(masks),
+        offsets=offsets,
+        lines=np.arange(1, len(docs) + 1),
+        path=Path("."),
+        pad_id=0,
+    )
+    doc, start, length, _ = _usable_docs(store, context_length, "split")
+    assert (length <= context_length).all() and (length >= 1).all()
+    got = sorted(
+        (int(d), int(s) + t)
+        for d, s, n in zip(doc, start, length, strict=True)
+        for t in range(1, int(n))
+        if masks[d][int(s) + t]
+    )
+    want = sorted((d, t) for d, m in enumerate(masks) for t in range(1, len(m)) if m[t])
+    assert got == want

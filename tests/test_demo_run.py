@@ -41,7 +41,7 @@ def test_twenty_steps_on_demo_data_lower_eval_loss(smollm2_dir, tmp_path):
         train__eval_batches=4,
         data__cache_dir=str(tmp_path / "cache"),
     )
-    assert run.status == "completed" and run.final_step == 20
+    assert run.status == "succeeded" and run.final_step == 20
     before, after = run.eval_losses[0], run.eval_losses[-1]
     assert after < before - 0.5, (before, after)
     assert run.export_check["passed"]

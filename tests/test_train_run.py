@@ -22,6 +22,9 @@ from helpers import make_hf_checkpoint
 from test_model import read_all
 
 import longtune.train.trainer as T
+from longtune.api import finetune
+from longtune.run_dir import RunDir, read_status
+from longtune.run_dir import read_metrics as _read_metrics
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -89,8 +92,12 @@ def run_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    return _read_metrics(RunDir(run_dir))
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in T.read_metrics(run_dir) if m["kind"] == "train"}
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if m["kind"] == "train"}
 
 
 def assert_losses_equal(a: dict[int, float], b: dict[int, float], rel: float) -> None:
@@ -108,7 +115,7 @@ def baseline(setup):
 
 
 def test_baseline_run_learns_and_exports(baseline):
-    m = T.read_metrics(baseline)
+    m = read_metrics(baseline)
     train = [r for r in m if r["kind"] == "train"]
     evals = [r for r in m if r["kind"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 9))
@@ -166,7 +173,7 @@ def test_initial_eval_loss_equals_transformers_on_each_document(setup, baseline)
                 logits = hf(torch.as_tensor(item["input_ids"][a:b])[None]).logits[0]
                 total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
                 count += int((labels != -100).sum())
-    first_eval = next(m for m in T.read_metrics(baseline) if m["kind"] == "eval")
+    first_eval = next(m for m in read_metrics(baseline) if m["kind"] == "eval")
     assert first_eval["step"] == 0 and first_eval["eval_tokens"] == count
     assert abs(first_eval["eval_loss"] - total / count) < 1e-5 * (total / count)
 
@@ -229,8 +236,8 @@ def test_kill9_at_random_moments_then_resume_gives_identical_run(setup, baseline
     # Starting the finished run again resumes at its last step and changes nothing.
     again = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    records = [(m["kind"], m["step"]) for m in T.read_metrics(out)]
-    assert len(records) == len(set(records)) == len(T.read_metrics(baseline))
+    records = [(m["kind"], m["step"]) for m in read_metrics(out)]
+    assert len(records) == len(set(records)) == len(read_metrics(baseline))
 
 
 def test_two_process_data_parallel_matches_one_process(setup, baseline):
@@ -252,8 +259,8 @@ def test_two_process_data_parallel_matches_one_process(setup, baseline):
     assert_losses_equal(train_losses(out), train_losses(baseline), rel=1e-5)
     assert "dp 2" in (out / "train.log").read_text()
     # Eval too: every eval sequence scored once however many ranks share the eval set.
-    evals = {m["step"]: m for m in T.read_metrics(out) if m["kind"] == "eval"}
-    base = {m["step"]: m for m in T.read_metrics(baseline) if m["kind"] == "eval"}
+    evals = {m["step"]: m for m in read_metrics(out) if m["kind"] == "eval"}
+    base = {m["step"]: m for m in read_metrics(baseline) if m["kind"] == "eval"}
     assert sorted(evals) == sorted(base) == [0, 8]
     for step in evals:
         assert evals[step]["eval_tokens"] == base[step]["eval_tokens"]
@@ -276,11 +283,13 @@ def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path, monkeyp
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-1", "step-2"]
     assert max(train_losses(out)) == 2
+    status = read_status(RunDir(out))
+    assert status["state"] == "failed" and status["reason"] == "nan" and "step 3" in status["error"]
 
     # Through the Python API the same stop is a failed run object, not an exception.
     real = T.run_training
     monkeypatch.setattr(T, "run_training", lambda cfg: real(cfg, _fault=fault))
-    run = T.finetune(
+    run = finetune(
         model=str(setup["model"]),
         train_data=str(setup["train"]),
         context_length=96,
@@ -388,5 +397,5 @@ def test_metrics_truncation_drops_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     recs = [{"kind": "eval", "step": 0}, {"kind": "train", "step": 1}, {"kind": "train", "step": 2}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra')
-    T._truncate_metrics(path, 1, 10)
+    T._truncate_metrics(RunDir(tmp_path), 1, 10)
     assert [json.loads(x) for x in path.read_text().splitlines()] == recs[:2]

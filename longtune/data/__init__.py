@@ -5,10 +5,11 @@ Public API (the trainer and the CLI use only these names):
 - :func:`validate_files`, :class:`DataValidationError` — structure checks, no tokenizer.
 - :func:`build_packed_dataset` → :class:`PackedDataset` — tokenized, packed sequences.
 - :class:`PackedLoader` — deterministic, resumable micro-batches for one DP × SP rank.
-- :func:`validate_command` — the body of ``longtune validate``.
+- :func:`check_data` → :class:`DataReport` (errors, statistics, loss-mask previews),
+  :func:`print_report`, and :func:`validate_command` (the two: ``longtune validate``).
 """
 
-from longtune.data.command import validate_command
+from longtune.data.command import DataReport, check_data, print_report, validate_command
 from longtune.data.loader import PackedLoader, pad_to_multiple
 from longtune.data.packing import (
     IGNORE_INDEX,
@@ -16,6 +17,7 @@ from longtune.data.packing import (
     FileStats,
     PackedDataset,
     build_packed_dataset,
+    overlength_summary,
     pack_lengths,
     pack_sequence,
 )
@@ -24,6 +26,7 @@ from longtune.data.validation import DataValidationError, Record, iter_records, 
 
 __all__ = [
     "IGNORE_INDEX",
+    "DataReport",
     "DataValidationError",
     "DatasetStats",
     "Encoder",
@@ -32,10 +35,13 @@ __all__ = [
     "PackedLoader",
     "Record",
     "build_packed_dataset",
+    "check_data",
     "iter_records",
+    "overlength_summary",
     "pack_lengths",
     "pack_sequence",
     "pad_to_multiple",
+    "print_report",
     "tokenize_files",
     "validate_command",
     "validate_files",

@@ -98,8 +98,7 @@ class PackedLoader:
         if not (sp_size >= 1 and 0 <= sp_rank < sp_size):
             raise ValueError(f"sp_rank={sp_rank} must be in [0, sp_size={sp_size})")
         n = len(dataset)
-        per_step = dp_size * micro_batch_size
-        steps = n // per_step if drop_last else -(-n // per_step)
+        steps = _steps_per_epoch(n, dp_size * micro_batch_size, drop_last)
         if steps == 0:
             raise ValueError(
                 f"{n} packed sequences cannot fill one step of dp_size={dp_size} x "
@@ -185,20 +184,48 @@ class PackedLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at the saved position; the settings must match the saved ones.
+        """Resume at the saved position; data, seed and micro-batch size must match.
+
+        The data-parallel degree may differ (the sequence-parallel degree never matters here):
+        the position is carried over as the number of sequences the epoch has consumed, which
+        must fill whole steps at the new degree, and an epoch must hold the same number of
+        sequence slots at both degrees (its padding or truncation to whole steps) — otherwise
+        the run could not continue exactly and this raises, naming both layouts.
 
         Args:
             state: from :meth:`state_dict`.
         """
         mine = self.state_dict()
-        for key in ("seed", "dp_size", "micro_batch_size", "drop_last", "num_sequences"):
+        for key in ("seed", "micro_batch_size", "drop_last", "num_sequences"):
             if state[key] != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={state[key]!r} but this loader has {mine[key]!r}; "
-                    "resume with the same data, seed and batch layout"
+                    "resume with the same data, seed and micro-batch size"
                 )
-        if not 0 <= state["step"] < self.steps_per_epoch:
-            raise ValueError(
-                f"loader state step={state['step']} not in [0, {self.steps_per_epoch})"
+        old_dp, mbs = int(state["dp_size"]), self.micro_batch_size
+        old_steps = _steps_per_epoch(len(self.dataset), old_dp * mbs, self.drop_last)
+        if not 0 <= state["step"] < old_steps:
+            raise ValueError(f"loader state step={state['step']} not in [0, {old_steps})")
+        consumed = int(state["step"]) * old_dp * mbs
+        per_step = self.dp_size * mbs
+        slots_old, slots_new = old_steps * old_dp * mbs, self.steps_per_epoch * per_step
+        if consumed % per_step or slots_old != slots_new:
+            why = (
+                f"{consumed} sequences of epoch {state['epoch']} are consumed, not a whole "
+                f"number of steps of {per_step}"
+                if consumed % per_step
+                else f"an epoch of {len(self.dataset)} sequences fills {slots_old} slots at the "
+                f"old layout and {slots_new} at the new one"
             )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            raise ValueError(
+                f"cannot resume exactly: the checkpoint was written with data-parallel degree "
+                f"{old_dp} (micro_batch_size {mbs}) and this run has {self.dp_size}; {why}. "
+                f"Resume with parallel.dp={old_dp} (world size = dp x sp), or with a degree "
+                "that divides both the consumed sequences and the epoch"
+            )
+        self.epoch, self.step = int(state["epoch"]), consumed // per_step
+
+
+def _steps_per_epoch(n: int, per_step: int, drop_last: bool) -> int:
+    """Steps of ``per_step`` sequences in an epoch of ``n`` (the last one padded unless dropped)."""
+    return n // per_step if drop_last else -(-n // per_step)

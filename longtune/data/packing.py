@@ -146,17 +146,22 @@ def _usable_docs(
     """Pieces of documents kept from one store: (document index, start, length) each.
 
     ``truncate`` keeps the first ``context_length`` tokens of a document, ``drop`` drops a
-    longer one, ``split`` cuts it into consecutive pieces of at most ``context_length`` tokens
-    (each its own document: positions restart, nothing attends across the cut). Pieces with no
-    supervised target are dropped.
+    longer one, ``split`` cuts it into pieces of at most ``context_length`` tokens that overlap
+    by one token (each its own document: positions restart, nothing attends across the cut).
+    The overlap keeps every target: the last token of a piece has no label inside it, so it is
+    the first token of the next piece, whose first label is that token's target. A piece
+    ``k`` starts at ``k * (context_length - 1)``; a document of ``n`` tokens (``n - 1``
+    targets) gives ``ceil((n - 1) / (context_length - 1))`` pieces. Pieces with no supervised
+    target are dropped.
     """
     lengths = store.lengths
     over = lengths > context_length
     if overlength == "split":
-        pieces = np.maximum(1, -(-lengths // context_length))
+        stride = context_length - 1
+        pieces = np.maximum(1, -(-(lengths - 1) // stride))
         doc = np.repeat(np.arange(len(lengths)), pieces)
         index_in_doc = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-        start = index_in_doc * context_length
+        start = index_in_doc * stride
         length = np.minimum(lengths[doc] - start, context_length)
     else:
         doc = np.arange(len(lengths))
@@ -187,6 +192,31 @@ def _usable_docs(
         split=int(over.sum()) if overlength == "split" else 0,
     )
     return doc[keep], start[keep], length[keep], stats
+
+
+def overlength_summary(stats: DatasetStats) -> str:
+    """One line of what the overlength policy and packing did (what ``longtune validate`` shows
+    per file), for the training log.
+
+    Args:
+        stats: a packed dataset's statistics.
+
+    Returns:
+        e.g. ``"48 examples in 1 file(s): 3 over the 96-token context (3 truncated, 0 dropped,
+        0 split), 0 dropped with no supervised token; 24 packed sequences, 12.3% padding"``.
+    """
+    files = stats.files
+    over = sum(f.overlength for f in files)
+    truncated, dropped, split = (
+        sum(getattr(f, k) for f in files) for k in ("truncated", "dropped", "split")
+    )
+    return (
+        f"{sum(f.examples for f in files)} examples in {len(files)} file(s): {over} over the "
+        f"{stats.context_length}-token context ({truncated} truncated, {dropped} dropped, "
+        f"{split} split; overlength={stats.overlength}), "
+        f"{sum(f.dropped_unsupervised for f in files)} dropped with no supervised token; "
+        f"{stats.packed_sequences} packed sequences, {100 * stats.padding_fraction:.1f}% padding"
+    )
 
 
 class PackedDataset:

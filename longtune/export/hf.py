@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from longtune.fsutil import atomic_dir
+from longtune.fsutil import atomic_dir, check_output_dir
 from longtune.model.args import ModelArgs
 from longtune.model.convert import (
     HF_INDEX,
@@ -81,13 +81,16 @@ def save_model(
     dtype: str | torch.dtype | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> Path:
     """Write the model as an HF checkpoint folder.
 
     Args:
         model: a native ``Transformer`` (its ``state_dict()`` must be full, i.e. not sharded;
             pass ``state_dict`` for a gathered FSDP state instead).
-        out_dir: destination folder; written to a temporary sibling then renamed.
+        out_dir: destination folder; written to a temporary sibling then renamed. It must be
+            new, empty, or (with ``overwrite``) an earlier longtune output, and not the source
+            folder nor inside it (see :func:`longtune.fsutil.atomic_dir`).
         source: the HF (or native) folder the model came from; defaults to
             ``model.hf_source`` set by :func:`longtune.load_model`. Supplies config.json,
             tokenizer files and the original tensor layout and dtypes.
@@ -95,6 +98,7 @@ def save_model(
             each tensor's source dtype.
         state_dict: native state dict to write instead of ``model.state_dict()``.
         max_shard_bytes: largest file, when a fresh layout has to be planned.
+        overwrite: replace ``out_dir`` if longtune wrote it before.
 
     Returns:
         ``out_dir``.
@@ -106,7 +110,10 @@ def save_model(
                 "save_model needs source=<HF or native folder the model came from> "
                 "(for config.json and tokenizer files); this model has no recorded source"
             )
+    sources = [_source_dir(source)]
+    check_output_dir(out_dir, sources, overwrite)
     src = resolve_source(source)
+    sources.append(src.meta_dir)
     args = ModelArgs.from_hf_config(src.config)
     if model is not None:
         margs = model.args
@@ -122,7 +129,7 @@ def save_model(
         weight_map = _plan_layout(tensors, want, max_shard_bytes)
 
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="hf", sources=sources, overwrite=overwrite) as tmp:
         by_file: dict[str, list[str]] = {}
         for key, fname in weight_map.items():
             by_file.setdefault(fname, []).append(key)
@@ -180,7 +187,24 @@ def _plan_layout(
     }
 
 
-def export_native(native_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
-    """``longtune export``: turn a native folder back into an HF checkpoint folder."""
+def _source_dir(source: str | Path | HFSource) -> Path:
+    return source.meta_dir if isinstance(source, HFSource) else Path(source)
+
+
+def export_native(
+    native_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """``longtune export``: turn a native folder back into an HF checkpoint folder.
+
+    Args:
+        native_dir: a folder written by ``longtune convert``.
+        out_dir: the HF folder to write (checked before the model is read).
+        dtype: write every tensor in this dtype; default as in the source.
+        overwrite: replace ``out_dir`` if longtune wrote it before.
+
+    Returns:
+        ``out_dir``.
+    """
+    check_output_dir(out_dir, [native_dir], overwrite)
     model = load_model(native_dir)
-    return save_model(model, out_dir, source=native_dir, dtype=dtype)
+    return save_model(model, out_dir, source=native_dir, dtype=dtype, overwrite=overwrite)

@@ -177,14 +177,18 @@ class ModelArgs:
             "torch_dtype",
             "dtype",
         }
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        ints = {k: _positive_int(cfg, k) for k in (*required, "intermediate_size")}
+        for key in ("num_key_value_heads", "head_dim"):
+            ints[key] = _positive_int(cfg, key) if cfg.get(key) is not None else None
         return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=cfg.get("head_dim"),
-            vocab_size=cfg["vocab_size"],
-            ffn_dim=cfg["intermediate_size"],
+            dim=ints["hidden_size"],
+            n_layers=ints["num_hidden_layers"],
+            n_heads=ints["num_attention_heads"],
+            n_kv_heads=ints["num_key_value_heads"] or ints["num_attention_heads"],
+            head_dim=ints["head_dim"],
+            vocab_size=ints["vocab_size"],
+            ffn_dim=ints["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=scaling,
@@ -195,6 +199,14 @@ class ModelArgs:
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
+
+
+def _positive_int(cfg: dict[str, Any], key: str) -> int:
+    """``cfg[key]`` as a positive integer (KeyError when absent, naming the key)."""
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"key {key!r} must be a positive integer, got {value!r}")
+    return value
 
 
 # Presets, including a tiny debug model for tests and smoke runs.

@@ -21,11 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from longtune.fsutil import atomic_dir
+from longtune.fsutil import atomic_dir, check_output_dir
 from longtune.model.args import ModelArgs
+from longtune.model.checks import (
+    ModelFolderError,
+    check_finite,
+    check_model_dir,
+    check_tokenizer_fits,
+    open_safetensors,
+    read_json,
+    read_model_config,
+)
 from longtune.model.llama import Transformer
 
 NATIVE_META = "longtune.json"
@@ -189,17 +197,15 @@ def is_native_dir(path: str | Path) -> bool:
 def read_hf_source(hf_dir: str | Path) -> tuple[ModelArgs, HFSource]:
     """Read config and tensor inventory of an HF folder (no tensor data is loaded)."""
     hf_dir = Path(hf_dir)
-    cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: {hf_dir} is not a Hugging Face checkpoint")
-    config_text = cfg_path.read_text()
-    args = ModelArgs.from_hf_config(json.loads(config_text))
+    config_text, args = read_model_config(hf_dir)
     index = hf_dir / HF_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFolderError(f"{index}: missing key 'weight_map'")
         sharded = True
     elif (hf_dir / HF_SINGLE).is_file():
-        with safe_open(hf_dir / HF_SINGLE, framework="pt") as f:
+        with open_safetensors(hf_dir / HF_SINGLE) as f:
             weight_map = dict.fromkeys(f.keys(), HF_SINGLE)
         sharded = False
     else:
@@ -216,7 +222,7 @@ def read_hf_source(hf_dir: str | Path) -> tuple[ModelArgs, HFSource]:
     shapes = hf_shapes(args)
     problems = []
     for fname, keys in by_file.items():
-        with safe_open(hf_dir / fname, framework="pt") as f:
+        with open_safetensors(hf_dir / fname) as f:
             present = set(f.keys())
             for key in keys:
                 if key not in present:
@@ -236,6 +242,30 @@ def read_hf_source(hf_dir: str | Path) -> tuple[ModelArgs, HFSource]:
         )
     _check_key_sets(args, set(weight_map), hf_dir)
     return args, HFSource(config_text, weight_map, dtypes, hf_dir, sharded)
+
+
+def check_model_folder(model_dir: str | Path) -> ModelArgs:
+    """Everything about a model folder that can be checked without reading its weights.
+
+    The folder exists locally and has tokenizer files; ``config.json`` is valid and complete;
+    every safetensors file opens (not truncated) and holds exactly the tensors and shapes the
+    config describes; the tokenizer's ids fit the vocabulary. Reads only small files and the
+    safetensors headers, so the trainer's preflight calls it before anything is started.
+
+    Args:
+        model_dir: the ``model.path`` folder.
+
+    Returns:
+        The model arguments.
+
+    Raises:
+        ModelFolderError, CheckpointMismatchError, UnsupportedModelError, FileNotFoundError:
+            one line naming the folder, file or key.
+    """
+    check_model_dir(model_dir, tokenizer=True)
+    args, _ = read_hf_source(model_dir)
+    check_tokenizer_fits(model_dir, args.vocab_size)
+    return args
 
 
 def _safetensors_dtype_name(code: str) -> str:
@@ -281,8 +311,10 @@ class _ShardReader:
     def get(self, key: str) -> torch.Tensor:
         fname = self.weight_map[key]
         if fname not in self._open:
-            self._open[fname] = safe_open(self.root / fname, framework="pt")
-        return self._open[fname].get_tensor(key)
+            self._open[fname] = open_safetensors(self.root / fname)
+        tensor = self._open[fname].get_tensor(key)
+        check_finite(key, tensor, self.root / fname)
+        return tensor
 
     def close(self) -> None:
         self._open.clear()
@@ -378,23 +410,30 @@ def read_native_meta(native_dir: str | Path) -> tuple[ModelArgs, HFSource, dict[
 
 
 def convert_hf_to_native(
-    hf_dir: str | Path, native_dir: str | Path, max_shard_bytes: int = 5 * 2**30
+    hf_dir: str | Path,
+    native_dir: str | Path,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
 ) -> Path:
     """Write an HF checkpoint in longtune's native (fused) format, tensor-exact.
 
     Args:
         hf_dir: source HF checkpoint folder.
         native_dir: destination; written to a temporary sibling and renamed when complete.
+            It must be new, empty, or (with ``overwrite``) an earlier longtune output, and
+            neither ``hf_dir`` nor inside it (see :func:`longtune.fsutil.atomic_dir`).
         max_shard_bytes: largest safetensors file to write.
+        overwrite: replace ``native_dir`` if longtune wrote it before.
 
     Returns:
         ``native_dir``.
     """
     hf_dir, native_dir = Path(hf_dir), Path(native_dir)
+    check_output_dir(native_dir, [hf_dir], overwrite)
     args, source = read_hf_source(hf_dir)
     kmap = key_map(args)
     reader = _ShardReader(hf_dir, source.weight_map)
-    with atomic_dir(native_dir) as tmp:
+    with atomic_dir(native_dir, kind="native", sources=[hf_dir], overwrite=overwrite) as tmp:
         names = _native_tensor_names(args)
         weight_map = _write_sharded(
             tmp,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -14,53 +16,95 @@ class ParallelConfigError(ValueError):
     """The parallel degrees do not fit the world size or the model."""
 
 
+class PeerLostError(RuntimeError):
+    """Another rank of the job died or stopped answering (killed, out of memory, node lost)."""
+
+
+# What gloo and NCCL say when a peer is gone: connections closed, or a collective timed out.
+_PEER_FAILURE_TEXT = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "imed out",
+    "NCCL communicator was aborted",
+    "Watchdog caught collective operation timeout",
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True when ``exc`` is a collective failing because another rank is gone."""
+    return isinstance(exc, dist.DistError) or any(t in str(exc) for t in _PEER_FAILURE_TEXT)
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """Data-parallel x sequence-parallel layout over ``world_size`` ranks.
 
     Rank ``r`` sits at ``(dp_rank, sp_rank) = divmod(r, sp)``: the ranks of one SP group are
-    consecutive (they exchange activations every layer, so they should share a node).
+    consecutive (they exchange activations every layer, so they should share a node). Build it
+    with :meth:`build`, the one place where the degrees are checked.
     """
 
     dp: int
     sp: int
     world_size: int
 
-    def __post_init__(self) -> None:
-        if self.sp < 1 or self.dp < 1 or self.dp * self.sp != self.world_size:
-            raise ParallelConfigError(
-                f"parallel degrees dp={self.dp} x sp={self.sp} must multiply to the world size "
-                f"{self.world_size}; pick sp dividing {self.world_size} and leave dp=-1"
-            )
-
     @classmethod
-    def from_config(cls, dp: int, sp: int, world_size: int) -> ParallelDims:
+    def build(
+        cls, world_size: int, sp: int, dp: int = -1, *, n_heads: int, n_kv_heads: int
+    ) -> ParallelDims:
+        """Check the degrees against the world size and the model's heads; resolve ``dp=-1``.
+
+        Valid: ``sp`` divides the world size and the query heads, and the KV heads divide by
+        ``sp`` (scattered) or ``sp`` divides by them (repeated); ``dp * sp == world_size``.
+
+        Args:
+            world_size: processes in the job.
+            sp: sequence-parallel degree (``parallel.sp``).
+            dp: data-parallel degree (``parallel.dp``), -1 for ``world_size / sp``.
+            n_heads: the model's query heads.
+            n_kv_heads: the model's key/value heads.
+
+        Raises:
+            ParallelConfigError: one message with the world size, the degrees asked for, the
+                model's head counts and the valid SP degrees for this model and world size.
+        """
+        problem = None
         if sp < 1 or world_size % sp:
-            raise ParallelConfigError(
-                f"parallel.sp={sp} must divide the world size {world_size} "
-                f"(valid: {[d for d in range(1, world_size + 1) if world_size % d == 0]})"
+            problem = f"parallel.sp={sp} does not divide the world size {world_size}"
+        elif n_heads % sp:
+            problem = f"parallel.sp={sp} does not divide the {n_heads} query heads"
+        elif n_kv_heads % sp and sp % n_kv_heads:
+            problem = (
+                f"parallel.sp={sp} neither divides the {n_kv_heads} KV heads (to scatter them) "
+                "nor is a multiple of them (to repeat them)"
             )
-        return cls(dp=world_size // sp if dp == -1 else dp, sp=sp, world_size=world_size)
+        elif dp != -1 and dp * sp != world_size:
+            problem = f"parallel.dp={dp} x parallel.sp={sp} = {dp * sp} is not the world size"
+        if problem is not None:
+            valid = cls.valid_sp_degrees(world_size, n_heads, n_kv_heads)
+            raise ParallelConfigError(
+                f"invalid parallel layout: {problem} (world size {world_size}, parallel.sp={sp}, "
+                f"parallel.dp={dp}; the model has {n_heads} query heads and {n_kv_heads} KV "
+                f"heads). Valid parallel.sp on {world_size} ranks for this model: "
+                f"{', '.join(map(str, valid))}; leave parallel.dp=-1 (= world size / sp)"
+            )
+        return cls(dp=world_size // sp, sp=sp, world_size=world_size)
+
+    @staticmethod
+    def valid_sp_degrees(world_size: int, n_heads: int, n_kv_heads: int) -> list[int]:
+        """The SP degrees a model with these heads can use on ``world_size`` ranks."""
+        return [
+            sp
+            for sp in range(1, world_size + 1)
+            if world_size % sp == 0
+            and n_heads % sp == 0
+            and (n_kv_heads % sp == 0 or sp % n_kv_heads == 0)
+        ]
 
     def coords(self, rank: int) -> tuple[int, int]:
         """``(dp_rank, sp_rank)`` of a global rank."""
         return divmod(rank, self.sp)
-
-    def check_model(self, n_heads: int, n_kv_heads: int) -> None:
-        """Fail early when the SP degree cannot split the model's heads."""
-        if self.sp == 1:
-            return
-        if n_heads % self.sp:
-            valid = [d for d in range(1, n_heads + 1) if n_heads % d == 0]
-            raise ParallelConfigError(
-                f"parallel.sp={self.sp} does not divide the {n_heads} attention heads; "
-                f"valid degrees: {valid}"
-            )
-        if n_kv_heads % self.sp and self.sp % n_kv_heads:
-            raise ParallelConfigError(
-                f"parallel.sp={self.sp} neither divides nor is a multiple of the {n_kv_heads} "
-                "KV heads"
-            )
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         return init_device_mesh(device_type, (self.dp, self.sp), mesh_dim_names=("dp", "sp"))
@@ -70,21 +114,27 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
     """Start the default process group (NCCL on GPU, gloo on CPU) and return rank, world, device.
 
     Works as one plain process (a world of one on a local TCP store) or under ``torchrun``.
+
+    Args:
+        timeout_s: how long a collective waits for a peer before failing (``parallel.timeout_s``):
+            a rank that died makes the others exit with an error instead of hanging.
     """
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = timedelta(seconds=timeout_s)
         if "RANK" in os.environ:  # torchrun (or another launcher) set the rendezvous
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, timeout=timeout)
         else:  # a plain process: a world of one on a private local store
             dist.init_process_group(
                 backend=backend,
                 init_method=f"tcp://127.0.0.1:{_free_port()}",
                 rank=0,
                 world_size=1,
+                timeout=timeout,
             )
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
@@ -97,8 +147,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,12 +1,13 @@
 """Apply parallelism and memory savings to a native model from outside, in a fixed order:
 
-1. activation checkpointing (none | selective | full) around each block;
+0. sequence parallelism (when the mesh's ``sp`` dimension is > 1): every block's
+   ``Attention.core`` wrapped in Ulysses all-to-alls over the ``sp`` group;
+1. activation checkpointing (none | selective | full) around each block; selective keeps the
+   all-to-all outputs, so recomputing a block repeats no communication;
 2. ``torch.compile`` of each block (optional), so its elementwise work (RMSNorm, RoPE,
    SiLU * up, residual adds) fuses; the checkpointing wrapper is compiled with the block;
 3. FSDP2 (``fully_shard``) of each block, then of the root, over all ranks of the mesh
    (dp x sp flattened), with bf16 compute / fp32 reduction on GPU.
-
-Sequence parallelism will slot in before step 1 by wrapping ``Attention.core``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from longtune.model.llama import Transformer
+from longtune.parallel.ulysses import SAVE_OPS as _SP_SAVE_OPS
+from longtune.parallel.ulysses import apply_sequence_parallel
 
 AC_MODES = ("none", "selective", "full")
 
-# Selective checkpointing keeps the outputs of attention, of the attention output projection
+# Selective checkpointing keeps the outputs of attention (and of the sequence-parallel
+# all-to-alls, so a recompute repeats no communication), of the attention output projection
 # (wo) and of the gate/up projection (w13), and recomputes the rest in the backward pass:
 # norms, RoPE, SiLU * up and the residual adds (cheap, and they hold most activation bytes),
 # and the q/k/v projection. w2's output is not kept either: nothing in the backward pass needs
@@ -34,20 +38,21 @@ AC_MODES = ("none", "selective", "full")
 # per FLOP; q/k/v is the widest of the attention ones. (SmolLM2-135M at 4,096 tokens: 5,769 ->
 # 4,233 floats per token and layer, for 5 % more step FLOPs; test_model_perf.py pins which
 # matmuls are recomputed.)
-_ATTENTION_OPS = {
+_KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    *_SP_SAVE_OPS,
 }
 # The op behind torch.nn.attention.varlen.varlen_attn (the packed-sequence GPU path; registered
 # when its module is imported) and FlexAttention's higher-order op.
 if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
     importlib.import_module("torch.nn.attention.varlen")
 if hasattr(torch.ops, "torch_attn") and hasattr(torch.ops.torch_attn, "_varlen_attn"):
-    _ATTENTION_OPS.add(torch.ops.torch_attn._varlen_attn.default)
+    _KEPT_OPS.add(torch.ops.torch_attn._varlen_attn.default)
 if hasattr(torch.ops.higher_order, "flex_attention"):
-    _ATTENTION_OPS.add(torch.ops.higher_order.flex_attention)
+    _KEPT_OPS.add(torch.ops.higher_order.flex_attention)
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 # A block's matmuls in forward order: wqkv, wo, w13, w2. The outputs of these are not kept:
 _RECOMPUTED_MATMULS = {0, 3}
@@ -62,7 +67,7 @@ def _selective_context():  # noqa: ANN202
             count[ctx.is_recompute] += 1
             keep = index % 4 not in _RECOMPUTED_MATMULS
         else:
-            keep = op in _ATTENTION_OPS
+            keep = op in _KEPT_OPS
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
@@ -118,18 +123,20 @@ def parallelize(
     param_dtype: torch.dtype | None,
     compile: bool = False,
 ) -> nn.Module:
-    """Apply activation checkpointing, compile (optional), then FSDP2.
+    """Apply sequence parallelism, activation checkpointing, compile (optional), then FSDP2.
 
     Args:
-        model: the native model (typically on the meta device).
-        mesh: the device mesh; FSDP shards over all of it.
-        ac_mode: ``none`` | ``selective`` | ``full``.
-        param_dtype: compute dtype of FSDP's mixed precision (``None``: the parameters' own).
+        model: the native model, usually still on the meta device.
+        mesh: the ``("dp", "sp")`` device mesh of :meth:`ParallelDims.build_mesh`.
+        ac_mode: ``none``, ``selective`` or ``full``.
+        param_dtype: compute dtype of the gathered parameters (None = as stored).
         compile: ``torch.compile`` each block.
 
     Returns:
-        The same (now sharded) model.
+        The same model, now sharded.
     """
+    if mesh["sp"].size() > 1:
+        apply_sequence_parallel(model, mesh["sp"].get_group())
     apply_activation_checkpointing(model, ac_mode)
     if compile:
         apply_compile(model)

@@ -5,13 +5,14 @@ Layout of one checkpoint, ``<run_dir>/checkpoints/step-<N>/``::
     .metadata, __<rank>_0.distcp   model + optimizer state, written by torch.distributed.checkpoint
                                    (DCP): each rank writes its own shards, any world size can load
     rank-<r>.pt                    per rank: scheduler state, RNG states, the caller's ``extra``
-    COMPLETE                       JSON manifest (step, world size, every file with its size and,
-                                   for the small files, a CRC32), written last
+    COMPLETE                       JSON manifest (step, world size, every file with its size and
+                                   CRC32), written last
 
 Protocol (why no crash leaves something that looks complete but is not):
 
 1. rank 0 creates ``step-N.tmp-<pid>``; every rank writes its files there and fsyncs them
-   (DCP fsyncs its shards and ``.metadata``); barrier.
+   (DCP fsyncs its shards and ``.metadata``), then computes the CRC32 of the files it wrote
+   (rank 0 gathers them); barrier.
 2. rank 0 writes and fsyncs ``COMPLETE`` inside the tmp dir, fsyncs the tmp dir, then renames
    it to ``step-N`` and fsyncs ``checkpoints/``. The rename is the commit: before it only a
    ``*.tmp-*`` directory exists (never considered), after it a complete ``step-N`` exists.
@@ -19,8 +20,17 @@ Protocol (why no crash leaves something that looks complete but is not):
    ``step-K.trash-<pid>`` (so a half-deleted one never looks like a checkpoint), and stale
    tmp/trash directories of killed runs are removed.
 
-:func:`find_latest_checkpoint` additionally checks the manifest against the files on disk and
-that DCP's metadata is readable, and skips (with a log line) anything that fails.
+:func:`find_latest_checkpoint` trusts a checkpoint only once every file in its manifest is
+there with its size and CRC32 (zlib, read in 1 MiB blocks: about 0.5 s per GB and core, one
+read of the checkpoint by rank 0, up to 8 files at a time; the other ranks check sizes and the
+small files, and follow rank 0's choice) and its DCP metadata unpickles under :mod:`longtune.train.dcp_safe`'s
+allowlist; anything else is skipped with a warning naming it, and the previous complete
+checkpoint is used. A verified checkpoint is not read again in the same process unless a
+file's size, mtime or inode changed. Metadata that names code a DCP checkpoint never holds is
+not a corruption but a crafted file: :class:`UnsafeCheckpointError` stops the run instead.
+:func:`load_checkpoint` reads through the same allowlist (``dcp_safe.SafeReader`` and
+``SafePlanner``) and refuses a checkpoint whose model tensors have other names or shapes than
+the model it is loaded into ("checkpoint is for a different model").
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,11 +56,21 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
+)
+
+from longtune.fsutil import OutputDirError, describe_os_error, probe_write
+from longtune.train.dcp_safe import (
+    SafePlanner,
+    SafeReader,
+    UnsafeCheckpointError,
+    read_metadata,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,8 +79,19 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _STALE_DIR = re.compile(r"step-\d+\.(tmp|trash)-.+")
-# Files up to this size get a CRC32 in the manifest (metadata, rank files); shards only a size.
-_CRC_MAX_BYTES = 64 * 1024 * 1024
+_CRC_BLOCK = 1 << 20
+_SMALL_FILE = 64 << 20  # checksummed by every rank; larger files and shards by rank 0 only
+# Checkpoints verified by this process: path -> (size, mtime_ns, inode) of every file.
+_VERIFIED: dict[Path, tuple] = {}
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "check_checkpoint_model",
+    "checkpoint_info",
+    "find_latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 def _dist_state() -> tuple[bool, int, int]:
@@ -100,9 +132,21 @@ def _write_durable(path: Path, data: bytes) -> None:
 def _crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+        while chunk := f.read(_CRC_BLOCK):
             crc = zlib.crc32(chunk, crc)
     return crc
+
+
+def _own_files(tmp: Path, rank: int) -> dict[str, int]:
+    """CRC32 of the files this rank wrote: its DCP shards and rank file (rank 0: all others)."""
+    mine = {}
+    for path in sorted(tmp.iterdir()):
+        name = path.name
+        written_by = re.fullmatch(r"__(\d+)_\d+\.distcp|rank-(\d+)\.pt", name)
+        owner = int(next(g for g in written_by.groups() if g is not None)) if written_by else 0
+        if owner == rank:
+            mine[name] = _crc32(path)
+    return mine
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -220,6 +264,59 @@ def save_checkpoint(
             logger.warning("checkpoint %s already exists and is complete; not overwriting", final)
         return final
 
+    # Each rank writes its files and checksums them (read back from the page cache); rank 0
+    # collects the checksums, and every rank learns whether any rank failed to write.
+    try:
+        _write_rank_files(tmp, step, rank, world, model, optimizer, scheduler, extra, initialized)
+        result = {"crc": _own_files(tmp, rank), "error": None}
+    except (OSError, CheckpointException) as exc:
+        result = {"crc": {}, "error": _write_failure(exc, tmp)}
+    results = [result]
+    if initialized:
+        results = [None] * world
+        dist.all_gather_object(results, result)
+    errors = [r["error"] for r in results if r["error"]]
+    if errors:
+        if rank == 0:  # free the space; the complete checkpoints were never touched
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(initialized)
+        raise OutputDirError(errors[0])
+    crcs = [r["crc"] for r in results]
+
+    if rank == 0:
+        by_name = {name: crc for part in crcs for name, crc in part.items()}
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            crc = by_name.get(path.name)
+            files[path.name] = {
+                "size": path.stat().st_size,
+                "crc32": crc if crc is not None else _crc32(path),
+            }
+        manifest = {"step": step, "world_size": world, "time": time.time(), "files": files}
+        _write_durable(tmp / MARKER, json.dumps(manifest, indent=1).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # incomplete (checked above): move it out of the way first
+            _remove_dir(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        logger.info("saved checkpoint %s", final)
+        _prune(root, keep_last)
+    _barrier(initialized)
+    return final
+
+
+def _write_rank_files(
+    tmp: Path,
+    step: int,
+    rank: int,
+    world: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    extra: dict[str, Any],
+    initialized: bool,
+) -> None:
+    """This rank's DCP shards (rank 0 also ``.metadata``) and ``rank-<r>.pt``, fsynced."""
     with _quiet_single_process():
         dcp.save(
             _app_state(model, optimizer),
@@ -237,26 +334,24 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     _write_durable(tmp / f"rank-{rank}.pt", buffer.getvalue())
-    _barrier(initialized)
 
-    if rank == 0:
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            size = path.stat().st_size
-            files[path.name] = {"size": size}
-            if size <= _CRC_MAX_BYTES and not path.name.endswith(".distcp"):
-                files[path.name]["crc32"] = _crc32(path)
-        manifest = {"step": step, "world_size": world, "time": time.time(), "files": files}
-        _write_durable(tmp / MARKER, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
-        if final.exists():  # incomplete (checked above): move it out of the way first
-            _remove_dir(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        logger.info("saved checkpoint %s", final)
-        _prune(root, keep_last)
-    _barrier(initialized)
-    return final
+
+def _write_failure(exc: BaseException, tmp: Path) -> str:
+    """One line for a checkpoint write that failed on I/O (disk full, read-only, ...).
+
+    DCP wraps each rank's error; ``torch.save`` reports a short write on a full disk as a
+    ``RuntimeError``, so when no OSError is inside, a probe write tells whether the folder can
+    take data at all. Anything else (a bug, an interrupt) is re-raised as it is.
+    """
+    if isinstance(exc, CheckpointException):
+        inner = [e for e, _ in exc.failures.values() if isinstance(e, OSError)]
+        found = inner[0] if inner else probe_write(tmp)
+        if found is None:
+            raise exc
+        exc = found
+    assert isinstance(exc, OSError)
+    exc.filename = str(tmp.parent)  # the checkpoints folder (the tmp folder is removed)
+    return describe_os_error(exc, "checkpoint")
 
 
 def _remove_dir(path: Path) -> None:
@@ -306,25 +401,62 @@ def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str]:
     return manifest, ""
 
 
+def _signature(path: Path, names: list[str]) -> tuple:
+    stats = [(path / name).stat() for name in names]
+    return tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in stats)
+
+
+def _is_coordinator() -> bool:
+    """Rank 0 of the job (``RANK`` before the process group exists, as torchrun sets it)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _verify(path: Path) -> str | None:
-    """None if ``path`` is a complete, intact checkpoint, else the reason it is not."""
+    """None if ``path`` is a complete, intact checkpoint, else the reason it is not.
+
+    Raises:
+        UnsafeCheckpointError: the files are intact but the metadata names code (crafted).
+    """
     if not path.is_dir():
         return "not a directory"
     manifest, why = _read_manifest(path)
     if manifest is None:
         return why
+    names = sorted(manifest["files"]) + [MARKER]
     for name, info in manifest["files"].items():
         file = path / name
         if not file.is_file():
             return f"missing file {name}"
         if file.stat().st_size != info.get("size"):
             return f"{name} has {file.stat().st_size} bytes, expected {info.get('size')}"
-        if "crc32" in info and _crc32(file) != info["crc32"]:
+        if "crc32" not in info:
+            return f"the manifest has no checksum for {name} (written by an older longtune)"
+    signature = _signature(path, names)
+    if _VERIFIED.get(path.resolve()) == signature:
+        return None
+    # Rank 0 (the one that picks the checkpoint; the others follow its choice) checksums every
+    # file; the other ranks the small ones, so N ranks do not read the checkpoint N times.
+    everything = _is_coordinator()
+    names = [
+        n
+        for n, info in sorted(manifest["files"].items())
+        if everything or (info["size"] <= _SMALL_FILE and not n.endswith(".distcp"))
+    ]
+    workers = max(1, min(8, os.cpu_count() or 1, len(names)))
+    with ThreadPoolExecutor(workers) as pool:  # zlib releases the GIL: files in parallel
+        crcs = list(pool.map(_crc32, [path / n for n in names]))
+    for name, crc in zip(names, crcs, strict=True):
+        if crc != manifest["files"][name]["crc32"]:
             return f"{name} is corrupted (CRC32 mismatch)"
     try:
-        dcp.FileSystemReader(path).read_metadata()
-    except Exception as exc:  # any unpickling/IO failure means the checkpoint is unusable
-        return f"unreadable DCP metadata ({type(exc).__name__}: {exc})"
+        read_metadata(path)
+    except UnsafeCheckpointError:
+        raise
+    except (OSError, ValueError) as exc:
+        return f"unreadable DCP metadata ({exc})"
+    _VERIFIED[path.resolve()] = signature
     return None
 
 
@@ -369,6 +501,46 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def check_checkpoint_model(path: str | Path, model: nn.Module) -> None:
+    """Refuse a checkpoint whose model tensors differ in name or shape from ``model``'s.
+
+    Reads only the (verified, allowlisted) metadata, so the preflight can call it with a model
+    built on the meta device.
+
+    Args:
+        path: a complete checkpoint.
+        model: the model it would be loaded into (plain, sharded, or on the meta device).
+
+    Raises:
+        ValueError: "checkpoint ... is for a different model (...)".
+    """
+    checkpoint_info(path)
+    _check_same_model(Path(path), read_metadata(path), get_model_state_dict(model))
+
+
+def _check_same_model(path: Path, metadata: Any, model_state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model tensors differ in name or shape from ``model_state``."""
+    saved = {
+        key.removeprefix("model."): tuple(md.size)
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
+    here = {key: tuple(t.shape) for key, t in model_state.items() if torch.is_tensor(t)}
+    if saved == here:
+        return
+    missing, extra = sorted(here.keys() - saved.keys()), sorted(saved.keys() - here.keys())
+    shapes = [k for k in sorted(here.keys() & saved.keys()) if here[k] != saved[k]]
+    if shapes:
+        k = shapes[0]
+        detail = f"{k} has shape {list(saved[k])} there, {list(here[k])} here"
+    else:
+        detail = f"tensors only here: {missing[:3]}, only there: {extra[:3]}"
+    raise ValueError(
+        f"checkpoint {path} is for a different model ({detail}); resume it with the model it "
+        "was trained from, or start a new run in another output folder"
+    )
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -401,8 +573,16 @@ def load_checkpoint(
     path = Path(path)
     initialized, rank, world = _dist_state()
     state = _app_state(model, optimizer)
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not initialized)
+    reader = SafeReader(path)
+    _check_same_model(path, reader.read_metadata(), state["model"])
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=not initialized)
+    except CheckpointException as exc:  # DCP wraps each rank's error with its traceback
+        for inner, _ in exc.failures.values():
+            if isinstance(inner, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{path}: {inner}") from None
+        raise
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
@@ -428,4 +608,22 @@ def load_checkpoint(
         scheduler.load_state_dict(payload["scheduler"])
     if restore_rng and own_file:
         restore_rng_state(payload["rng"])
+    return payload["extra"]
+
+
+def read_extra(path: str | Path, rank: int = 0) -> dict[str, Any]:
+    """One rank's ``extra`` dict of a complete checkpoint, without loading model or optimizer.
+
+    Args:
+        path: a checkpoint directory.
+        rank: whose extra state (rank 0's by default).
+
+    Returns:
+        The dict given to save_checkpoint on that rank.
+
+    Raises:
+        ValueError: if the checkpoint is incomplete or corrupted.
+    """
+    checkpoint_info(path)
+    payload = torch.load(Path(path) / f"rank-{rank}.pt", map_location="cpu", weights_only=True)
     return payload["extra"]

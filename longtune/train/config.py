@@ -1,14 +1,14 @@
 """Run configuration: nested dataclasses, one YAML file, ``--section.key=value`` overrides.
 
 Precedence is CLI > file > defaults. Everything that can be checked without knowing the world
-size is validated by :func:`load_config`, before any process group or allocation; the checks
-that need the world size live in :func:`validate_for_world`.
+size is validated by :func:`load_config`, before any process group or allocation; the parallel
+degrees, which need the world size and the model's heads, are checked by
+``longtune.parallel.dims.ParallelDims.build``.
 
 Example::
 
     cfg = load_config("run.yaml", ["--optim.lr=3e-5", "--task-type", "chat"])
-    dp = validate_for_world(cfg, world_size=8)
-    grad_accum = resolve_grad_accum(cfg, dp)
+    grad_accum = resolve_grad_accum(cfg, dp_size=4)
 
 This module imports no torch, so the CLI can validate a config cheaply.
 """
@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -30,6 +31,7 @@ from typing import Any
 import yaml
 
 from longtune.model.args import ATTENTION_BACKENDS
+from longtune.run_dir import RunDir
 
 
 class ConfigError(ValueError):
@@ -96,7 +98,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: list[str]
-    """Training data files (JSONL or text); comma-separated on the command line. Required."""
+    """Training data files or folders (JSONL or text); comma-separated on the command line
+    (write a comma inside a file name as \\,). Required."""
 
     eval: list[str] = field(default_factory=list)
     """Evaluation data files; empty = no evaluation."""
@@ -105,7 +108,8 @@ class DataConfig:
     """Format of the data lines: chat | instruction | text."""
 
     context_length: int = 8192
-    """Tokens per packed sequence (the full sequence, before sequence-parallel slicing)."""
+    """Tokens per packed sequence (the full sequence, before sequence-parallel slicing; padded
+    up to a multiple of parallel.sp with tokens that carry no loss and that no document sees)."""
 
     loss_on: str = "all_assistant"
     """Which tokens carry loss in chat data: all_assistant | last_assistant."""
@@ -182,6 +186,10 @@ class ParallelConfig:
     dp: int = -1
     """Data-parallel degree; -1 = world_size / sp."""
 
+    timeout_s: float = 300.0
+    """Seconds a collective waits for a peer: if a rank dies (killed, out of memory), the others
+    exit with an error after at most this long instead of hanging."""
+
 
 @dataclass
 class CheckpointConfig:
@@ -249,6 +257,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlength": ("truncate", "drop", "split"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
+
+#: Keys that hold a list of paths (comma-separated on the command line, ``\,`` escapes).
+PATH_LISTS = ("data.train", "data.eval")
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(JobConfig)
 _TRUE = ("true", "yes", "on", "1")
@@ -350,7 +361,24 @@ def _parse(fn: Any, text: str, where: str) -> Any:
 
 
 def _split_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    """Split a command-line list on commas; ``\\,`` is a comma inside an item (a file name)."""
+    parts = re.split(r"(?<!\\),", text)
+    return [p.strip().replace("\\,", ",") for p in parts if p.strip()]
+
+
+def _check_comma_paths(key: str, raw: Any, paths: list[str]) -> None:
+    """A path list split on a comma that belongs to a file name: say so and how to escape it."""
+    if not isinstance(raw, str) or "," not in raw or all(os.path.exists(p) for p in paths):
+        return
+    for i in range(len(paths)):
+        for j in range(i + 2, len(paths) + 1):
+            joined = ",".join(paths[i:j])
+            if os.path.exists(joined):
+                raise ConfigError(
+                    f"{key}: {joined!r} is one path whose name holds a comma, but commas "
+                    f"separate paths here; write it as '{joined.replace(',', chr(92) + ',')}' "
+                    "or list it in the YAML file"
+                )
 
 
 def _type_name(tp: Any) -> str:
@@ -410,7 +438,17 @@ def _read_yaml(path: str) -> dict[str, dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist or is not a file")
-    data = yaml.safe_load(file.read_text())
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.MarkedYAMLError as e:  # syntax errors and tags such as !!python/object
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        what = " ".join(str(p) for p in (e.context, e.problem) if p)
+        if e.problem and "could not determine a constructor" in e.problem:
+            what = f"{e.problem.split(' for the tag ')[-1]} is not allowed (plain YAML values only)"
+        raise ConfigError(f"config file {path}{line}: {what}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: not readable YAML ({e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -445,16 +483,62 @@ def load_config(path: str | None, overrides: list[str]) -> JobConfig:
         ConfigError: naming the key, for unknown keys, missing required keys, unparsable
             values and values out of range (choices are listed).
     """
+    values = _file_values(path)
+    for key, value, flag in parse_overrides(overrides):
+        section, name = key.split(".", 1)
+        values[section][name] = (value, flag)
+    return _build(values)
+
+
+def config_from_values(values: dict[str, Any], path: str | None = None) -> JobConfig:
+    """Build and validate the run configuration from typed values (the Python API's way).
+
+    Same precedence and checks as :func:`load_config` (values > file > defaults), without a
+    round trip through command-line strings: ``{"data.train": ["a.jsonl"], "optim.lr": 3e-5,
+    "train.duration": "2ep"}``. A plain string given for a list setting is one item (a path
+    with a comma in it stays one path).
+
+    Args:
+        values: ``"section.key"`` -> value (Python types: str, int, float, bool, list, tuple,
+            :class:`Duration` or its string form).
+        path: optional YAML file under the values.
+
+    Returns:
+        The validated JobConfig.
+
+    Raises:
+        ConfigError: naming the key, exactly as :func:`load_config`.
+    """
+    merged = _file_values(path)
+    for key, value in values.items():
+        section, name = _check_key(key, f"argument {key}")
+        tp = _section_fields(section)[name]
+        if isinstance(value, str) and typing.get_origin(_strip_optional(tp)) is list:
+            value = [value]
+        merged[section][name] = (value, f"argument {key}")
+    return _build(merged)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _file_values(path: str | None) -> dict[str, dict[str, tuple[Any, str]]]:
+    """``{section: {name: (raw value, where it came from)}}`` from a YAML file (or empty)."""
     values: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _SECTIONS}
     if path is not None:
         for section, body in _read_yaml(path).items():
             for name, value in body.items():
                 _check_key(f"{section}.{name}", f"config file {path}")
                 values[section][name] = (value, f"config file {path}")
-    for key, value, flag in parse_overrides(overrides):
-        section, name = key.split(".", 1)
-        values[section][name] = (value, flag)
+    return values
 
+
+def _build(values: dict[str, dict[str, tuple[Any, str]]]) -> JobConfig:
+    """Coerce every given value to its field's type, fill defaults, validate."""
     sections: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         hints = _section_fields(section)
@@ -464,6 +548,8 @@ def load_config(path: str | None, overrides: list[str]) -> JobConfig:
             if f.name in values[section]:
                 raw, source = values[section][f.name]
                 kwargs[f.name] = _coerce(raw, hints[f.name], key, source)
+                if key in PATH_LISTS:
+                    _check_comma_paths(key, raw, kwargs[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 flag = next((a for a, k in FLAG_ALIASES.items() if k == key), None)
                 hint = f" or --{flag}" if flag else ""
@@ -523,55 +609,18 @@ def validate_config(cfg: JobConfig) -> None:
             t.grad_accum,
             f"train.batch_tokens={t.batch_tokens} derives grad_accum; set only one of the two",
         )
+    _ensure(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
     _ensure(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = start and end)")
     _ensure(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0 (0 = all)")
     _ensure(p.sp >= 1, "parallel.sp", p.sp, "must be >= 1")
     _ensure(p.dp == -1 or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1, or -1 for world_size/sp")
-    _ensure(
-        d.context_length % p.sp == 0,
-        "data.context_length",
-        d.context_length,
-        f"must be divisible by parallel.sp={p.sp}; the nearest valid lengths are "
-        f"{d.context_length // p.sp * p.sp} and {(d.context_length // p.sp + 1) * p.sp}",
-    )
+    _ensure(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
     _ensure(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
     _ensure(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _ensure(
         bool(c.resume.strip()), "checkpoint.resume", c.resume, "use auto, never or a checkpoint dir"
     )
     _ensure(bool(cfg.output.dir.strip()), "output.dir", cfg.output.dir, "give a run directory")
-
-
-def validate_for_world(cfg: JobConfig, world_size: int) -> int:
-    """Check the parallel degrees against the world size and resolve the data-parallel degree.
-
-    Args:
-        cfg: a validated configuration.
-        world_size: the number of processes in the job.
-
-    Returns:
-        The data-parallel degree (``parallel.dp``, or world_size / sp when it is -1).
-
-    Raises:
-        ConfigError: printing every degree and the world size when they do not fit.
-    """
-    sp, dp = cfg.parallel.sp, cfg.parallel.dp
-    degrees = f"world_size={world_size}, parallel.sp={sp}, parallel.dp={dp}"
-    if world_size < 1:
-        raise ConfigError(f"world size must be >= 1 ({degrees})")
-    if world_size % sp != 0:
-        valid = [s for s in range(1, world_size + 1) if world_size % s == 0]
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.sp={sp} ({degrees}); "
-            f"valid sp degrees for this world size: {', '.join(map(str, valid))}"
-        )
-    resolved = world_size // sp if dp == -1 else dp
-    if resolved * sp != world_size:
-        raise ConfigError(
-            f"parallel.dp * parallel.sp must equal the world size: {dp} * {sp} = {dp * sp} "
-            f"!= {world_size} ({degrees}); set parallel.dp={world_size // sp} or -1"
-        )
-    return resolved
 
 
 def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:
@@ -583,7 +632,7 @@ def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:
 
     Args:
         cfg: the configuration.
-        dp_size: the data-parallel degree (from :func:`validate_for_world`).
+        dp_size: the data-parallel degree (``ParallelDims.dp``).
 
     Returns:
         The gradient-accumulation steps, >= 1.
@@ -655,3 +704,86 @@ def field_docs() -> dict[str, str]:
         for section, cls in _SECTIONS.items()
         for name, doc in by_class.get(cls.__name__, {}).items()
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a run: what may change
+# ---------------------------------------------------------------------------------------------
+
+#: Settings a resumed run may change freely: where and how the job runs, what it writes, how
+#: often it evaluates and saves. Everything else is compared with the run's own config.yaml.
+RESUME_FREE_SECTIONS = ("parallel", "checkpoint", "output")
+RESUME_FREE_KEYS = (
+    "model.activation_checkpointing",
+    "model.attention",
+    "train.compile",
+    "data.cache_dir",
+    "train.eval_every",
+    "train.eval_batches",
+)
+#: May change as long as the global batch (sequences per optimizer step) stays the same.
+RESUME_BATCH_KEYS = ("train.grad_accum", "train.batch_tokens")
+#: Optimizer settings and the run's length: fixed for a run (refused on resume, like the data
+#: and model settings, but with another way out: a new run from the exported model).
+RESUME_TRAINING_SECTIONS = ("optim",)
+RESUME_TRAINING_KEYS = ("train.duration",)
+
+
+def check_resume_config(
+    old: JobConfig, new: JobConfig, old_batch: int, new_batch: int, run_dir: str | Path
+) -> None:
+    """Refuse to resume a run with settings that differ from the ones it was trained with.
+
+    Args:
+        old: the run's own config (its ``config.yaml``).
+        new: the config of the resuming start.
+        old_batch: sequences per optimizer step when the checkpoint was written.
+        new_batch: sequences per optimizer step now (micro-batch x grad_accum x dp).
+        run_dir: the run folder (for the message).
+
+    Raises:
+        ConfigError: one message listing every refused difference (old → new) and what to do.
+    """
+    data_model: list[str] = []
+    training: list[str] = []
+    old_d, new_d = config_to_dict(old), config_to_dict(new)
+    for section, fields in new_d.items():
+        for name, value in fields.items():
+            key, before = f"{section}.{name}", old_d[section][name]
+            if value == before or section in RESUME_FREE_SECTIONS or key in RESUME_FREE_KEYS:
+                continue
+            if key in RESUME_BATCH_KEYS:
+                continue  # judged by the global batch below
+            change = f"{key}: {_show(before)} → {_show(value)}"
+            if section in RESUME_TRAINING_SECTIONS or key in RESUME_TRAINING_KEYS:
+                training.append(change)
+            else:
+                data_model.append(change)
+    if old_batch != new_batch:
+        data_model.append(
+            f"global batch: {old_batch} → {new_batch} sequences per optimizer step "
+            "(micro_batch_size x grad_accum x data-parallel ranks; change grad_accum or "
+            "batch_tokens only together with the number of ranks)"
+        )
+    if not data_model and not training:
+        return
+    parts = []
+    if data_model:
+        parts.append(f"{', '.join(data_model)} (these change the data or the model)")
+    if training:
+        parts.append(
+            f"{', '.join(training)} (optimizer settings and the length of a run are fixed)"
+        )
+    run = RunDir(run_dir)
+    raise ConfigError(
+        f"cannot resume {run.path} with changed settings: {'; '.join(parts)}. Resume with the "
+        f"run's own settings ({run.config}), or start a new run from its exported model "
+        f"(--model {run.export}, or `longtune export` a checkpoint first) in another output "
+        "folder"
+    )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "[]"
+    return str(value)

@@ -1,0 +1,535 @@
+"""The runs of a runs folder: list, inspect, launch, cancel and resume them.
+
+``longtune runs list|show|cancel|resume``, ``longtune.runs.list() / get(name) / cancel(name) /
+resume(name)`` and the web UI all use this module, and it reads runs only from their folders through
+:mod:`longtune.run_dir` (``status.json``, ``config.yaml``, ``metrics.jsonl``, the launch record):
+nothing is kept in memory, so runs started from the CLI, the Python API or the UI appear in all
+three, and a restarted UI finds its runs again.
+
+A run's displayed status is its ``status.json`` state, ``failed (<reason>)`` for a failed run
+(``failed (process gone)`` when a ``running`` record's process no longer exists). A run started
+by :func:`launch` whose trainer has not written a status yet is ``starting`` while the launched
+process lives; if it ends without one, ``failed (exit code N)`` (or ``failed (process gone)``
+when it was killed by a signal or nobody saw it end), with the last line of its output as the
+error.
+
+:func:`launch` starts ``python -m longtune train RUN/config.yaml`` (or the same under
+``torch.distributed.run`` for several processes) with an argument list, never a shell, as the
+leader of a new session, its output going to ``RUN/launch.log``. :func:`cancel` sends SIGTERM to
+the run's process group, which the trainer answers by finishing its step, writing a checkpoint
+and ending with status ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from longtune.run_dir import (
+    RunDir,
+    end_launch,
+    latest_metrics,
+    read_launch,
+    read_status,
+    write_launch,
+)
+from longtune.train.config import JobConfig, save_config
+from longtune.train.metrics import format_duration
+
+DEFAULT_RUNS_DIR = "runs"
+#: A run name: a plain folder name (letters, digits, ``.``, ``_``, ``-``; not starting with ``.``).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+@dataclass
+class RunInfo:
+    """One run as read from its folder."""
+
+    name: str
+    path: Path
+    state: str
+    """``running``, ``succeeded``, ``failed``, ``cancelled``, ``starting`` or ``unknown``."""
+    status: str
+    """What to show: the state, with the reason for a failed run (``failed (process gone)``)."""
+    model: str | None = None
+    data: list[str] = field(default_factory=builtins.list)
+    step: int | None = None
+    total_steps: int | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    started_at: float | None = None
+    """Unix time the run (or its launch) started."""
+    duration_s: float | None = None
+    """From the start to the end (or to now, while it runs)."""
+    error: str | None = None
+    """The one-line reason of a failed run."""
+    message: str | None = None
+    """What the trainer said at the end (e.g. where a cancelled run checkpointed)."""
+    pid: int | None = None
+    pgid: int | None = None
+    host: str | None = None
+    export_dir: Path | None = None
+    """The exported Hugging Face folder, once written."""
+    export_check: dict[str, Any] | None = None
+
+    @property
+    def progress(self) -> float | None:
+        """Fraction of the optimizer steps done, when the total is known."""
+        if self.step is None or not self.total_steps:
+            return None
+        return min(1.0, self.step / self.total_steps)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict (paths as strings, ``progress`` included)."""
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["export_dir"] = str(self.export_dir) if self.export_dir else None
+        out["progress"] = self.progress
+        return out
+
+
+def check_name(name: str) -> str:
+    """Check that ``name`` is a plain run-folder name.
+
+    Args:
+        name: the run name.
+
+    Returns:
+        The name.
+
+    Raises:
+        ValueError: naming the rule, for names with path separators, leading dots and the like.
+    """
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"run name {name!r} is not valid: use 1-100 letters, digits, '.', '_' or '-', "
+            "not starting with '.'"
+        )
+    return name
+
+
+def list(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> builtins.list[RunInfo]:  # noqa: A001
+    """Every run in ``runs_dir``, newest first.
+
+    Args:
+        runs_dir: the folder holding run folders (a missing folder holds none).
+
+    Returns:
+        One :class:`RunInfo` per longtune run folder.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    runs = [
+        _info(RunDir(p))
+        for p in sorted(root.iterdir())
+        if p.is_dir() and (RunDir(p).is_run() or RunDir(p).launch.is_file())
+    ]
+    return sorted(runs, key=lambda r: -(r.started_at or 0.0))
+
+
+def get(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
+    """One run of ``runs_dir``.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the runs folder.
+
+    Returns:
+        The run.
+
+    Raises:
+        FileNotFoundError: no such run (the message lists the runs there).
+        ValueError: ``name`` is not a plain folder name.
+    """
+    run = RunDir(Path(runs_dir) / check_name(name))
+    if not run.path.is_dir() or not (run.is_run() or run.launch.is_file()):
+        names = [r.name for r in list(runs_dir)]
+        known = ", ".join(names[:20]) if names else "none"
+        raise FileNotFoundError(f"no run {name!r} in {runs_dir} (runs there: {known})")
+    return _info(run)
+
+
+def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
+    """Ask a running run to stop: SIGTERM to its process group.
+
+    The trainer finishes the current step, writes a checkpoint and ends with status
+    ``cancelled``. A run launched by :func:`launch` is signalled through its launched process's
+    group (under ``torch.distributed.run`` that process forwards the signal to every rank);
+    otherwise through the group recorded in ``status.json``.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the runs folder.
+
+    Returns:
+        The run as read just after the signal was sent.
+
+    Raises:
+        ValueError: the run is not running, or runs on another host.
+        FileNotFoundError: no such run.
+    """
+    info = get(name, runs_dir)
+    if info.state not in ("running", "starting"):
+        raise ValueError(f"run {name!r} is not running (status: {info.status}); nothing to cancel")
+    if info.host != socket.gethostname():
+        raise ValueError(
+            f"run {name!r} runs on host {info.host!r}, not this one "
+            f"({socket.gethostname()!r}); cancel it there"
+        )
+    run = RunDir(info.path)
+    launch = read_launch(run)
+    if launch is not None and launch.get("alive"):
+        target = launch["pgid"]
+    else:
+        target = (read_status(run) or {}).get("pgid")
+    if not isinstance(target, int) or target <= 1:
+        raise ValueError(f"run {name!r} has no process group on record; cannot signal it")
+    try:
+        os.killpg(target, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # it ended meanwhile; the status says how
+    return _info(run)
+
+
+def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
+    """Start a training run in a new folder as a background process.
+
+    The folder ``cfg.output.dir`` is created (it must not exist) and the config written to it
+    first, so the folder is a run from the start and a launch that fails in preflight ends with
+    a ``failed`` status (or, if the trainer never got that far, its output's last line).
+
+    Args:
+        cfg: the validated job config; ``output.dir`` is the new run folder.
+        nproc: processes on this machine (more than one: ``torch.distributed.run``).
+
+    Returns:
+        The run, ``starting``.
+
+    Raises:
+        FileExistsError: the run folder exists already.
+        ValueError: ``nproc`` is below 1.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} must be >= 1")
+    run = RunDir(Path(cfg.output.dir))
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run.path.mkdir()
+    except FileExistsError:
+        raise FileExistsError(
+            f"{run.path} exists already; choose another run name (longtune never writes into a "
+            "folder it did not create for this run)"
+        ) from None
+    save_config(cfg, run.config)
+    return _start(run, nproc)
+
+
+def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None = None) -> RunInfo:
+    """Start a stopped run (cancelled, failed) again in its folder, as :func:`launch` does.
+
+    The trainer continues from the run's newest complete checkpoint (``checkpoint.resume=auto``
+    over the run's own ``config.yaml``), or starts it over when there is none.
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the runs folder.
+        nproc: processes; default: as the run was launched (1 for a run started elsewhere).
+
+    Returns:
+        The run, ``starting``.
+
+    Raises:
+        ValueError: the run is running or finished.
+        FileNotFoundError: no such run, or it has no ``config.yaml``.
+    """
+    info = get(name, runs_dir)
+    if info.state not in ("cancelled", "failed"):
+        raise ValueError(
+            f"run {name!r} is {info.status}; only a cancelled or failed run can be resumed"
+        )
+    run = RunDir(info.path)
+    if not run.config.is_file():
+        raise FileNotFoundError(f"run {name!r} has no {run.config.name}; it cannot be restarted")
+    if nproc is None:
+        nproc = int((read_launch(run) or {}).get("nproc", 1))
+    return _start(run, nproc, ["--checkpoint.resume=auto"])
+
+
+def _start(run: RunDir, nproc: int, extra: builtins.list[str] | None = None) -> RunInfo:
+    """Start ``longtune train RUN/config.yaml`` for ``run`` in a new session; record it."""
+    if nproc < 1:
+        raise ValueError(f"nproc={nproc} must be >= 1")
+    argv = [sys.executable, "-m", "longtune", "train", str(run.config), *(extra or [])]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        argv = [*launcher, "--nproc-per-node", str(nproc), *argv[1:]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(run.launch_log, "ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    write_launch(run, proc.pid, argv=argv, nproc=nproc)
+    # Reap the process when it ends (no zombie shows as alive) and record its exit code.
+    threading.Thread(target=_reap, args=(proc, run), daemon=True).start()
+    return _info(run)
+
+
+def _reap(proc: subprocess.Popen, run: RunDir) -> None:
+    code = proc.wait()
+    end_launch(run, code)
+
+
+def tail_log(run_path: str | Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of the run's ``train.log`` (or of its launch output, when the
+    trainer has written no log yet).
+
+    Args:
+        run_path: the run folder.
+        lines: how many lines.
+
+    Returns:
+        The text ('' when there is none).
+    """
+    run = RunDir(run_path)
+    for path in (run.log, run.launch_log):
+        if path.is_file() and path.stat().st_size:
+            return "\n".join(_tail(path, lines))
+    return ""
+
+
+def launch_output(run_path: str | Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a launched run's stdout and stderr (``launch.log``).
+
+    Args:
+        run_path: the run folder.
+        lines: how many lines.
+
+    Returns:
+        The text ('' when the run was not launched by :func:`launch`).
+    """
+    path = RunDir(run_path).launch_log
+    return "\n".join(_tail(path, lines)) if path.is_file() else ""
+
+
+def _tail(path: Path, lines: int, max_bytes: int = 256 * 1024) -> builtins.list[str]:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - max_bytes))
+        text = f.read().decode("utf-8", errors="replace")
+    # Progress lines rewritten with carriage returns: keep what was last on screen.
+    return [line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:]]
+
+
+def _info(run: RunDir) -> RunInfo:
+    """Read everything shown about one run from its folder."""
+    status = read_status(run)
+    launch = read_launch(run)
+    cfg = _read_config(run)
+    info = RunInfo(name=run.name, path=run.path, state="unknown", status="unknown")
+    info.model = (cfg.get("model") or {}).get("path")
+    info.data = (cfg.get("data") or {}).get("train") or []
+    _fill_state(info, run, status, launch)
+    has_eval = bool((cfg.get("data") or {}).get("eval"))
+    train, eval_, last_step = latest_metrics(run, want_eval=has_eval)
+    info.train_loss = train["loss"] if train else None
+    info.eval_loss = eval_["eval_loss"] if eval_ else None
+    if last_step is not None:
+        info.step = max(info.step or 0, last_step)
+    if info.total_steps is None:
+        duration = (cfg.get("train") or {}).get("duration", "")
+        info.total_steps = int(duration[:-2]) if str(duration).endswith("st") else None
+    if run.export_check.is_file():
+        try:
+            info.export_check = json.loads(run.export_check.read_text())
+        except json.JSONDecodeError:
+            info.export_check = {"passed": False, "error": f"unreadable {run.export_check}"}
+    if run.export.is_dir():
+        info.export_dir = run.export
+    return info
+
+
+def _fill_state(
+    info: RunInfo, run: RunDir, status: dict[str, Any] | None, launch: dict[str, Any] | None
+) -> None:
+    """State, process and times from the status record, else from the launch record."""
+    launched_at = launch.get("launched_at") if launch else None
+    ended_at = launch.get("ended_at") if launch else None
+    if status is not None and launched_at and launched_at > status.get("updated_at", 0):
+        status = None  # from an earlier attempt (before a resume): the new process has not written
+    if status is not None:
+        info.state = status.get("state", "unknown")
+        info.step = status.get("step")
+        info.total_steps = status.get("total_steps")
+        info.pid, info.pgid, info.host = status.get("pid"), status.get("pgid"), status.get("host")
+        info.started_at = status.get("started_at") or launched_at
+        reason = status.get("reason")
+        info.status = f"failed ({reason})" if info.state == "failed" and reason else info.state
+        info.message = status.get("message")
+        if info.state == "failed":
+            info.error = status.get("error") or _last_line(run)
+        if info.state != "running" and reason != "process gone":
+            ended_at = status.get("ended_at") or status.get("updated_at", ended_at)
+    elif launch is not None:
+        info.pid, info.pgid, info.host = launch.get("pid"), launch.get("pgid"), launch.get("host")
+        info.started_at = launched_at
+        code = launch.get("exit_code")
+        if launch.get("alive"):
+            info.state = info.status = "starting"
+        elif code == 0:  # a trainer that writes no status (older longtune) and ended well
+            info.state = info.status = "succeeded"
+        else:  # ended before writing a status: show its last words
+            info.state = "failed"
+            gone = code is None or code < 0  # unseen, or killed by a signal
+            info.status = "failed (process gone)" if gone else f"failed (exit code {code})"
+            info.error = _last_line(run)
+    else:
+        info.started_at = _mtime(run.config)
+    if info.started_at is None:
+        return
+    if info.state in ("running", "starting"):
+        ended_at = time.time()
+    elif ended_at is None:  # gone without a word: its last sign of life
+        ended_at = max(filter(None, (_mtime(run.metrics), _mtime(run.status_file))), default=None)
+    if ended_at is not None:
+        info.duration_s = max(0.0, ended_at - info.started_at)
+
+
+def _last_line(run: RunDir) -> str | None:
+    """The last non-empty line of the launched process's output (its error, if it failed)."""
+    if not run.launch_log.is_file():
+        return None
+    lines = [line.strip() for line in _tail(run.launch_log, 20) if line.strip()]
+    return lines[-1] if lines else None
+
+
+def _read_config(run: RunDir) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(run.config.read_text())
+    except (FileNotFoundError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def format_loss(value: float | None) -> str:
+    """A loss for display (``-`` when there is none).
+
+    Args:
+        value: the loss.
+
+    Returns:
+        Four decimals, or ``-``.
+    """
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_time(timestamp: float | None) -> str:
+    """A Unix time as local ``YYYY-MM-DD HH:MM:SS`` (``-`` when there is none).
+
+    Args:
+        timestamp: seconds since the epoch.
+
+    Returns:
+        The text.
+    """
+    if timestamp is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def format_progress(info: RunInfo) -> str:
+    """``12/200`` steps (``-`` before the first).
+
+    Args:
+        info: the run.
+
+    Returns:
+        The text.
+    """
+    if info.step is None:
+        return "-"
+    return f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step)
+
+
+def format_table(runs: builtins.list[RunInfo]) -> str:
+    """The runs as a text table (``longtune runs list``).
+
+    Args:
+        runs: from :func:`list`.
+
+    Returns:
+        One header line and one line per run.
+    """
+    header = ("NAME", "STATUS", "STEP", "TRAIN LOSS", "EVAL LOSS", "STARTED", "DURATION", "MODEL")
+    rows = [header] + [
+        (
+            r.name,
+            r.status,
+            format_progress(r),
+            format_loss(r.train_loss),
+            format_loss(r.eval_loss),
+            format_time(r.started_at),
+            "-" if r.duration_s is None else format_duration(r.duration_s),
+            r.model or "-",
+        )
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in rows
+    )
+
+
+def format_details(info: RunInfo) -> str:
+    """One run as ``key: value`` lines (``longtune runs show``).
+
+    Args:
+        info: the run.
+
+    Returns:
+        The text.
+    """
+    check = info.export_check
+    lines = [
+        ("name", info.name),
+        ("folder", str(info.path)),
+        ("status", info.status),
+        ("error", info.error),
+        ("message", info.message if info.message != info.error else None),
+        ("model", info.model),
+        ("data", ", ".join(info.data) or None),
+        ("step", format_progress(info)),
+        ("train loss", format_loss(info.train_loss)),
+        ("eval loss", format_loss(info.eval_loss)),
+        ("started", format_time(info.started_at)),
+        ("duration", None if info.duration_s is None else format_duration(info.duration_s)),
+        ("process", f"pid {info.pid}, group {info.pgid} on {info.host}" if info.pid else None),
+        ("export", str(info.export_dir) if info.export_dir else None),
+        ("self-check", None if check is None else ("passed" if check.get("passed") else "FAILED")),
+    ]
+    return "\n".join(f"{key + ':':<12} {value}" for key, value in lines if value is not None)

@@ -1,0 +1,96 @@
+"""The run folder's keeper: its lock and its ``status.json``, held by global rank 0.
+
+Contract:
+
+- Nothing is created just to record a status: a run refused before its folder exists leaves
+  nothing behind. A folder that already is a longtune run is locked before the preflight
+  checks read it (:meth:`RunKeeper.claim_existing`), so their failure is recorded there; a new
+  folder is created and locked only once the checks passed (:meth:`RunKeeper.claim`).
+- One writer per folder: the lock (``run_dir.lock_run``) is held until the process ends. A run
+  refused by the lock writes nothing into the folder.
+- ``running`` (pid, host, the process group to signal, ``started_at``, ``step``,
+  ``total_steps``) is rewritten after every optimizer step; the end is ``succeeded``,
+  ``failed`` (``reason``, ``error``) or ``cancelled``.
+- Other ranks keep nothing: every method is a no-op there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from longtune.run_dir import RunDir, RunLock, lock_run, write_status
+
+
+class RunKeeper:
+    """Lock and status of one run folder, kept by global rank 0.
+
+    Args:
+        run: the run folder.
+        rank: this process's global rank.
+    """
+
+    def __init__(self, run: RunDir, rank: int) -> None:
+        self.run = run
+        self.active = rank == 0
+        self.lock: RunLock | None = None
+        self.started_at = time.time()
+        self._running: dict[str, Any] = {}
+        self._ended = False
+
+    @classmethod
+    def of(cls, output_dir: str) -> RunKeeper:
+        """The keeper of ``output_dir`` for this process (global rank from ``RANK``)."""
+        return cls(RunDir(output_dir), int(os.environ.get("RANK", "0")))
+
+    def claim_existing(self) -> None:
+        """Lock the folder now if it already is a longtune run (before reading it)."""
+        if self.active and self.lock is None and self.run.is_run():
+            self.lock = lock_run(self.run)
+
+    def claim(self) -> None:
+        """Create and lock the folder (if not yet locked) and record the run as ``running``."""
+        if not self.active:
+            return
+        if self.lock is None:
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_run(self.run)
+        self._running = {"started_at": self.started_at, "step": 0, "total_steps": None}
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # Under torchrun each worker has its own session: stopping the run means signalling
+            # torchrun's process group, which forwards the signal to every worker.
+            self._running["pgid"] = os.getpgid(os.getppid())
+        self._write("running", **self._running)
+
+    def progress(self, step: int, total_steps: int | None = None) -> None:
+        """Record the current step (cheap: one small atomic file write)."""
+        if not self._holds() or self._ended:
+            return
+        self._running["step"] = step
+        if total_steps is not None:
+            self._running["total_steps"] = total_steps
+        self._write("running", **self._running)
+
+    def end(self, state: str, **fields: Any) -> None:
+        """Record the end of the run (``succeeded``, ``failed`` or ``cancelled``); the first
+        end recorded stays."""
+        if not self._holds() or self._ended:
+            return
+        self._ended = True
+        record = {
+            k: v for k, v in self._running.items() if k in ("started_at", "step", "total_steps")
+        }
+        self._write(state, **record, **fields, ended_at=time.time())
+
+    def release(self) -> None:
+        """Drop the lock (the process ending does the same)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _holds(self) -> bool:
+        return self.active and self.lock is not None
+
+    def _write(self, state: str, **fields: Any) -> None:
+        write_status(self.run, state, **fields)

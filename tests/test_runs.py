@@ -1,0 +1,251 @@
+"""`longtune.runs` and `longtune runs`: runs read from their folders, cancel by process group.
+
+Run folders are written here the way the trainer writes them (run_dir's status records, the
+config module's config.yaml, metrics records), by real processes where liveness matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from ui_server import runs_list_cli, wait_for
+
+import longtune
+from longtune import runs
+from longtune.run_dir import (
+    RunDir,
+    end_launch,
+    read_metrics_since,
+    read_status,
+    write_launch,
+    write_status,
+)
+from longtune.train.config import load_config, save_config
+
+STATUS_THEN_EXIT = (
+    "import sys, time; from longtune.run_dir import RunDir, write_status; "
+    "write_status(RunDir(sys.argv[1]), 'running', step=4, total_steps=10, started_at=time.time())"
+)
+
+# Behaves like the trainer under `cancel`: status `running`, a child process in its group; on
+# SIGTERM it writes `cancelled` and exits 143 (the child notes that it got the signal too).
+CANCELLABLE = r"""
+import pathlib, signal, subprocess, sys, time
+from longtune.run_dir import RunDir, write_status
+run = RunDir(sys.argv[1])
+child_code = (
+    "import pathlib, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).write_text('SIGTERM'), sys.exit(0)))\n"
+    "pathlib.Path(sys.argv[1] + '.ready').write_text('')\n"
+    "time.sleep(60)\n"
+)
+child = subprocess.Popen([sys.executable, "-c", child_code, sys.argv[2]])
+def stop(*_):
+    write_status(run, "cancelled", step=5, total_steps=10)
+    child.wait()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+while not pathlib.Path(sys.argv[2] + ".ready").exists():
+    time.sleep(0.01)
+write_status(run, "running", step=5, total_steps=10, started_at=time.time())
+time.sleep(60)
+"""
+
+
+def make_run(runs_dir, name, duration="10st"):
+    run = RunDir(runs_dir / name)
+    run.path.mkdir(parents=True)
+    cfg = load_config(
+        None,
+        [
+            "--model.path=/models/tiny",
+            "--data.train=/data/a.jsonl,/data/b.jsonl",
+            f"--train.duration={duration}",
+            f"--output.dir={run.path}",
+        ],
+    )
+    save_config(cfg, run.config)
+    return run
+
+
+def write_metrics(run, losses, evals):
+    lines = [json.dumps({"step": s, "kind": "eval", "eval_loss": v}) for s, v in evals.items()]
+    lines += [
+        json.dumps({"step": i + 1, "kind": "train", "loss": v, "lr": 1e-4})
+        for i, v in enumerate(losses)
+    ]
+    lines.sort(key=lambda line: json.loads(line)["step"])
+    run.metrics.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    runs_dir = tmp_path / "runs"
+    t0 = time.time() - 100
+    done = make_run(runs_dir, "done")
+    write_metrics(done, [3.0, 2.5, 2.0], {0: 3.2, 3: 2.1})
+    write_status(done, "succeeded", step=10, total_steps=10, started_at=t0)
+    done.export.mkdir()
+    done.export_check.write_text(json.dumps({"passed": True}))
+
+    gone = make_run(runs_dir, "gone")
+    subprocess.run([sys.executable, "-c", STATUS_THEN_EXIT, str(gone.path)], check=True)
+
+    nan = make_run(runs_dir, "nan")
+    write_status(nan, "failed", reason="nan", error="non-finite loss nan at step 3", started_at=t0)
+
+    (runs_dir / "not-a-run").mkdir()
+    (runs_dir / "not-a-run" / "notes.txt").write_text("hello")
+    return runs_dir
+
+
+def test_list_and_get_read_the_run_folders(folder):
+    found = {r.name: r for r in runs.list(folder)}
+    assert set(found) == {"done", "gone", "nan"}
+    done = found["done"]
+    assert done.status == "succeeded" and done.progress == 1.0
+    assert (done.train_loss, done.eval_loss) == (2.0, 2.1)
+    assert done.model == "/models/tiny" and done.data == ["/data/a.jsonl", "/data/b.jsonl"]
+    assert done.export_dir == RunDir(folder / "done").export and done.export_check["passed"]
+    assert 99 < done.duration_s < 200
+    gone = found["gone"]
+    assert gone.state == "failed" and gone.status == "failed (process gone)"
+    assert (gone.step, gone.total_steps) == (4, 10)
+    assert found["nan"].status == "failed (nan)" and "non-finite" in found["nan"].error
+    assert runs.get("nan", folder).error == found["nan"].error
+    # the package-level spelling, loaded lazily like longtune.finetune
+    assert [r.name for r in longtune.runs.list(folder)] == [r.name for r in runs.list(folder)]
+
+
+def test_get_refuses_unknown_runs_and_path_names(folder):
+    with pytest.raises(FileNotFoundError, match="no run 'nope' .*runs there: .*done"):
+        runs.get("nope", folder)
+    for bad in ("../done", ".hidden", "a/b", ""):
+        with pytest.raises(ValueError, match="is not valid"):
+            runs.get(bad, folder)
+    with pytest.raises(FileNotFoundError):
+        runs.get("not-a-run", folder)
+
+
+def test_cancel_signals_the_whole_process_group(tmp_path):
+    run = make_run(tmp_path, "live")
+    marker = tmp_path / "child-signal"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CANCELLABLE, str(run.path), str(marker)], start_new_session=True
+    )
+    try:
+        wait_for(lambda: (read_status(run) or {}).get("state") == "running", 30, "running status")
+        info = runs.get("live", tmp_path)
+        assert info.status == "running" and info.pgid == proc.pid
+        runs.cancel("live", tmp_path)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert marker.read_text() == "SIGTERM"  # the child in its group got it too
+    assert runs.get("live", tmp_path).status == "cancelled"
+
+
+def test_cancel_refuses_runs_that_are_not_running_here(folder):
+    with pytest.raises(ValueError, match="not running \\(status: succeeded\\)"):
+        runs.cancel("done", folder)
+    with pytest.raises(ValueError, match="not running \\(status: failed \\(process gone\\)\\)"):
+        runs.cancel("gone", folder)
+    elsewhere = make_run(folder, "elsewhere")
+    write_status(elsewhere, "running", host="another-host", pid=1234, pgid=1234)
+    with pytest.raises(ValueError, match="runs on host 'another-host', not this one"):
+        runs.cancel("elsewhere", folder)
+    assert socket.gethostname() != "another-host"
+
+
+def test_a_launched_process_that_ends_without_status_shows_its_last_line(tmp_path):
+    run = make_run(tmp_path, "crashed")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        write_launch(run, proc.pid, argv=["python", "-m", "longtune", "train"])
+        assert runs.get("crashed", tmp_path).status == "starting"
+    finally:
+        proc.kill()
+        proc.wait()
+    run.launch_log.write_text(
+        "Traceback ...\nlongtune train: error: data.train: x does not exist\n"
+    )
+    assert runs.get("crashed", tmp_path).status == "failed (process gone)"  # nobody saw it end
+    end_launch(run, 2)
+    info = runs.get("crashed", tmp_path)
+    assert info.status == "failed (exit code 2)"
+    assert info.error == "longtune train: error: data.train: x does not exist"
+
+
+def test_metrics_cursor_returns_only_new_complete_records(tmp_path):
+    run = RunDir(tmp_path)
+    assert read_metrics_since(run) == ([], "0:0", False)
+    with open(run.metrics, "w") as f:
+        f.write(json.dumps({"step": 1, "loss": 2.0}) + "\n" + '{"step": 2, "lo')
+    records, cursor, reset = read_metrics_since(run)
+    assert [r["step"] for r in records] == [1] and not reset
+    with open(run.metrics, "a") as f:
+        f.write('ss": 1.5}\n' + json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    records, cursor, reset = read_metrics_since(run, cursor)
+    assert [r["step"] for r in records] == [2, 3] and not reset
+    assert read_metrics_since(run, cursor)[0] == []
+    # A resumed run rewrites the file (records past its checkpoint dropped): start over.
+    tmp = run.metrics.with_name("m.tmp")
+    tmp.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    os.replace(tmp, run.metrics)
+    records, _, reset = read_metrics_since(run, cursor)
+    assert reset and [r["step"] for r in records] == [1]
+
+
+def test_runs_commands(folder):
+    table = subprocess.run(
+        [sys.executable, "-m", "longtune", "runs", "list", "--runs-dir", str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = table.splitlines()
+    assert lines[0].split()[:2] == ["NAME", "STATUS"]
+    assert any(line.startswith("gone") and "failed (process gone)" in line for line in lines)
+    assert any(line.startswith("done") and "2.0000" in line for line in lines)
+    assert {k: v["status"] for k, v in runs_list_cli(folder).items()} == {
+        "done": "succeeded",
+        "gone": "failed (process gone)",
+        "nan": "failed (nan)",
+    }
+    show = subprocess.run(
+        [sys.executable, "-m", "longtune", "runs", "show", "nan", "--runs-dir", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    assert show.returncode == 0 and "error:       non-finite loss nan at step 3" in show.stdout
+    cancel = subprocess.run(
+        [sys.executable, "-m", "longtune", "runs", "cancel", "done", "--runs-dir", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    assert cancel.returncode == 2
+    assert cancel.stderr.strip().splitlines() == [
+        "longtune runs: error: run 'done' is not running (status: succeeded); nothing to cancel"
+    ]
+
+
+def test_latest_losses_come_from_the_end_of_a_long_metrics_file(tmp_path):
+    run = make_run(tmp_path, "long", duration="3000st")
+    run_cfg = run.config.read_text().replace("eval: []", "eval:\n  - /data/e.jsonl")
+    run.config.write_text(run_cfg)
+    losses = [5.0 - i / 1000 for i in range(3000)]
+    write_metrics(run, losses, {0: 7.5})  # the only eval record is at the start
+    with open(run.metrics, "a") as f:
+        f.write('{"step": 3001, "kind": "tr')  # a record still being written
+    info = runs.get("long", tmp_path)
+    assert (info.train_loss, info.eval_loss, info.step) == (losses[-1], 7.5, 3000)
+    assert run.metrics.stat().st_size > 2 * 64 * 1024  # spans several blocks

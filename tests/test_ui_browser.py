@@ -1,0 +1,162 @@
+"""The web UI end to end in real headless Chromium (Debian's package, driven by Playwright).
+
+Log in through the printed link, preview the demo data and start a run of a tiny model from the
+form, watch its loss chart gain points until it succeeds, start a second run, restart the UI
+while it goes (it still shows as running and its charts continue), cancel it from its page,
+resume it and cancel it again, compare the two runs, and read both statuses back through
+`longtune runs list`.
+
+Set LONGTUNE_UPDATE_DOCS=1 to refresh the screenshot in docs/ (the run page of the first run).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from ui_server import ROOT, UIServer, kill_runs, runs_list_cli
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+EXTRA = "\n".join(
+    [
+        "--data.overlength=split",  # the demo examples are far longer than 128 tokens
+        "--train.eval_batches=2",
+        "--train.eval_every=4",
+        "--model.activation_checkpointing=none",
+    ]
+)
+
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):  # CI installs it through ./run.sh: a missing browser is a failure
+        raise RuntimeError(f"{CHROMIUM} is missing; ./run.sh test installs Debian's chromium")
+    pytest.skip("needs Debian's chromium package (./run.sh installs it)", allow_module_level=True)
+
+
+def points(page, chart: str = "#chart-loss") -> int:
+    return int(page.get_attribute(chart, "data-points") or 0)
+
+
+def wait_points(page, at_least: int, timeout_s: float) -> int:
+    page.wait_for_function(
+        f"() => Number(document.querySelector('#chart-loss').dataset.points) >= {at_least}",
+        timeout=timeout_s * 1000,
+    )
+    return points(page)
+
+
+def fill_new_run(page, name: str, model: Path, duration: str) -> None:
+    page.click("nav >> text=New run")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=model]", str(model))
+    page.fill("input[name=context_length]", "128")
+    page.fill("input[name=duration]", duration)
+    page.fill("input[name=lr]", "1e-3")
+    page.fill("textarea[name=extra]", EXTRA)
+
+
+def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
+    from playwright.sync_api import expect, sync_playwright
+
+    model = ui_assets["model"]
+    runs_dir = tmp_path / "runs"
+    env = {"LONGTUNE_CACHE": str(ui_assets["cache"])}
+    ui = UIServer(runs_dir, allow=[ui_assets["models"]], env=env)
+    js_errors: list[str] = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                str(tmp_path / "chromium-profile"),
+                executable_path=CHROMIUM,
+                headless=True,
+                args=FLAGS,
+                viewport={"width": 1280, "height": 900},
+            )
+            page = browser.new_page()
+            page.on("pageerror", lambda e: js_errors.append(str(e)))
+            page.on("dialog", lambda d: d.accept())
+            page.set_default_timeout(30_000)
+
+            # Log in through the printed link: the token leaves the URL, a cookie carries it.
+            page.goto(ui.login_url)
+            expect(page).to_have_url(f"{ui.base}/")
+            expect(page.locator("#runs-body")).to_contain_text("No runs yet")
+
+            # A run from the form, on the bundled demo data, after the data preview.
+            fill_new_run(page, "first", model, "20st")
+            page.click("#preview")
+            expect(page.locator("#preview-stats tr")).to_have_count(3, timeout=60_000)
+            expect(page.locator("#preview-stats")).to_contain_text("train.jsonl")
+            expect(page.locator("#preview-examples .example")).to_have_count(3)
+            assert page.locator("#preview-examples .target").count() >= 3
+            page.click("#launch")
+            expect(page).to_have_url(f"{ui.base}/runs/first", timeout=30_000)
+            seen = [wait_points(page, 1, 120)]
+            expect(page.locator("#status")).to_have_text("succeeded", timeout=120_000)
+            expect(page.locator("#export-check")).to_contain_text("passed", timeout=30_000)
+            seen.append(points(page))
+            assert seen[-1] == 20 and seen[0] >= 1
+            page.wait_for_timeout(300)  # let the last poll settle before the picture
+            shot = tmp_path / "ui-run.png"
+            page.screenshot(path=str(shot), full_page=True)
+            if os.environ.get("LONGTUNE_UPDATE_DOCS"):
+                shutil.copy(shot, ROOT / "docs" / "ui-run.png")
+
+            # The runs page lists it.
+            page.click("nav >> text=Runs")
+            row = page.locator("#runs-body tr[data-name=first]")
+            expect(row).to_contain_text("succeeded")
+            expect(row).to_contain_text("20/20")
+
+            # A second, long run; the UI is stopped and started again while it goes.
+            fill_new_run(page, "second", model, "100000st")
+            page.click("#launch")
+            expect(page).to_have_url(f"{ui.base}/runs/second", timeout=30_000)
+            growing = wait_points(page, 1, 120)
+            before_restart = wait_points(page, growing + 2, 60)  # the loss chart gains points
+            port = ui.port
+            ui.stop()
+            ui = UIServer(runs_dir, allow=[ui_assets["models"]], port=port, env=env)
+            page.goto(ui.login_url)
+            page.goto(f"{ui.base}/runs/second")
+            expect(page.locator("#status")).to_have_text("running")
+            after_restart = wait_points(page, before_restart, 30)  # the metrics written so far
+            wait_points(page, after_restart + 2, 60)  # and it goes on
+
+            page.click("#cancel")
+            expect(page.locator("#status")).to_have_text("cancelled", timeout=60_000)
+            expect(page.locator("#cancel")).to_be_hidden()
+            expect(page.locator("#message")).to_contain_text("checkpoint")  # where to resume from
+
+            # Resume it from that checkpoint, see it go on, and cancel it again.
+            at_cancel = points(page)
+            page.click("#resume")
+            expect(page.locator("#status")).to_have_text("running", timeout=60_000)
+            wait_points(page, at_cancel + 2, 60)
+            page.click("#cancel")
+            expect(page.locator("#status")).to_have_text("cancelled", timeout=60_000)
+
+            # Compare: both loss curves on one chart.
+            page.goto(f"{ui.base}/compare?run=first&run=second")
+            chart = page.locator("#chart-train")
+            expect(chart).to_have_attribute("data-series", "2")
+            expect(chart.locator(".u-legend")).to_contain_text("first")
+            expect(chart.locator(".u-legend")).to_contain_text("second")
+            browser.close()
+    finally:
+        ui.stop()
+        kill_runs(runs_dir)
+    statuses = {name: r["status"] for name, r in runs_list_cli(runs_dir).items()}
+    assert statuses == {"first": "succeeded", "second": "cancelled"}
+    assert not js_errors
