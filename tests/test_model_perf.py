@@ -143,3 +143,24 @@ def test_selective_checkpointing_recomputes_the_qkv_projection_only():
             assert rel_err(grads[ac][name], g) < 1e-5, (ac, name)
     assert backward_matmuls["selective"] - backward_matmuls["none"] == ARGS.n_layers
     assert backward_matmuls["full"] - backward_matmuls["none"] == 3 * ARGS.n_layers
+
+
+def _sharding_of_parallelized(rank: int, world: int, param_dtype) -> str:  # noqa: ANN001
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from longtune.parallel.parallelize import parallelize
+
+    m = model()
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("dp", "sp"))
+    parallelize(m, mesh, "selective", param_dtype)
+    return type(m.layers["0"].attention.wqkv.weight).__name__
+
+
+def test_fsdp_only_where_there_is_something_to_shard_or_cast():
+    """One rank in float32: a plain model (FSDP would only copy); mixed precision or more
+    ranks: FSDP's DTensor parameters."""
+    from dist_utils import run_ranks
+
+    assert run_ranks(1, _sharding_of_parallelized, None) == ["Parameter"]
+    assert run_ranks(1, _sharding_of_parallelized, torch.bfloat16) == ["DTensor"]
+    assert run_ranks(2, _sharding_of_parallelized, None) == ["DTensor", "DTensor"]

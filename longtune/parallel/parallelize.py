@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from longtune.model.llama import Transformer
@@ -115,6 +115,12 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | 
         # The last block is needed again right away by the backward pass: keep it gathered.
         fully_shard(block, mesh=flat, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=flat, mp_policy=mp)
+
+
+def is_fsdp_sharded(model: nn.Module) -> bool:
+    """Whether :func:`parallelize` sharded ``model`` with FSDP (it does not on one rank
+    without mixed precision)."""
+    return isinstance(model, FSDPModule)
 
 
 def parallelize(

@@ -68,7 +68,7 @@ from longtune.parallel.dims import (
     init_distributed,
     is_peer_failure,
 )
-from longtune.parallel.parallelize import parallelize
+from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
 from longtune.run_dir import RunDir, read_metrics
 from longtune.train.allocator import return_freed_memory_to_system
 from longtune.train.checkpoint import (
@@ -429,6 +429,8 @@ class Trainer:
             or (cfg.train.compile == "auto" and device.type == "cuda"),
         )
         model.to_empty(device=device)
+        if not is_fsdp_sharded(model):
+            model.tie_weights()  # to_empty gives each module its own tensor; FSDP keeps ties
         if args.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
             raise RuntimeError("tied embeddings were untied while sharding the model")
         set_model_state_dict(
