@@ -21,6 +21,7 @@ from ``/proc/pressure/cpu`` (``some`` total, µs); a run whose stall share is ab
 
     python benchmarks/bench_cpu_vs_hf.py                      # SmolLM2-135M, demo data, 4096
     python benchmarks/bench_cpu_vs_hf.py --runs 5 --steps 4 --out results.json
+    python benchmarks/bench_cpu_vs_hf.py --longtune-env MALLOC_MMAP_THRESHOLD_=131072
 
 Other arguments after ``--`` go to ``longtune train`` (e.g. ``-- --model.attention=sdpa``).
 """
@@ -157,7 +158,7 @@ def longtune_side(a: argparse.Namespace, env: dict[str, str], workdir: Path) -> 
         f"--data.cache_dir={workdir / 'cache'}",
         *a.extra,
     ]
-    res = run_child(cmd, env)
+    res = run_child(cmd, {**env, **dict(kv.split("=", 1) for kv in a.longtune_env)})
     records = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -193,6 +194,13 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="runs of each side, alternating")
     p.add_argument("--max-stall", type=float, default=0.05, help="reject runs above this stall")
     p.add_argument("--out", default=None, help="also write the results here (JSON)")
+    p.add_argument(
+        "--longtune-env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the longtune processes only (e.g. glibc's MALLOC_MMAP_THRESHOLD_)",
+    )
     p.add_argument("--_hf", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--_cache", help=argparse.SUPPRESS)
     a, extra = p.parse_known_args()
@@ -208,7 +216,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     lines = [
         f"model {a.model}; data {a.data}; context {a.context}; {a.steps} steps per run "
-        f"(first = warm-up); {a.runs} runs per side, alternating; extra: {a.extra or 'none'}",
+        f"(first = warm-up); {a.runs} runs per side, alternating; extra: {a.extra or 'none'}; "
+        f"longtune env: {a.longtune_env or 'none'}",
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         f"{'run':>3} {'side':<12} {'tokens/s':>9} {'train peak GB':>13} {'process peak GB':>15} "
         f"{'stall':>6} {'wall s':>7}  losses",

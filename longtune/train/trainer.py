@@ -70,7 +70,6 @@ from longtune.parallel.dims import (
 )
 from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
 from longtune.run_dir import RunDir, read_metrics
-from longtune.train.allocator import return_freed_memory_to_system
 from longtune.train.checkpoint import (
     check_checkpoint_model,
     checkpoint_info,
@@ -253,8 +252,6 @@ def _train(
     cfg: JobConfig, dims: ParallelDims, stop: StopSignals, keeper: RunKeeper, fault: Any
 ) -> RunResult:
     rank, world, device = init_distributed(cfg.parallel.timeout_s)
-    if device.type == "cpu":
-        return_freed_memory_to_system()
     try:
         trainer = Trainer(cfg, rank, dims, device, stop=stop, keeper=keeper, fault=fault)
         trainer.build()
