@@ -58,6 +58,39 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
+def measure_protocol(step, opts: argparse.Namespace, layout: int | str, rank: int) -> None:  # noqa: ANN001
+    """Warm up at ``L0``, measure one step at ``L0`` and one at ``L``, append the record."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+
+    def measured(length: int) -> tuple[int, int, float]:
+        """(memory before, peak during, seconds) of one step at ``length``."""
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            _reset_peak()
+            before = _status_kib("VmRSS") * 1024
+        seconds = step(length)
+        peak = torch.cuda.max_memory_allocated() if on_gpu else _status_kib("VmHWM") * 1024
+        return before, peak, seconds
+
+    step(opts.short)  # warm-up: gradients and optimizer state exist from here on
+    _, peak_short, _ = measured(opts.short)
+    base, peak, seconds = measured(opts.context)
+    record = {
+        "sp": layout,
+        "rank": rank,
+        "base": base,
+        "peak": peak,
+        "grows": peak - peak_short,
+        "seconds": seconds,
+    }
+    with open(opts.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def worker(opts: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -110,36 +143,10 @@ def worker(opts: argparse.Namespace) -> None:
         optimizer.zero_grad(set_to_none=True)
         if on_gpu:
             torch.cuda.synchronize()
+        dist.barrier()
         return time.perf_counter() - t0
 
-    def measured(length: int) -> tuple[int, int, float]:
-        """(memory before, peak during, seconds) of one step at ``length``."""
-        dist.barrier()
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            _reset_peak()
-            before = _status_kib("VmRSS") * 1024
-        seconds = step(length)
-        peak = torch.cuda.max_memory_allocated() if on_gpu else _status_kib("VmHWM") * 1024
-        return before, peak, seconds
-
-    short = opts.short
-    step(short)  # warm-up: gradients and optimizer state exist from here on
-    _, peak_short, _ = measured(short)
-    base, peak, seconds = measured(opts.context)
-    record = {
-        "sp": world,
-        "rank": rank,
-        "base": base,
-        "peak": peak,
-        "grows": peak - peak_short,
-        "seconds": seconds,
-    }
-    with open(opts.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    dist.barrier()
+    measure_protocol(step, opts, world, rank)
     dist.destroy_process_group()
 
 
@@ -179,31 +186,7 @@ def transformers_worker(opts: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def measured(length: int) -> tuple[int, int, float]:
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            _reset_peak()
-            before = _status_kib("VmRSS") * 1024
-        seconds = step(length)
-        peak = torch.cuda.max_memory_allocated() if on_gpu else _status_kib("VmHWM") * 1024
-        return before, peak, seconds
-
-    short = opts.short
-    step(short)
-    _, peak_short, _ = measured(short)
-    base, peak, seconds = measured(opts.context)
-    record = {
-        "sp": "transformers",
-        "rank": 0,
-        "base": base,
-        "peak": peak,
-        "grows": peak - peak_short,
-        "seconds": seconds,
-    }
-    with open(opts.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    measure_protocol(step, opts, "transformers", 0)
 
 
 def main() -> None:
