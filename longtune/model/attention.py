@@ -43,23 +43,27 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask
-from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 
 from longtune.model.args import ATTENTION_BACKENDS
 
-# varlen_attn (torch >= 2.10) and how this release spells causality: 2.10/2.11 take
-# is_causal=True, later releases window_size=(-1, 0); enable_gqa came later too. Read once here,
-# not in the kernel call, so compiled code sees constants.
+# varlen_attn (torch >= 2.10; importing it costs seconds, so only on first use on CUDA) and how
+# this release spells causality: 2.10/2.11 take is_causal=True, later releases
+# window_size=(-1, 0); enable_gqa came later too. Read once by load_varlen (called from
+# AttentionMeta.prepare, outside compiled code), so compiled code sees constants.
 HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
-if HAS_VARLEN:
-    from torch.nn.attention.varlen import varlen_attn
+_VARLEN: dict[str, Any] = {}
 
-    _VARLEN_PARAMS = inspect.signature(varlen_attn).parameters
-    VARLEN_CAUSAL = (
-        {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
-    )
-    VARLEN_GQA = "enable_gqa" in _VARLEN_PARAMS
+
+def load_varlen() -> dict[str, Any]:
+    """``{"fn": varlen_attn, "causal": kwargs, "gqa": bool}`` (imported on the first call)."""
+    if not _VARLEN:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        _VARLEN.update(fn=varlen_attn, causal=causal, gqa="enable_gqa" in params)
+    return _VARLEN
+
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +165,7 @@ class AttentionMeta:
         """The document-causal block mask over the flattened micro-batch the kernel sees."""
         if self.block_mask is not None:
             return self.block_mask
-        return self._lazy_block_mask(q)
-
-    @torch.compiler.disable
-    def _lazy_block_mask(self, q: torch.Tensor) -> Any:
-        # Built on first use and cached on the record, so every layer of a forward shares it.
-        # Its size comes from the offsets or, unpacked, from the kernel's own q.
-        bs, seq = q.shape[:2]
-        bounds = self.bounds if self.bounds is not None else tuple(range(0, bs * seq + 1, seq))
-        key = (bounds, q.device)
-        if key not in self._cache:
-            self._cache[key] = document_block_mask(bounds, q.device)
-        return self._cache[key]
+        return _OUT_OF_GRAPH["lazy_block_mask"](self, q)
 
     def prepare(self, backend: str, device: torch.device | str) -> None:
         """Set up what ``backend`` needs before the blocks run, outside compiled code: the flex
@@ -180,9 +173,12 @@ class AttentionMeta:
         mask as the lazy one, its size depends on no local shape), and FlashAttention-3 for
         ``varlen_attn`` on CUDA when it is installed."""
         device = torch.device(device)
-        if backend == "flex" and self.bounds is not None and self.block_mask is None:
-            self.block_mask = document_block_mask(self.bounds, device)
-        if backend in ("auto", "varlen") and device.type == "cuda":
+        if backend == "flex":
+            load_flex()
+            if self.bounds is not None and self.block_mask is None:
+                self.block_mask = document_block_mask(self.bounds, device)
+        if backend in ("auto", "varlen") and device.type == "cuda" and HAS_VARLEN:
+            load_varlen()
             activate_fa3()
 
 
@@ -210,16 +206,16 @@ def sdpa_attention(
     meta.check(q)
     if meta.one_document_per_sequence(q.shape[0]):
         return _sdpa(q, k, v)
-    return per_document_attention(q, k, v, meta)
+    return _OUT_OF_GRAPH["per_document_attention"](q, k, v, meta)
 
 
-@torch.compiler.disable
 def per_document_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta
 ) -> torch.Tensor:
     """The reference path: one causal SDPA call per document, in any dtype on any device.
 
-    Kept out of ``torch.compile`` graphs: its loop follows the document layout of each batch.
+    Kept out of ``torch.compile`` graphs (:func:`exclude_from_compile`): its loop follows the
+    document layout of each batch.
     """
     bs, seq, n_heads, head_dim = q.shape
     qf = q.reshape(1, bs * seq, n_heads, head_dim)
@@ -246,15 +242,16 @@ def varlen_attention(
     qf = q.reshape(bs * seq, n_heads, head_dim)
     kf = k.reshape(bs * seq, n_kv, head_dim)
     vf = v.reshape(bs * seq, n_kv, head_dim)
-    kwargs = VARLEN_CAUSAL
+    varlen = _VARLEN or load_varlen()
+    kwargs = varlen["causal"]
     if n_kv != n_heads:
-        if VARLEN_GQA:
+        if varlen["gqa"]:
             kwargs = {**kwargs, "enable_gqa": True}
         else:
             kf = kf.repeat_interleave(n_heads // n_kv, dim=1)
             vf = vf.repeat_interleave(n_heads // n_kv, dim=1)
     cu, max_seqlen = meta.offsets_for(q)
-    out = varlen_attn(qf, kf, vf, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    out = varlen["fn"](qf, kf, vf, cu, cu, max_seqlen, max_seqlen, **kwargs)
     return out.reshape(bs, seq, n_heads, head_dim)
 
 
@@ -309,7 +306,7 @@ def document_block_mask(bounds: tuple[int, ...], device: torch.device | str) -> 
 
     kv_num, kv_idx = as_mask(n_partial, partial_idx)
     full_num, full_kv_idx = as_mask(n_full, full_idx)
-    return BlockMask.from_kv_blocks(
+    return load_flex()["BlockMask"].from_kv_blocks(
         kv_num,
         kv_idx,
         full_num,
@@ -320,13 +317,55 @@ def document_block_mask(bounds: tuple[int, ...], device: torch.device | str) -> 
     )
 
 
-_COMPILED_FLEX: list[Callable[..., torch.Tensor]] = []
+def _lazy_block_mask(meta: AttentionMeta, q: torch.Tensor) -> Any:
+    """The block mask built on first use and cached on the record, so every layer of a forward
+    shares it; its size comes from the offsets or, unpacked, from the kernel's own ``q``."""
+    bs, seq = q.shape[:2]
+    bounds = meta.bounds if meta.bounds is not None else tuple(range(0, bs * seq + 1, seq))
+    key = (bounds, q.device)
+    if key not in meta._cache:
+        meta._cache[key] = document_block_mask(bounds, q.device)
+    return meta._cache[key]
+
+
+# Code whose loops follow each batch's document layout: called through this table, so that
+# exclude_from_compile can swap in twins that torch.compile leaves out of its graphs.
+_OUT_OF_GRAPH: dict[str, Callable[..., Any]] = {
+    "per_document_attention": per_document_attention,
+    "lazy_block_mask": _lazy_block_mask,
+}
+
+
+def exclude_from_compile() -> None:
+    """Keep the per-document path and the lazy block-mask builder out of ``torch.compile``
+    graphs (called by ``apply_compile``; applying ``torch.compiler.disable`` at import time
+    would import ``torch._dynamo``, seconds of every process's start)."""
+    for name, fn in list(_OUT_OF_GRAPH.items()):
+        if not getattr(fn, "_longtune_out_of_graph", False):
+            wrapped = torch.compiler.disable(fn)
+            wrapped._longtune_out_of_graph = True
+            _OUT_OF_GRAPH[name] = wrapped
+
+
+# FlexAttention (importing it costs seconds, so only when the flex backend is used).
+_FLEX: dict[str, Any] = {}
+
+
+def load_flex() -> dict[str, Any]:
+    """``{"fn": flex_attention, "BlockMask": BlockMask, "compiled": None}`` (imported once)."""
+    if not _FLEX:
+        from torch.nn.attention.flex_attention import BlockMask
+        from torch.nn.attention.flex_attention import flex_attention as fn
+
+        _FLEX.update(fn=fn, BlockMask=BlockMask, compiled=None)
+    return _FLEX
 
 
 def _compiled_flex() -> Callable[..., torch.Tensor]:
-    if not _COMPILED_FLEX:
-        _COMPILED_FLEX.append(torch.compile(_flex_attention, dynamic=False))
-    return _COMPILED_FLEX[0]
+    flex = load_flex()
+    if flex["compiled"] is None:
+        flex["compiled"] = torch.compile(flex["fn"], dynamic=False)
+    return flex["compiled"]
 
 
 def flex_attention(
@@ -346,7 +385,7 @@ def flex_attention(
     meta.check(q)
     bs, seq, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
-    fn = _flex_attention
+    fn = (_FLEX or load_flex())["fn"]
     if compiled and not torch.compiler.is_compiling():
         fn = _compiled_flex()
     out = fn(

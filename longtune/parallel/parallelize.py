@@ -13,9 +13,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -23,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from longtune.model.attention import exclude_from_compile
 from longtune.model.llama import Transformer
 from longtune.parallel.ulysses import SAVE_OPS as _SP_SAVE_OPS
 from longtune.parallel.ulysses import apply_sequence_parallel
@@ -46,17 +44,20 @@ _KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     *_SP_SAVE_OPS,
 }
-# The op behind torch.nn.attention.varlen.varlen_attn (the packed-sequence GPU path; registered
-# when its module is imported) and FlexAttention's higher-order op.
-if importlib.util.find_spec("torch.nn.attention.varlen") is not None:
-    importlib.import_module("torch.nn.attention.varlen")
-if hasattr(torch.ops, "torch_attn") and hasattr(torch.ops.torch_attn, "_varlen_attn"):
-    _KEPT_OPS.add(torch.ops.torch_attn._varlen_attn.default)
+# FlexAttention's higher-order op; the op behind torch.nn.attention.varlen.varlen_attn (the
+# packed-sequence GPU path) is matched by name: it exists only once that module is imported,
+# which longtune does on first use on CUDA (the import costs seconds).
 if hasattr(torch.ops.higher_order, "flex_attention"):
     _KEPT_OPS.add(torch.ops.higher_order.flex_attention)
+_KEPT_OP_NAMES = {"torch_attn::_varlen_attn"}
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 # A block's matmuls in forward order: wqkv, wo, w13, w2. The outputs of these are not kept:
 _RECOMPUTED_MATMULS = {0, 3}
+
+
+def _op_name(op: object) -> str:
+    name = getattr(op, "name", None)
+    return name() if callable(name) else ""
 
 
 def _selective_context():  # noqa: ANN202
@@ -68,7 +69,7 @@ def _selective_context():  # noqa: ANN202
             count[ctx.is_recompute] += 1
             keep = index % 4 not in _RECOMPUTED_MATMULS
         else:
-            keep = op in _KEPT_OPS
+            keep = op in _KEPT_OPS or _op_name(op) in _KEPT_OP_NAMES
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
@@ -102,6 +103,7 @@ def apply_compile(model: Transformer) -> None:
     path and the flex block-mask builder stay outside the graphs (they follow each batch's
     document layout); ``varlen_attn`` and FlexAttention are traced into them.
     """
+    exclude_from_compile()
     for name, block in model.layers.named_children():
         model.layers.register_module(name, torch.compile(block))
 
