@@ -322,6 +322,7 @@ def worker_attention(spec: dict[str, Any]) -> list[dict[str, Any]]:
             times = []
             for _ in range(3 + spec["repeats"]):
                 meta = AttentionMeta.from_cu_seqlens(cu)
+                meta.prepare(backend, device)  # as the model does: FA3, the flex block mask
                 _sync(device)
                 t0 = time.perf_counter()
                 o = attention(q, k, v, meta, backend)
