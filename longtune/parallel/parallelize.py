@@ -28,15 +28,18 @@ from longtune.parallel.ulysses import apply_sequence_parallel
 AC_MODES = ("none", "selective", "full")
 
 # Selective checkpointing keeps the outputs of attention (and of the sequence-parallel
-# all-to-alls, so a recompute repeats no communication), of the attention output projection
-# (wo) and of the gate/up projection (w13), and recomputes the rest in the backward pass:
-# norms, RoPE, SiLU * up and the residual adds (cheap, and they hold most activation bytes),
-# and the q/k/v projection. w2's output is not kept either: nothing in the backward pass needs
-# it, and the recompute stops before it. Recomputing a matmul costs in x out FLOPs per token
-# and frees out floats, so every projection reading the model dimension frees the same memory
-# per FLOP; q/k/v is the widest of the attention ones. (SmolLM2-135M at 4,096 tokens: 5,769 ->
-# 4,233 floats per token and layer, for 5 % more step FLOPs; test_model_perf.py pins which
-# matmuls are recomputed.)
+# all-to-alls, so a recompute repeats no communication) and of the attention output projection
+# (wo), and recomputes the rest in the backward pass: norms, RoPE, SiLU * up and the residual
+# adds (cheap, and they hold most activation bytes), the q/k/v projection and the gate/up
+# projection (w13). w2's output is not kept either: nothing in the backward pass needs it, and
+# the recompute stops before it. Recomputing a matmul costs in x out FLOPs per token and frees
+# out floats, so every projection reading the model dimension frees the same memory per FLOP;
+# w13 is the widest (2 x ffn_dim) and q/k/v the widest of the attention ones, and the
+# attention kernel (quadratic) and wo (whose input is attention's output) are what stays.
+# SmolLM2-135M at 4,096 tokens: 5,769 -> 1,161 floats per token and layer kept, for about 20 %
+# more matmul FLOPs in the backward pass; on the 2-core CPU benchmark (docs/benchmarks.md) the
+# step got 2 % slower and its peak memory 20 % lower than keeping w13. test_model_perf.py pins
+# which matmuls are recomputed.
 _KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -52,7 +55,7 @@ if hasattr(torch.ops.higher_order, "flex_attention"):
 _KEPT_OP_NAMES = {"torch_attn::_varlen_attn"}
 _MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 # A block's matmuls in forward order: wqkv, wo, w13, w2. The outputs of these are not kept:
-_RECOMPUTED_MATMULS = {0, 3}
+_RECOMPUTED_MATMULS = {0, 2, 3}
 
 
 def _op_name(op: object) -> str:
