@@ -9,8 +9,10 @@ Contract of :func:`atomic_dir` (used by ``longtune convert``, ``longtune export`
   Hugging Face tools ignore it; HF folders stay loadable as they are). That marker is how
   longtune knows a folder is its own.
 - An existing output folder is replaced only when it is empty, or when ``overwrite=True`` and
-  it holds the marker. A non-empty folder without the marker is refused, naming what is in it:
-  longtune never deletes a file it did not write.
+  it holds the marker and nothing but the files the marker lists (a file added since, e.g. a
+  user's README, makes the overwrite refused, naming it). A non-empty folder without the marker
+  is refused, naming what is in it: longtune never deletes a file it did not write. (Markers
+  written before the list existed list nothing; such a folder counts as longtune's whole.)
 - The output may not be the current folder (or one above it), a source folder, inside a source
   or hold a source (all after resolving links).
 - Temporary siblings left by a killed writer (``NAME.tmp-PID-…``, ``NAME.old-PID-…`` of a
@@ -113,7 +115,30 @@ def check_output_dir(
                 f"output folder {given} holds an earlier longtune output; "
                 "pass --overwrite (overwrite=True) to replace it, or choose a new folder"
             )
+        added = _added_files(out)
+        if added:
+            raise OutputDirError(
+                f"output folder {given} holds files longtune did not write there "
+                f"({_describe(added)}); move them away or choose a new folder"
+            )
     return out
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file below ``folder``, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _added_files(folder: Path) -> list[str]:
+    """Files of a longtune output that its marker does not list (none for an old marker)."""
+    try:
+        written = json.loads((folder / OUTPUT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(written, list):
+        return []
+    known = {*written, OUTPUT_MARKER}
+    return [f for f in _files(folder) if f not in known]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -173,7 +198,7 @@ def atomic_dir(
     tmp.mkdir()
     try:
         yield tmp
-        marker = {"written_by": "longtune", "kind": kind, "time": time.time()}
+        marker = {"written_by": "longtune", "kind": kind, "time": time.time(), "files": _files(tmp)}
         (tmp / OUTPUT_MARKER).write_text(json.dumps(marker) + "\n")
         os.chmod(tmp, mode)
         # Checked again: the folder may have changed while the output was being built.

@@ -3,7 +3,9 @@
 The trainer writes a run folder; the CLI (``longtune runs``), the Python API and the web UI read
 runs through this module and nothing else. Layout of ``RUN/``::
 
-    config.yaml          the resolved run config
+    .longtune-output     the marker that makes a folder a run (kind ``run``): longtune reads,
+                         locks, resumes and deletes only folders that hold it
+    config.yaml          the resolved run config (paths absolute)
     metrics.jsonl        one JSON record per optimizer step (+ ``"kind": "eval"`` records)
     train.log            the rank-0 log (appended across resumes)
     status.json          what the run is doing now (below), rewritten atomically
@@ -12,14 +14,18 @@ runs through this module and nothing else. Layout of ``RUN/``::
     source/              the source model's config, tokenizer files and tensor layout
     hf/                  the exported Hugging Face folder
     export_check.json    the export's self-check
-    launch.json          written only for a run launched by ``longtune.runs.launch`` (the web UI):
-                         the launched process (pid, pgid, host, start time, argv, exit code)
+    launch.json          written only for a run launched by ``longtune.runs.launch`` (the web UI,
+                         ``longtune runs resume``): the launched process (pid, pgid, host, start
+                         time, argv, exit code)
     launch.log           that process's stdout and stderr
+    demo_summary.json    the demo's before/after record (``longtune demo`` only)
 
 ``status.json`` holds ``state`` (one of :data:`STATES`) and, while running, ``pid``, ``pgid``,
 ``host`` and ``proc_start`` (the process's start time, so a reused pid is not mistaken for the
 run), ``started_at``, ``updated_at``, ``step`` and ``total_steps``; ``failed`` runs add
-``reason`` (one of :data:`FAIL_REASONS`) and ``error`` (the message); ``exit_code`` once ended.
+``reason`` (one of :data:`FAIL_REASONS`) and ``error`` (the message). ``pgid`` is recorded
+only for a process that leads its own group (or a torchrun that does): another group may be a
+shell pipeline, which a cancel must not signal; ``signal_pid`` is then the process to signal.
 A ``running`` status whose process is gone (on this host) reads as ``failed`` with reason
 ``process gone``: a killed run never shows as running. A process that has exited but not yet
 been reaped by its parent (a zombie) counts as gone.
@@ -34,6 +40,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -41,6 +48,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from longtune.fsutil import OUTPUT_MARKER
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -53,9 +62,31 @@ EXPORT = "hf"
 EXPORT_CHECK = "export_check.json"
 LAUNCH = "launch.json"
 LAUNCH_LOG = "launch.log"
+DEMO_SUMMARY = "demo_summary.json"
 
 STATES = ("running", "succeeded", "failed", "cancelled")
-FAIL_REASONS = ("nan", "oom", "data error", "config error", "killed", "process gone", "error")
+FAIL_REASONS = ("nan", "oom", "data error", "config error", "process gone", "error")
+RUN_KIND = "run"
+"""The ``kind`` in the :data:`~longtune.fsutil.OUTPUT_MARKER` of a run folder."""
+_ENTRIES = (
+    OUTPUT_MARKER,
+    CONFIG,
+    METRICS,
+    LOG,
+    STATUS,
+    LOCK,
+    CHECKPOINTS,
+    SOURCE,
+    EXPORT,
+    EXPORT_CHECK,
+    LAUNCH,
+    LAUNCH_LOG,
+    DEMO_SUMMARY,
+)
+# What a run writes: its entries and their temporary siblings (atomic writes of a killed process).
+_RUN_ENTRY = re.compile(
+    "(?:" + "|".join(re.escape(e) for e in _ENTRIES) + r")(?:\.(?:tmp|old)(?:-[0-9a-f-]+)?)?"
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +147,48 @@ class RunDir:
         return self.path / LAUNCH_LOG
 
     def is_run(self) -> bool:
-        """True when longtune wrote this folder (it has a status or a resolved config)."""
-        return self.status_file.is_file() or self.config.is_file()
+        """True when longtune made this folder a run: it holds the run marker (or ``run.lock``,
+        which runs started before the marker existed have). A ``config.yaml`` or ``status.json``
+        alone does not count: those names are common in users' folders."""
+        try:
+            marker = json.loads((self.path / OUTPUT_MARKER).read_text())
+        except (OSError, ValueError):
+            return self.lock.is_file()
+        return isinstance(marker, dict) and marker.get("kind") == RUN_KIND
+
+    def foreign_entries(self) -> list[str]:
+        """The entries of the folder that a run does not write (sorted; [] when absent)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if not _RUN_ENTRY.fullmatch(p.name))
+
+
+def mark_run(run: RunDir) -> None:
+    """Make ``run`` (an existing folder) a run folder: write its marker, if it has none."""
+    marker = run.path / OUTPUT_MARKER
+    if not marker.exists():
+        _write_json(marker, {"written_by": "longtune", "kind": RUN_KIND, "time": time.time()})
+
+
+def check_run_folder(run: RunDir) -> None:
+    """Refuse to start a run in a folder that holds files longtune did not write.
+
+    Raises:
+        ValueError: the folder is not empty and not a run (names what is in it and what to do).
+    """
+    if run.path.exists() and not run.path.is_dir():
+        raise ValueError(f"output.dir={run.path} exists and is not a folder; choose another one")
+    if not run.path.is_dir() or run.is_run():
+        return
+    entries = sorted(p.name for p in run.path.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (
+            f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        )
+        raise ValueError(
+            f"output.dir={run.path} is not empty and is not a longtune run (it holds {shown}); "
+            "choose a new or empty folder"
+        )
 
 
 def process_start_time(pid: int) -> int | None:
@@ -157,7 +228,7 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
         pid = os.getpid()
         record.update(
             pid=pid,
-            pgid=os.getpgid(0),
+            pgid=pid if os.getpgid(0) == pid else None,
             host=socket.gethostname(),
             proc_start=process_start_time(pid),
         )
@@ -185,7 +256,9 @@ def read_status(run: RunDir) -> dict[str, Any] | None:
         record = json.loads(run.status_file.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("updated_at", 0), (int, float)):
         return {"state": "failed", "reason": "error", "error": f"unreadable {run.status_file}"}
     if record.get("state") == "running" and not _alive(record):
         record = {**record, "state": "failed", "reason": "process gone"}
@@ -226,14 +299,18 @@ def write_launch(run: RunDir, pid: int, **fields: Any) -> dict[str, Any]:
     return record
 
 
-def end_launch(run: RunDir, exit_code: int) -> None:
-    """Add the launched process's exit code and end time to ``launch.json``.
+def end_launch(run: RunDir, pid: int, exit_code: int) -> None:
+    """Add the launched process's exit code and end time to ``launch.json``, unless the record
+    is already another process's (a later launch of the same run).
 
     Args:
         run: the run folder, with a launch record.
-        exit_code: the process's return code (negative: killed by that signal).
+        pid: the process that ended.
+        exit_code: its return code (negative: killed by that signal).
     """
     record = json.loads(run.launch.read_text())
+    if record.get("pid") != pid:
+        return
     record.update(exit_code=exit_code, ended_at=time.time())
     _write_json(run.launch, record)
 
@@ -252,7 +329,9 @@ def read_launch(run: RunDir) -> dict[str, Any] | None:
         record = json.loads(run.launch.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("launched_at", 0), (int, float)):
         return {"alive": False, "error": f"unreadable {run.launch}"}
     return {**record, "alive": "exit_code" not in record and _alive(record)}
 
@@ -419,15 +498,25 @@ def delete_run(run: RunDir) -> None:
         run: the run folder.
 
     Raises:
-        ValueError: when the folder is not a longtune run (a user's folder is never deleted).
+        ValueError: when the folder is not a longtune run, holds files a run does not write, or
+            is the current folder or above it (a user's file is never deleted).
         RunLockedError: when a run is still writing into it.
     """
     if not run.path.exists():
         return
     if not run.path.is_dir() or not run.is_run():
         raise ValueError(
-            f"{run.path} is not a longtune run folder (no {STATUS} or {CONFIG}); not deleting "
-            "it: choose another output folder or remove it yourself"
+            f"{run.path} is not a longtune run folder (no {OUTPUT_MARKER}); not deleting it: "
+            "choose another output folder or remove it yourself"
+        )
+    where = run.path.resolve()
+    if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:
+        raise ValueError(f"{run.path} is the current folder or holds it; not deleting it")
+    foreign = run.foreign_entries()
+    if foreign:
+        raise ValueError(
+            f"{run.path} holds files a longtune run does not write ({', '.join(foreign[:5])}); "
+            "not deleting it: move them away or choose another output folder"
         )
     lock = lock_run(run)
     try:

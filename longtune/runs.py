@@ -40,16 +40,21 @@ import yaml
 
 from longtune.run_dir import (
     RunDir,
+    RunLockedError,
     end_launch,
     latest_metrics,
+    lock_run,
+    mark_run,
+    process_start_time,
     read_launch,
     read_status,
     write_launch,
 )
-from longtune.train.config import JobConfig, save_config
+from longtune.train.config import Duration, JobConfig, save_config
 from longtune.train.metrics import format_duration
 
 DEFAULT_RUNS_DIR = "runs"
+_STARTING = threading.Lock()  # launches and resumes of this process, one at a time
 #: A run name: a plain folder name (letters, digits, ``.``, ``_``, ``-``; not starting with ``.``).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
@@ -134,9 +139,9 @@ def list(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> builtins.list[RunInfo]:  # 
     if not root.is_dir():
         return []
     runs = [
-        _info(RunDir(p))
+        _readable_info(RunDir(p))
         for p in sorted(root.iterdir())
-        if p.is_dir() and (RunDir(p).is_run() or RunDir(p).launch.is_file())
+        if p.is_dir() and RunDir(p).is_run()
     ]
     return sorted(runs, key=lambda r: -(r.started_at or 0.0))
 
@@ -156,11 +161,11 @@ def get(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
         ValueError: ``name`` is not a plain folder name.
     """
     run = RunDir(Path(runs_dir) / check_name(name))
-    if not run.path.is_dir() or not (run.is_run() or run.launch.is_file()):
+    if not run.path.is_dir() or not run.is_run():
         names = [r.name for r in list(runs_dir)]
         known = ", ".join(names[:20]) if names else "none"
         raise FileNotFoundError(f"no run {name!r} in {runs_dir} (runs there: {known})")
-    return _info(run)
+    return _readable_info(run)
 
 
 def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
@@ -192,17 +197,38 @@ def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
         )
     run = RunDir(info.path)
     launch = read_launch(run)
+    status = read_status(run) or {}
     if launch is not None and launch.get("alive"):
-        target = launch["pgid"]
+        group, pid = launch.get("pgid"), None
     else:
-        target = (read_status(run) or {}).get("pgid")
-    if not isinstance(target, int) or target <= 1:
-        raise ValueError(f"run {name!r} has no process group on record; cannot signal it")
+        group, pid = status.get("pgid"), _signal_pid(status)
     try:
-        os.killpg(target, signal.SIGTERM)
+        if isinstance(group, int) and group > 1 and group != os.getpgid(0):
+            os.killpg(group, signal.SIGTERM)
+        elif pid is not None:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            raise ValueError(f"run {name!r} has no process on record; cannot signal it")
     except ProcessLookupError:
         pass  # it ended meanwhile; the status says how
     return _info(run)
+
+
+def _signal_pid(status: dict[str, Any]) -> int | None:
+    """The process to signal for a run whose status names no process group of its own: the
+    trainer, or its parent (torchrun) when the status names that, after checking that it still
+    is the trainer's parent (a pid is reused once its process is gone)."""
+    pid = status.get("pid")
+    if not isinstance(pid, int) or process_start_time(pid) != status.get("proc_start"):
+        return None
+    parent = status.get("signal_pid")
+    if parent is None:
+        return pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return parent if int(stat.rsplit(")", 1)[1].split()[1]) == parent else None
 
 
 def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
@@ -234,8 +260,10 @@ def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
             f"{run.path} exists already; choose another run name (longtune never writes into a "
             "folder it did not create for this run)"
         ) from None
+    mark_run(run)
     save_config(cfg, run.config)
-    return _start(run, nproc)
+    with _STARTING:
+        return _start(run, nproc)
 
 
 def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None = None) -> RunInfo:
@@ -256,17 +284,36 @@ def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None
         ValueError: the run is running or finished.
         FileNotFoundError: no such run, or it has no ``config.yaml``.
     """
-    info = get(name, runs_dir)
-    if info.state not in ("cancelled", "failed"):
+    with _STARTING:  # one start at a time: a double-clicked Resume starts one process
+        info = get(name, runs_dir)
+        if info.state not in ("cancelled", "failed"):
+            raise ValueError(
+                f"run {name!r} is {info.status}; only a cancelled or failed run can be resumed"
+            )
+        run = RunDir(info.path)
+        if not run.config.is_file():
+            raise FileNotFoundError(
+                f"run {name!r} has no {run.config.name}; it cannot be restarted"
+            )
+        _check_ended(run, name)
+        if nproc is None:
+            nproc = int((read_launch(run) or {}).get("nproc", 1))
+        # The folder as it is now (it may have been moved since the run was written).
+        extra = ["--checkpoint.resume=auto", f"--output.dir={run.path.resolve()}"]
+        return _start(run, nproc, extra)
+
+
+def _check_ended(run: RunDir, name: str) -> None:
+    """Refuse to resume a run whose earlier process has not ended yet (it may still be writing
+    its last checkpoint after recording its end)."""
+    if (read_launch(run) or {}).get("alive"):
+        raise ValueError(f"run {name!r} is still stopping; resume it once its process has ended")
+    try:
+        lock_run(run).release()
+    except RunLockedError:
         raise ValueError(
-            f"run {name!r} is {info.status}; only a cancelled or failed run can be resumed"
-        )
-    run = RunDir(info.path)
-    if not run.config.is_file():
-        raise FileNotFoundError(f"run {name!r} has no {run.config.name}; it cannot be restarted")
-    if nproc is None:
-        nproc = int((read_launch(run) or {}).get("nproc", 1))
-    return _start(run, nproc, ["--checkpoint.resume=auto"])
+            f"run {name!r} is still stopping; resume it once its process has ended"
+        ) from None
 
 
 def _start(run: RunDir, nproc: int, extra: builtins.list[str] | None = None) -> RunInfo:
@@ -295,7 +342,7 @@ def _start(run: RunDir, nproc: int, extra: builtins.list[str] | None = None) -> 
 
 def _reap(proc: subprocess.Popen, run: RunDir) -> None:
     code = proc.wait()
-    end_launch(run, code)
+    end_launch(run, proc.pid, code)
 
 
 def tail_log(run_path: str | Path, lines: int = 40) -> str:
@@ -338,24 +385,45 @@ def _tail(path: Path, lines: int, max_bytes: int = 256 * 1024) -> builtins.list[
     return [line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:]]
 
 
+def _readable_info(run: RunDir) -> RunInfo:
+    """:func:`_info`, or an ``unknown`` run when its files hold values of the wrong types (a
+    hand-edited ``status.json``): one odd folder does not hide the others."""
+    try:
+        return _info(run)
+    except (TypeError, ValueError, AttributeError) as e:
+        return RunInfo(
+            name=run.name,
+            path=run.path,
+            state="unknown",
+            status="unknown",
+            error=f"unreadable run files: {e}",
+        )
+
+
 def _info(run: RunDir) -> RunInfo:
     """Read everything shown about one run from its folder."""
     status = read_status(run)
     launch = read_launch(run)
     cfg = _read_config(run)
     info = RunInfo(name=run.name, path=run.path, state="unknown", status="unknown")
-    info.model = (cfg.get("model") or {}).get("path")
-    info.data = (cfg.get("data") or {}).get("train") or []
+    model, data = _section(cfg, "model"), _section(cfg, "data")
+    info.model = model.get("path") if isinstance(model.get("path"), str) else None
+    train_files = data.get("train")
+    if isinstance(train_files, builtins.list):
+        info.data = [f for f in train_files if isinstance(f, str)]
     _fill_state(info, run, status, launch)
-    has_eval = bool((cfg.get("data") or {}).get("eval"))
+    has_eval = bool(data.get("eval"))
     train, eval_, last_step = latest_metrics(run, want_eval=has_eval)
     info.train_loss = train["loss"] if train else None
     info.eval_loss = eval_["eval_loss"] if eval_ else None
     if last_step is not None:
         info.step = max(info.step or 0, last_step)
     if info.total_steps is None:
-        duration = (cfg.get("train") or {}).get("duration", "")
-        info.total_steps = int(duration[:-2]) if str(duration).endswith("st") else None
+        try:
+            duration = Duration.parse(str(_section(cfg, "train").get("duration", "")))
+        except ValueError:
+            duration = None
+        info.total_steps = duration.value if duration and duration.unit == "st" else None
     if run.export_check.is_file():
         try:
             info.export_check = json.loads(run.export_check.read_text())
@@ -395,6 +463,8 @@ def _fill_state(
             info.state = info.status = "starting"
         elif code == 0:  # a trainer that writes no status (older longtune) and ended well
             info.state = info.status = "succeeded"
+        elif code in _SIGNAL_EXITS:  # stopped before it wrote a status: nothing ran
+            info.state = info.status = "cancelled"
         else:  # ended before writing a status: show its last words
             info.state = "failed"
             gone = code is None or code < 0  # unseen, or killed by a signal
@@ -412,6 +482,17 @@ def _fill_state(
         info.duration_s = max(0.0, ended_at - info.started_at)
 
 
+# Exit codes of a process stopped by SIGINT/SIGTERM: the trainer's own (128 + signal) and a
+# process killed by the signal before it could handle it (negative, from Popen).
+_SIGNAL_EXITS = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+
+
+def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """One section of a config read from a run folder ({} when absent or not a mapping)."""
+    section = cfg.get(name)
+    return section if isinstance(section, dict) else {}
+
+
 def _last_line(run: RunDir) -> str | None:
     """The last non-empty line of the launched process's output (its error, if it failed)."""
     if not run.launch_log.is_file():
@@ -423,7 +504,7 @@ def _last_line(run: RunDir) -> str | None:
 def _read_config(run: RunDir) -> dict[str, Any]:
     try:
         data = yaml.safe_load(run.config.read_text())
-    except (FileNotFoundError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 

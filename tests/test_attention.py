@@ -142,6 +142,9 @@ def test_backend_choice_and_clear_errors():
         check_backend("varlen", "cpu")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         check_backend("flex", "cpu")
+    with pytest.raises(ValueError, match="model.attention=varlen needs model.dtype=bfloat16"):
+        check_backend("varlen", "cuda", dtype=torch.float32)
+    check_backend("varlen", "cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="'fa9' is not one of auto, sdpa, varlen, flex"):
         check_backend("fa9")
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from longtune.data.validation import MAX_EXAMPLE_BYTES, expand_paths
 from longtune.model.args import ModelArgs
 from longtune.model.llama import Transformer
-from longtune.run_dir import RunDir
+from longtune.run_dir import RunDir, mark_run
 from longtune.train.checkpoint import save_checkpoint
 from longtune.train.config import load_config, save_config
 from longtune.train.schedule import build_lr_scheduler
@@ -213,6 +213,17 @@ def build_cases(root: Path) -> dict[str, tuple[list[str], Path, str]]:
         f"checkpoint {other} is for a different model (layers.0.attention.wo.weight has shape "
         "[32, 32] there, [48, 48] here)",
     )
+    mine = root / "my-project"  # a user's folder, with a name a run also writes
+    mine.mkdir()
+    write(mine / "config.yaml", "experiment: 3\n")
+    argv = train(good)
+    argv[argv.index("--output-dir") + 1] = str(mine)
+    cases["output folder holding a user's files"] = (
+        argv,
+        root,
+        f"output.dir={mine} is not empty and is not a longtune run (it holds config.yaml); "
+        "choose a new or empty folder",
+    )
     # ---- config
     cases["negative seed"] = (train(good, "--seed", "-1"), root, "train.seed: -1 is invalid")
     bad_yaml = write(root / "bad.yaml", "model:\n  path: m\ndata:\n  train: [a.jsonl\n")
@@ -238,6 +249,7 @@ def other_model_checkpoint(run: Path, train_args: list[str]) -> Path:
     """A run folder with the settings of ``train_args`` (its config.yaml) and a complete
     checkpoint of a model with another width than the test model."""
     save_config(load_config(None, train_args), RunDir(run).config)
+    mark_run(RunDir(run))
     args = ModelArgs.from_hf_config(json.loads(make_config_json(hidden_size=32)))
     model = Transformer(args)
     model.init_buffers(device="cpu")
@@ -280,6 +292,7 @@ ITEMS = [
     "non-finite weights",
     "tokenizer larger than the vocabulary",
     "checkpoint of another model",
+    "output folder holding a user's files",
     "negative seed",
     "YAML syntax error",
     "YAML Python tag",
@@ -296,6 +309,10 @@ def test_one_clear_line(results, item):
         assert result.maxrss_mb < baseline + 200, (result.maxrss_mb, baseline)
     if item == "YAML Python tag":
         assert not (results[item][2] / "pwned").exists()
+    if item == "output folder holding a user's files":  # nothing written among them
+        mine = results[item][2] / "my-project"
+        assert [p.name for p in mine.iterdir()] == ["config.yaml"]
+        assert (mine / "config.yaml").read_text() == "experiment: 3\n"
 
 
 def test_every_item_is_covered(results):
@@ -314,6 +331,7 @@ def test_a_run_folder_inside_a_data_folder_is_never_read_as_data(tmp_path):
     (data / "more" / "eval.jsonl").write_text(json.dumps(GOOD) + "\n")
     run = data / "runs" / "first"  # a run folder, as `--output-dir data/runs/first` leaves it
     (run / "hf").mkdir(parents=True)
+    mark_run(RunDir(run))
     for name in ("config.yaml", "metrics.jsonl", "export_check.json"):
         (run / name).write_text("{}\n")
     (run / "hf" / "config.json").write_text("{}")
@@ -321,6 +339,7 @@ def test_a_run_folder_inside_a_data_folder_is_never_read_as_data(tmp_path):
     exported.mkdir()
     (exported / "config.json").write_text("{}")
     (exported / ".longtune-output").write_text('{"written_by": "longtune"}')
+    (data / "more" / "config.yaml").write_text("a user's file: not what makes a run\n")
     assert expand_paths([str(data)], "chat") == [
         str(data / "more" / "eval.jsonl"),
         str(data / "train.jsonl"),

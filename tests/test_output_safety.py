@@ -101,12 +101,18 @@ def test_overwrite_replaces_only_longtune_output_and_keeps_the_mode(folders, tmp
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # not mkdtemp's 0700
     assert_same_checkpoint(folders["hf"], out)  # the marker does not disturb an HF folder
     os.chmod(out, 0o750)
-    (out / "stale.txt").write_text("from the earlier export")
     again = cli_server.run(["export", native, out], tmp_path)
-    forced = cli_server.run(["export", native, out, "--overwrite"], tmp_path)
     assert "pass --overwrite" in again.error_line()
+    (out / "notes.txt").write_text("the user's, added after the export")
+    refused = cli_server.run(["export", native, out, "--overwrite"], tmp_path)
+    assert refused.rc == 2 and "holds files longtune did not write there (notes.txt)" in (
+        refused.error_line()
+    )
+    assert (out / "notes.txt").read_text() == "the user's, added after the export"
+    (out / "notes.txt").unlink()
+    forced = cli_server.run(["export", native, out, "--overwrite"], tmp_path)
     assert forced.rc == 0, forced.stderr
-    assert not (out / "stale.txt").exists() and is_longtune_output(out)
+    assert is_longtune_output(out)
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
     assert_same_checkpoint(folders["hf"], out)
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from longtune.run_dir import RunDir, process_start_time, read_status, write_status
+from longtune.run_dir import RunDir, mark_run, process_start_time, read_status, write_status
 
 
 def test_running_status_names_this_process(tmp_path):
@@ -18,7 +18,10 @@ def test_running_status_names_this_process(tmp_path):
     rec = write_status(run, "running", step=3, total_steps=10)
     assert rec["pid"] == os.getpid() and rec["proc_start"] == process_start_time(os.getpid())
     back = read_status(run)
-    assert back["state"] == "running" and back["step"] == 3 and run.is_run()
+    assert back["state"] == "running" and back["step"] == 3
+    assert not run.is_run()  # a status alone does not make a run: the marker does
+    mark_run(run)
+    assert run.is_run()
     assert not list(tmp_path.glob("*.tmp-*"))
 
 

@@ -22,6 +22,8 @@ from longtune import runs
 from longtune.run_dir import (
     RunDir,
     end_launch,
+    lock_run,
+    mark_run,
     read_metrics_since,
     read_status,
     write_launch,
@@ -62,6 +64,7 @@ time.sleep(60)
 def make_run(runs_dir, name, duration="10st"):
     run = RunDir(runs_dir / name)
     run.path.mkdir(parents=True)
+    mark_run(run)
     cfg = load_config(
         None,
         [
@@ -103,6 +106,10 @@ def folder(tmp_path):
 
     (runs_dir / "not-a-run").mkdir()
     (runs_dir / "not-a-run" / "notes.txt").write_text("hello")
+    # A user's folder with the file names a run uses is still not a run.
+    (runs_dir / "user-project").mkdir()
+    (runs_dir / "user-project" / "config.yaml").write_text("model: {path: x}\n")
+    (runs_dir / "user-project" / "status.json").write_text('{"state": "running"}')
     return runs_dir
 
 
@@ -179,7 +186,9 @@ def test_a_launched_process_that_ends_without_status_shows_its_last_line(tmp_pat
         "Traceback ...\nlongtune train: error: data.train: x does not exist\n"
     )
     assert runs.get("crashed", tmp_path).status == "failed (process gone)"  # nobody saw it end
-    end_launch(run, 2)
+    end_launch(run, proc.pid + 1, 0)  # another launch's process: not this record's
+    assert runs.get("crashed", tmp_path).status == "failed (process gone)"
+    end_launch(run, proc.pid, 2)
     info = runs.get("crashed", tmp_path)
     assert info.status == "failed (exit code 2)"
     assert info.error == "longtune train: error: data.train: x does not exist"
@@ -249,3 +258,44 @@ def test_latest_losses_come_from_the_end_of_a_long_metrics_file(tmp_path):
     info = runs.get("long", tmp_path)
     assert (info.train_loss, info.eval_loss, info.step) == (losses[-1], 7.5, 3000)
     assert run.metrics.stat().st_size > 2 * 64 * 1024  # spans several blocks
+
+
+def test_a_launch_stopped_before_it_wrote_a_status_reads_as_cancelled(tmp_path):
+    run = make_run(tmp_path, "early")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(143)"])
+    write_launch(run, proc.pid, argv=["python", "-m", "longtune", "train"])
+    end_launch(run, proc.pid, proc.wait())
+    assert runs.get("early", tmp_path).status == "cancelled"
+
+
+def test_odd_run_files_show_as_unknown_and_hide_no_other_run(folder):
+    odd = make_run(folder, "odd")
+    odd.config.write_text("model: just-a-string\ndata: {train: a.jsonl}\ntrain: {duration: xst}\n")
+    odd.status_file.write_text("[1, 2]")
+    mixed = make_run(folder, "mixed")
+    write_status(mixed, "failed", reason="error", error="x", started_at="yesterday")
+    found = {r.name: r for r in runs.list(folder)}
+    assert {"done", "gone", "nan", "odd", "mixed"} == set(found)
+    assert found["odd"].model is None and found["odd"].data == []
+    assert found["odd"].status == "failed (error)" and "unreadable" in found["odd"].error
+    assert found["mixed"].status == "unknown" and "unreadable run files" in found["mixed"].error
+
+
+def test_resume_waits_for_the_earlier_process_and_names_the_folder_as_it_is(tmp_path, monkeypatch):
+    run = make_run(tmp_path, "stopping")
+    write_status(run, "cancelled", step=2, total_steps=10)
+    lock = lock_run(run)  # the earlier process, still writing after recording its end
+    try:
+        with pytest.raises(ValueError, match="'stopping' is still stopping"):
+            runs.resume("stopping", tmp_path)
+    finally:
+        lock.release()
+    started = []
+    monkeypatch.setattr(runs, "_start", lambda run, nproc, extra: started.append(extra))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.replace(run.path, moved / "stopping")
+    runs.resume("stopping", moved)
+    assert started == [
+        ["--checkpoint.resume=auto", f"--output.dir={(moved / 'stopping').resolve()}"]
+    ]

@@ -409,3 +409,34 @@ def test_fsdp2_two_ranks_save_load_and_reshard_to_one(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, full[k]), k
     assert json.loads((latest / "COMPLETE").read_text())["step"] == 2
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    # step-8 is left by a run restarted from an earlier step (e.g. step-8 failed its CRC check):
+    # saving step-4 with keep_last=1 keeps step-4, and leaves step-8 alone.
+    save_steps(tmp_path, [8], keep_last=1)
+    save_steps(tmp_path, [4], keep_last=1)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-4", "step-8"]
+
+
+def test_a_manifest_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    import errno
+
+    from longtune.fsutil import OutputDirError
+    from longtune.train import checkpoint
+
+    real = checkpoint._write_durable
+
+    def full(path, data):
+        if path.name == checkpoint.MARKER:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    save_steps(tmp_path, [1])
+    monkeypatch.setattr(checkpoint, "_write_durable", full)
+    with pytest.raises(OutputDirError, match="checkpoints: No space left on device; free space"):
+        save_steps(tmp_path, [2])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]

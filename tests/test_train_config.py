@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import pytest
 import yaml
 
@@ -10,6 +13,7 @@ from longtune.train.config import (
     ConfigError,
     Duration,
     JobConfig,
+    check_resume_config,
     config_from_values,
     config_to_dict,
     field_docs,
@@ -173,7 +177,19 @@ def test_save_round_trip(tmp_path):
     path = tmp_path / "out" / "config.yaml"
     save_config(cfg, path)
     again = load_config(str(path), [])
-    assert again == cfg
+    # Paths are written absolute, so the file means the same from any folder (a UI resume).
+    cwd = os.getcwd()
+    assert again.data.train == [f"{cwd}/train.jsonl"] and again.data.eval == [
+        f"{cwd}/e1",
+        f"{cwd}/e2",
+    ]
+    assert again.output.dir == f"{cwd}/runs/longtune" and again.model.path == "/models/llama"
+    assert again.checkpoint.resume == "auto" and again.data.cache_dir == "/c"
+    assert again == dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, train=again.data.train, eval=again.data.eval),
+        output=dataclasses.replace(cfg.output, dir=again.output.dir),
+    )
     assert isinstance(again, JobConfig)
     # The saved file is plain YAML with every key, durations as strings.
     data = yaml.safe_load(path.read_text())
@@ -229,3 +245,15 @@ def test_typed_values_build_the_same_config_as_flags(tmp_path):
         config_from_values({"model.path": "m", "data.train": ["t"], "data.context_length": 9.5})
     with pytest.raises(ConfigError, match="unknown key 'optim.lrate'"):
         config_from_values({"model.path": "m", "data.train": ["t"], "optim.lrate": 1.0})
+
+
+def test_resume_compares_paths_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    new = load_config(None, ["--model=m", "--data=train.jsonl"])
+    save_config(new, tmp_path / "config.yaml")
+    old = load_config(str(tmp_path / "config.yaml"), [])
+    assert old.data.train == [str(tmp_path / "train.jsonl")]
+    check_resume_config(old, new, 1, 1, tmp_path)  # the same files, spelled two ways
+    other = load_config(None, ["--model=m", "--data=other.jsonl"])
+    with pytest.raises(ConfigError, match=r"data.train: .*/train.jsonl → .*/other.jsonl"):
+        check_resume_config(old, other, 1, 1, tmp_path)

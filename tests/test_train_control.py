@@ -35,7 +35,8 @@ from test_train_run import (  # noqa: F401
 import longtune.train.trainer as T
 from longtune.api import finetune
 from longtune.data import DataValidationError
-from longtune.run_dir import RunDir, delete_run, lock_run, read_status
+from longtune.run_dir import RunDir, delete_run, lock_run, mark_run, read_status
+from longtune.train.checkpoint import read_extra
 from longtune.train.config import ConfigError, check_resume_config, load_config
 
 pytestmark = pytest.mark.slow
@@ -291,17 +292,29 @@ def test_resume_rule_for_layouts():
         check_resume_config(old, new, old_batch=4, new_batch=2, run_dir="r")
 
 
-def test_delete_run_deletes_only_what_longtune_wrote(tmp_path):
+def test_delete_run_deletes_only_what_longtune_wrote(tmp_path, monkeypatch):
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("keep me")
+    (user / "config.yaml").write_text("model: {}\n")  # a common name: not what makes a run
     with pytest.raises(ValueError, match="not a longtune run folder"):
         delete_run(RunDir(user))
     assert (user / "notes.txt").read_text() == "keep me"
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
+    mark_run(run)
     run.config.write_text("model: {}\n")
+    (run.path / "notes.txt").write_text("added by the user")
+    with pytest.raises(
+        ValueError, match=r"holds files a longtune run does not write \(notes.txt\)"
+    ):
+        delete_run(run)
+    (run.path / "notes.txt").unlink()
+    monkeypatch.chdir(run.path)
+    with pytest.raises(ValueError, match="is the current folder"):
+        delete_run(run)
+    monkeypatch.chdir(tmp_path)
     held = lock_run(run)
     code = f"from longtune.run_dir import *; delete_run(RunDir({str(run.path)!r}))"
     busy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -310,3 +323,25 @@ def test_delete_run_deletes_only_what_longtune_wrote(tmp_path):
     delete_run(run)
     assert not run.path.exists()
     delete_run(run)  # nothing there: nothing to do
+
+
+def test_an_eval_done_on_resume_is_not_asked_for_again(setup, tmp_path):
+    """Stopped at step 2 with its eval due (eval_every=2): the resume runs that eval, and the
+    checkpoints written after it no longer ask a later resume to run it again."""
+
+    def stop_at_2(step, loss_sum):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_sum
+
+    out = tmp_path / "evals"
+    extra = ("--train.eval_every=2", "--checkpoint.every=2", "--checkpoint.keep_last=9")
+    cfg = resume_cfg(setup, out, *extra)
+    with pytest.raises(T.RunCancelled):
+        T.run_training(cfg, _fault=stop_at_2)
+    assert read_extra(out / "checkpoints" / "step-2")["eval_pending"] is True
+    T.run_training(resume_cfg(setup, out, *extra))
+    for step in (4, 6, 8):
+        assert read_extra(out / "checkpoints" / f"step-{step}")["eval_pending"] is False, step
+    evals = [m["step"] for m in read_metrics(out) if m["kind"] == "eval"]
+    assert evals == [0, 2, 4, 6, 8]

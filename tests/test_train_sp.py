@@ -167,7 +167,7 @@ def test_resume_at_another_layout_continues_the_same_run(setup, base, source, np
     out = _resume_copy(src, setup["root"] / f"resume-{source}", keep_step=1)
     run(nproc, train_args(setup, out, *extra))
     log = (out / "train.log").read_text()
-    assert "resumed from" in log and "step-1" in log
+    assert f"resumed from {out}/checkpoints/step-1 at step 1" in log
     assert_same_run(out, base)
 
 

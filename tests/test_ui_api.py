@@ -15,7 +15,7 @@ import yaml
 from ui_server import DEMO_DATA, UIServer, kill_runs, runs_list_cli, tiny_run_form, wait_for
 
 from longtune.data import check_data
-from longtune.run_dir import RunDir, write_status
+from longtune.run_dir import RunDir, mark_run, write_status
 from longtune.train.config import ConfigError, config_from_values
 
 
@@ -245,6 +245,7 @@ def test_untrusted_text_is_escaped_in_pages(env):
     ui = env["server"]
     run = RunDir(ui.runs_dir / "xss")
     run.path.mkdir(parents=True)
+    mark_run(run)
     config = {"model": {"path": "<script>alert(1)</script>"}, "data": {"train": ["<img src=x>"]}}
     run.config.write_text(yaml.safe_dump(config))
     write_status(run, "failed", reason="error", error="<b>boom</b>")

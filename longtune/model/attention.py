@@ -418,6 +418,9 @@ def activate_fa3() -> bool:
     """
     if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn_interface") is None:
         return False
+    if torch.cuda.get_device_capability()[0] != 9:  # FA3 kernels are Hopper-only; no fallback
+        logger.info("flash_attn_interface is installed but FA3 needs a Hopper GPU (sm_90)")
+        return False
     attn = torch.nn.attention
     if "FA3" not in getattr(attn, "list_flash_attention_impls", lambda: [])():
         logger.info("flash_attn_interface is installed but this torch cannot route to FA3")
@@ -450,16 +453,23 @@ def resolve_backend(name: str, q: torch.Tensor, meta: AttentionMeta) -> str:
     return "sdpa"
 
 
-def check_backend(name: str, device_type: str | None = None, training: bool = True) -> None:
-    """Fail early, with the choices, when ``name`` is unknown or cannot run on ``device_type``.
+def check_backend(
+    name: str,
+    device_type: str | None = None,
+    training: bool = True,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Fail early, with the choices, when ``name`` is unknown or cannot run on ``device_type``
+    in ``dtype``.
 
     Args:
         name: the ``model.attention`` setting.
         device_type: ``cuda`` / ``cpu``; ``None`` checks the name only.
         training: whether gradients are needed (FlexAttention has no CPU backward).
+        dtype: the compute dtype (``varlen`` needs bfloat16 or float16); ``None``: unchecked.
 
     Raises:
-        ValueError: unknown name, or a CUDA-only backend without CUDA.
+        ValueError: unknown name, a CUDA-only backend without CUDA, or ``varlen`` in float32.
     """
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention={name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
@@ -467,6 +477,11 @@ def check_backend(name: str, device_type: str | None = None, training: bool = Tr
         raise ValueError(
             f"model.attention={name} needs a CUDA GPU (this run is on {device_type}); "
             "use model.attention=auto or sdpa"
+        )
+    if name == "varlen" and dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"model.attention=varlen needs model.dtype=bfloat16 (the run computes in "
+            f"{str(dtype).removeprefix('torch.')}); use model.attention=auto or sdpa"
         )
 
 

@@ -8,7 +8,9 @@ Contract:
 - The output projection of each chunk of rows runs in the compute dtype (bf16 on tensor cores
   with float32 accumulation inside the matmul; float32 when the model is float32); the
   log-softmax, the loss and the gradient of the logits are float32, and the output matrix's
-  gradient is accumulated in float32 over the chunks. No float32 matmul runs in a bf16 step.
+  gradient is accumulated in float32 over the chunks (in a bf16 step each chunk's product is
+  a bf16 ``vocab x dim`` temporary, rounded once before it is added). No float32 matmul runs
+  in a bf16 step.
 - The gradients of the hidden states and of the output matrix are computed in the forward pass
   (the gradient of cross-entropy w.r.t. logits is ``softmax - onehot``), so neither pass ever
   holds more than ``chunk_size x vocab`` logits; the backward pass only scales them. This works
@@ -48,9 +50,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:end] = g @ w
                 if need_w and grad_w.dtype == h.dtype:
-                    grad_w.addmm_(g.t(), h)  # no (vocab, dim) temporary
+                    grad_w.addmm_(g.t(), h)  # float32: no (vocab, dim) temporary
                 elif need_w:
-                    grad_w += g.t() @ h
+                    grad_w += g.t() @ h  # bf16 product (a temporary), added in float32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

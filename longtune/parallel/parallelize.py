@@ -83,7 +83,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
 
     Args:
         mode: ``none``; ``full`` (keep only block inputs); ``selective`` (keep the outputs
-            of attention and of the feed-forward matmuls, recompute the rest).
+            of attention, the SP all-to-alls and ``wo``; recompute the rest).
     """
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is not one of {', '.join(AC_MODES)}")

@@ -76,6 +76,13 @@ from longtune.train.dcp_safe import (
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+class CheckpointLoadError(ValueError):
+    """A complete checkpoint whose values cannot be loaded (one line: the checkpoint, the first
+    failure, what to do)."""
+
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _STALE_DIR = re.compile(r"step-\d+\.(tmp|trash)-.+")
@@ -246,18 +253,25 @@ def save_checkpoint(
     final = root / f"step-{step}"
 
     # Rank 0 decides the tmp directory and whether this step already has a complete checkpoint.
-    decision: list[Any] = [None, False]
+    # Whatever fails on rank 0 alone is sent to every rank, so that all of them raise the same
+    # one-line error instead of the others waiting for rank 0 until the collective timeout.
+    decision: list[Any] = [None, False, None]
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        already = _verify(final) is None
         tmp = root / f"step-{step}.tmp-{os.getpid()}"
-        if tmp.exists():  # a pid reused from a killed run
-            shutil.rmtree(tmp)
-        if not already:
-            tmp.mkdir()
-        decision = [str(tmp), already]
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            already = _verify(final) is None
+            if tmp.exists():  # a pid reused from a killed run
+                shutil.rmtree(tmp)
+            if not already:
+                tmp.mkdir()
+            decision = [str(tmp), already, None]
+        except OSError as exc:
+            decision = [None, False, _write_failure(exc, tmp)]
     if initialized:
         dist.broadcast_object_list(decision, src=0)
+    if decision[2] is not None:
+        raise OutputDirError(decision[2])
     tmp, already = Path(decision[0]), decision[1]
     if already:
         if rank == 0:
@@ -283,26 +297,44 @@ def save_checkpoint(
         raise OutputDirError(errors[0])
     crcs = [r["crc"] for r in results]
 
+    outcome: list[str | None] = [None]
     if rank == 0:
-        by_name = {name: crc for part in crcs for name, crc in part.items()}
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            crc = by_name.get(path.name)
-            files[path.name] = {
-                "size": path.stat().st_size,
-                "crc32": crc if crc is not None else _crc32(path),
-            }
-        manifest = {"step": step, "world_size": world, "time": time.time(), "files": files}
-        _write_durable(tmp / MARKER, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
-        if final.exists():  # incomplete (checked above): move it out of the way first
-            _remove_dir(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        logger.info("saved checkpoint %s", final)
-        _prune(root, keep_last)
-    _barrier(initialized)
+        try:
+            _commit(tmp, final, step, world, crcs)
+        except OSError as exc:  # e.g. the manifest on a disk the shards just filled
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome = [_write_failure(exc, tmp)]
+        else:
+            try:
+                _prune(root, keep_last, step)
+            except OSError as exc:  # the new checkpoint is complete: only old ones are left
+                logger.warning("could not remove old checkpoints in %s: %s", root, exc)
+    if initialized:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise OutputDirError(outcome[0])
     return final
+
+
+def _commit(tmp: Path, final: Path, step: int, world: int, crcs: list[dict[str, int]]) -> None:
+    """Write the manifest of every file (the ``COMPLETE`` marker), then rename ``tmp`` to
+    ``final``, each made durable: before the rename the checkpoint does not exist."""
+    by_name = {name: crc for part in crcs for name, crc in part.items()}
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        crc = by_name.get(path.name)
+        files[path.name] = {
+            "size": path.stat().st_size,
+            "crc32": crc if crc is not None else _crc32(path),
+        }
+    manifest = {"step": step, "world_size": world, "time": time.time(), "files": files}
+    _write_durable(tmp / MARKER, json.dumps(manifest, indent=1).encode())
+    _fsync_dir(tmp)
+    if final.exists():  # incomplete (checked before writing): move it out of the way first
+        _remove_dir(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    logger.info("saved checkpoint %s", final)
 
 
 def _write_rank_files(
@@ -375,12 +407,18 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, written: int) -> None:
+    """Remove partial directories and all but the newest ``keep_last`` complete checkpoints up
+    to step ``written`` (the one just saved). Later steps (left by a run that was restarted
+    from an earlier one, e.g. after their files turned out corrupt) do not count: they must
+    never push out the checkpoint just written."""
     for path in root.iterdir():
         if _STALE_DIR.fullmatch(path.name) and path.is_dir():
             logger.info("removing stale partial checkpoint directory %s", path)
             shutil.rmtree(path)
-    complete = [path for _, path in _step_dirs(root) if (path / MARKER).is_file()]
+    complete = [
+        path for step, path in _step_dirs(root) if step <= written and (path / MARKER).is_file()
+    ]
     for path in complete[keep_last:]:
         logger.info("removing old checkpoint %s (keep_last=%d)", path, keep_last)
         _remove_dir(path)
@@ -579,10 +617,18 @@ def load_checkpoint(
         with _quiet_single_process():
             dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=not initialized)
     except CheckpointException as exc:  # DCP wraps each rank's error with its traceback
-        for inner, _ in exc.failures.values():
-            if isinstance(inner, UnsafeCheckpointError):
-                raise UnsafeCheckpointError(f"{path}: {inner}") from None
-        raise
+        inner = [e for e, _ in exc.failures.values()]
+        for error in inner:
+            if isinstance(error, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{path}: {error}") from None
+        for error in inner:
+            if isinstance(error, torch.OutOfMemoryError | MemoryError | OSError):
+                raise error from None
+        first = str(inner[0]).strip().splitlines()[0] if inner and str(inner[0]).strip() else ""
+        raise CheckpointLoadError(
+            f"{path} cannot be loaded ({type(inner[0]).__name__ if inner else 'error'}: {first}); "
+            "resume from an earlier checkpoint (checkpoint.resume=PATH)"
+        ) from None
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

@@ -678,7 +678,32 @@ def save_config(cfg: JobConfig, path: str | Path) -> None:
     """
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    values = config_to_dict(cfg)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        values[section][name] = _absolute(values[section][name])
+    file.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+PATH_KEYS = (
+    "model.path",
+    "data.train",
+    "data.eval",
+    "data.cache_dir",
+    "output.dir",
+    "checkpoint.resume",
+)
+"""Settings holding paths. A saved config holds them absolute (resolved against the folder the
+run was started from), so the file means the same wherever it is read (a resume from the web UI
+or from another shell); resume compares them resolved."""
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_absolute(v) for v in value]
+    if not value or value in ("auto", "never"):  # checkpoint.resume's words, an unset cache
+        return value
+    return os.path.abspath(value)
 
 
 @cache
@@ -750,6 +775,8 @@ def check_resume_config(
     for section, fields in new_d.items():
         for name, value in fields.items():
             key, before = f"{section}.{name}", old_d[section][name]
+            if key in PATH_KEYS:
+                value, before = _absolute(value), _absolute(before)
             if value == before or section in RESUME_FREE_SECTIONS or key in RESUME_FREE_KEYS:
                 continue
             if key in RESUME_BATCH_KEYS:

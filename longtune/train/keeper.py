@@ -8,7 +8,9 @@ Contract:
   folder is created and locked only once the checks passed (:meth:`RunKeeper.claim`).
 - One writer per folder: the lock (``run_dir.lock_run``) is held until the process ends. A run
   refused by the lock writes nothing into the folder.
-- ``running`` (pid, host, the process group to signal, ``started_at``, ``step``,
+- The folder gets the run marker when it is claimed; a folder that holds other files and no
+  marker is refused by the preflight (``run_dir.check_run_folder``).
+- ``running`` (pid, host, the process group or process to signal, ``started_at``, ``step``,
   ``total_steps``) is rewritten after every optimizer step; the end is ``succeeded``,
   ``failed`` (``reason``, ``error``) or ``cancelled``.
 - Other ranks keep nothing: every method is a no-op there.
@@ -20,7 +22,7 @@ import os
 import time
 from typing import Any
 
-from longtune.run_dir import RunDir, RunLock, lock_run, write_status
+from longtune.run_dir import RunDir, RunLock, lock_run, mark_run, write_status
 
 
 class RunKeeper:
@@ -56,11 +58,17 @@ class RunKeeper:
         if self.lock is None:
             self.run.path.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run(self.run)
+        mark_run(self.run)
         self._running = {"started_at": self.started_at, "step": 0, "total_steps": None}
         if "TORCHELASTIC_RUN_ID" in os.environ:
             # Under torchrun each worker has its own session: stopping the run means signalling
-            # torchrun's process group, which forwards the signal to every worker.
-            self._running["pgid"] = os.getpgid(os.getppid())
+            # torchrun, which forwards the signal to every worker; its group when it leads one,
+            # else torchrun alone (its group may be a shell pipeline).
+            parent = os.getppid()
+            if os.getpgid(parent) == parent:
+                self._running["pgid"] = parent
+            else:
+                self._running["signal_pid"] = parent
         self._write("running", **self._running)
 
     def progress(self, step: int, total_steps: int | None = None) -> None:

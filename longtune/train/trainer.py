@@ -69,7 +69,7 @@ from longtune.parallel.dims import (
     is_peer_failure,
 )
 from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
-from longtune.run_dir import RunDir, read_metrics
+from longtune.run_dir import RunDir, check_run_folder, read_metrics
 from longtune.train.checkpoint import (
     check_checkpoint_model,
     checkpoint_info,
@@ -124,6 +124,7 @@ def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
     if errors:
         raise errors[0]
     check_writable(cfg.output.dir, "output.dir")
+    check_run_folder(RunDir(cfg.output.dir))  # never writes among a user's files
     check_writable(cfg.data.cache_dir or default_cache_dir() / "tokens", "data.cache_dir")
     dims = ParallelDims.build(
         world_size,
@@ -133,7 +134,11 @@ def preflight(cfg: JobConfig, world_size: int) -> ParallelDims:
         n_kv_heads=args.n_kv_heads,
     )
     check_model_folder(cfg.model.path)  # tokenizer, safetensors headers, vocabulary fit
-    check_backend(cfg.model.attention, "cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = cfg.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    check_backend(cfg.model.attention, device_type, dtype=getattr(torch, dtype))
     _check_resume(cfg, dims, args)
     return dims
 
@@ -238,9 +243,14 @@ def run_training(
             keeper.end("succeeded")
             return result
         except BaseException as exc:
-            if stop.requested and not isinstance(exc, RunCancelled):
+            if (
+                stop.requested
+                and failure_reason(exc) == "error"
+                and not isinstance(exc, RunCancelled)
+            ):
                 # A library interrupted half-way, or another rank stopped first and took the
-                # process group down with it.
+                # process group down with it. An error with a cause of its own (a full disk, a
+                # NaN, bad data) is reported as it is.
                 exc = stop.cancelled()
             _record_end(keeper, exc)
             raise exc
@@ -251,8 +261,10 @@ def run_training(
 def _train(
     cfg: JobConfig, dims: ParallelDims, stop: StopSignals, keeper: RunKeeper, fault: Any
 ) -> RunResult:
-    rank, world, device = init_distributed(cfg.parallel.timeout_s)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        # Inside: a rendezvous that times out (a peer that never came) is a lost peer too.
+        rank, world, device = init_distributed(cfg.parallel.timeout_s)
         trainer = Trainer(cfg, rank, dims, device, stop=stop, keeper=keeper, fault=fault)
         trainer.build()
         trainer.resume()
@@ -521,6 +533,7 @@ class Trainer:
         cfg = self.cfg
         if self.step == 0 or self.eval_pending:
             self.log_eval(self.step)
+            self.eval_pending = False  # done: later checkpoints must not ask for it again
         self.t_start = time.monotonic()
         self.progress.start(self.step)
         with self.stop.deferred():
@@ -556,7 +569,10 @@ class Trainer:
         position = self.loader.state_dict()
         batches = [next(self.loader) for _ in range(self.accum)]
         local_count = sum(b["num_supervised"] for b in batches)
-        global_count, stop = self._all_reduce_sum([local_count / self.dims.sp, self._stop_flag()])
+        # Every rank of an SP group counts the same sequence: sum the integers (exact in float64),
+        # then divide.
+        count_sum, stop = self._all_reduce_sum([local_count, self._stop_flag()])
+        global_count = float(round(count_sum / self.dims.sp))
         if stop > 0:
             self.loader.load_state_dict(position)  # these micro-batches were not used
             self.stopping = True

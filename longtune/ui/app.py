@@ -243,7 +243,13 @@ async def _form(request: Request) -> dict[str, Any]:
 
 def _is_cursor(text: str) -> bool:
     inode, colon, offset = text.partition(":")
-    return bool(colon) and inode.isdigit() and offset.isdigit()
+    return (
+        bool(colon)
+        and inode.isascii()
+        and inode.isdecimal()
+        and offset.isascii()
+        and offset.isdecimal()
+    )
 
 
 def _preview(cfg: Any) -> dict[str, Any]:

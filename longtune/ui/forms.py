@@ -162,7 +162,10 @@ def parse_form(form: dict[str, Any], runs_dir: Path, allowed: list[Path]) -> New
     except ValueError as e:
         raise FormError(422, str(e)) from None
     nproc_text = str(form.get("nproc", "1")).strip()
-    if not nproc_text.isdigit() or not 1 <= int(nproc_text) <= MAX_NPROC:
+    if (
+        not (nproc_text.isascii() and nproc_text.isdecimal())
+        or not 1 <= int(nproc_text) <= MAX_NPROC
+    ):
         raise FormError(422, f"nproc: {nproc_text!r} is invalid; use 1 to {MAX_NPROC} processes")
     nproc = int(nproc_text)
 
