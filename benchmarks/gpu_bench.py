@@ -508,13 +508,14 @@ def _table_line(length: int, hf: dict | None, lt: dict | None) -> str:
     return f"{length:>7} | {side(hf, 15, False)} | {side(lt, 20, True)} | {speed}"
 
 
-def model_flops_per_token(shape: dict[str, Any], attn_len: float) -> float:
-    """6·N (matmul weights incl. the output layer) + 6·layers·S·dim (causal attention)."""
+def model_flops_per_token(shape: dict[str, Any], attn_len: float, label_frac: float = 1.0) -> float:
+    """6·N (matmul weights incl. the output layer, counted only for the ``label_frac`` of the
+    tokens whose logits are computed) + 6·layers·S·dim (causal attention)."""
     d, f, n_l = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     q = shape["num_attention_heads"] * shape["head_dim"]
     kv = shape["num_key_value_heads"] * shape["head_dim"]
     per_layer = d * (q + 2 * kv) + q * d + 3 * d * f
-    n = n_l * per_layer + shape["vocab_size"] * d
+    n = n_l * per_layer + label_frac * shape["vocab_size"] * d
     return 6 * n + 6 * n_l * attn_len * q
 
 
@@ -531,8 +532,8 @@ def section_mfu(rep: Report, plan: dict[str, Any], rows: list[dict], device_name
             if r is None:
                 continue
             attn_len = r["length"] / r.get("docs", 1)  # equal documents: Σ len² / total
-            tflops = r["tokens_per_s"] * model_flops_per_token(shape, attn_len) / 1e12
-            tflops = float(f"{tflops:.3g}")
+            flops = model_flops_per_token(shape, attn_len, r.get("label_frac", 1.0))
+            tflops = float(f"{r['tokens_per_s'] * flops / 1e12:.3g}")
             mfu = f"{100 * tflops / peak:.1f} %" if peak else "n/a"
             label = r["ac"] + (f", {r['label']}" if r.get("label") else "")
             rep.line(
@@ -567,7 +568,8 @@ def section_attention(run: Runner, plan: dict[str, Any], on_gpu: bool) -> None:
 def section_longest(run: Runner, plan: dict[str, Any], capacity_gb: float) -> None:
     rep = run.report
     rep.line(
-        f"== 4. longest context of one fwd+bwd step (full AC), card memory {capacity_gb:.0f} GB"
+        f"== 4. longest context of one fwd+bwd step (full AC; bf16 weights and gradients, no "
+        f"optimizer state), card memory {capacity_gb:.0f} GB"
     )
     for shape, lengths in plan["longest"].items():
         recs = run.worker(

@@ -54,7 +54,7 @@ from longtune.train.config import Duration, JobConfig, save_config
 from longtune.train.metrics import format_duration
 
 DEFAULT_RUNS_DIR = "runs"
-_STARTING = threading.Lock()  # launches and resumes of this process, one at a time
+_RESUMING = threading.Lock()  # resumes in this process (the web UI's threads), one at a time
 #: A run name: a plain folder name (letters, digits, ``.``, ``_``, ``-``; not starting with ``.``).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
@@ -211,6 +211,10 @@ def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
             raise ValueError(f"run {name!r} has no process on record; cannot signal it")
     except ProcessLookupError:
         pass  # it ended meanwhile; the status says how
+    except PermissionError:
+        raise ValueError(
+            f"run {name!r} runs as another user; this user may not signal it"
+        ) from None
     return _info(run)
 
 
@@ -262,8 +266,7 @@ def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
         ) from None
     mark_run(run)
     save_config(cfg, run.config)
-    with _STARTING:
-        return _start(run, nproc)
+    return _start(run, nproc)
 
 
 def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None = None) -> RunInfo:
@@ -284,7 +287,7 @@ def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None
         ValueError: the run is running or finished.
         FileNotFoundError: no such run, or it has no ``config.yaml``.
     """
-    with _STARTING:  # one start at a time: a double-clicked Resume starts one process
+    with _RESUMING:  # a double-clicked Resume starts one process
         info = get(name, runs_dir)
         if info.state not in ("cancelled", "failed"):
             raise ValueError(

@@ -120,6 +120,7 @@ def test_every_alias_targets_a_real_key():
         (["--output.tensorboard=maybe"], "'maybe' is not a boolean"),
         (["--optim.betas=0.9"], "optim.betas (from --optim.betas): expected 2 comma-separated"),
         (["--checkpoint.keep_last=0"], "checkpoint.keep_last: 0 is invalid; must be >= 1"),
+        (["--context-length=1"], "data.context_length: 1 is invalid; must be >= 2"),
         (["--model.dtype=fp16"], "model.dtype: 'fp16' is not one of auto, float32, bfloat16"),
         (["--parallel.timeout_s=0"], "parallel.timeout_s: 0.0 is invalid; must be > 0 seconds"),
         (["--batch-tokens=100", "--grad-accum=4"], "set only one of the two"),

@@ -36,10 +36,10 @@ AC_MODES = ("none", "selective", "full")
 # out floats, so every projection reading the model dimension frees the same memory per FLOP;
 # w13 is the widest (2 x ffn_dim) and q/k/v the widest of the attention ones, and the
 # attention kernel (quadratic) and wo (whose input is attention's output) are what stays.
-# SmolLM2-135M at 4,096 tokens: 5,769 -> 1,161 floats per token and layer kept, for about 20 %
-# more matmul FLOPs in the backward pass; on the 2-core CPU benchmark (docs/benchmarks.md) the
-# step got 2 % slower and its peak memory 20 % lower than keeping w13. test_model_perf.py pins
-# which matmuls are recomputed.
+# SmolLM2-135M: 5,769 -> 1,161 floats per token and layer kept, for 22 % more block matmul
+# FLOPs per step (the forward of wqkv and w13 again). On the 2-core CPU benchmark
+# (docs/benchmarks.md), against keeping w13: 1.71x -> 1.63-1.67x transformers' tokens/s,
+# 0.48x -> 0.38-0.41x its peak RSS. test_model_perf.py pins which matmuls are recomputed.
 _KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,

@@ -584,7 +584,7 @@ def validate_config(cfg: JobConfig) -> None:
     m, d, o, t, p, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.checkpoint
     _ensure(bool(m.path.strip()), "model.path", m.path, "give the Hugging Face checkpoint folder")
     _ensure(len(d.train) > 0, "data.train", d.train, "give at least one training data file")
-    _ensure(d.context_length > 0, "data.context_length", d.context_length, "must be > 0")
+    _ensure(d.context_length >= 2, "data.context_length", d.context_length, "must be >= 2")
     _ensure(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
     _ensure(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _ensure(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", o.betas, "each must be in [0, 1)")
