@@ -65,7 +65,7 @@ LAUNCH_LOG = "launch.log"
 DEMO_SUMMARY = "demo_summary.json"
 
 STATES = ("running", "succeeded", "failed", "cancelled")
-FAIL_REASONS = ("nan", "oom", "data error", "config error", "process gone", "error")
+FAIL_REASONS = ("nan", "oom", "data error", "config error", "output error", "process gone", "error")
 RUN_KIND = "run"
 """The ``kind`` in the :data:`~longtune.fsutil.OUTPUT_MARKER` of a run folder."""
 _ENTRIES = (

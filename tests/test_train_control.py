@@ -345,3 +345,15 @@ def test_an_eval_done_on_resume_is_not_asked_for_again(setup, tmp_path):
         assert read_extra(out / "checkpoints" / f"step-{step}")["eval_pending"] is False, step
     evals = [m["step"] for m in read_metrics(out) if m["kind"] == "eval"]
     assert evals == [0, 2, 4, 6, 8]
+
+
+def test_failure_reasons():
+    from longtune.fsutil import OutputDirError
+
+    assert T.failure_reason(OutputDirError("cannot write checkpoint in x: No space")) == (
+        "output error"
+    )
+    assert T.failure_reason(OSError(30, "Read-only file system")) == "output error"
+    assert T.failure_reason(FileNotFoundError("data.train: x does not exist")) == "config error"
+    assert T.failure_reason(ConfigError("optim.lr: 0 is invalid")) == "config error"
+    assert T.failure_reason(RuntimeError("a bug")) == "error"

@@ -19,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -40,6 +41,9 @@ class RunKeeper:
         self.started_at = time.time()
         self._running: dict[str, Any] = {}
         self._ended = False
+        # end() may come from the signal watcher thread (a hard exit) while the main thread
+        # writes progress: one write at a time, and none after the end.
+        self._writing = threading.RLock()  # re-entered by a signal handler on the main thread
 
     @classmethod
     def of(cls, output_dir: str) -> RunKeeper:
@@ -73,23 +77,25 @@ class RunKeeper:
 
     def progress(self, step: int, total_steps: int | None = None) -> None:
         """Record the current step (cheap: one small atomic file write)."""
-        if not self._holds() or self._ended:
-            return
-        self._running["step"] = step
-        if total_steps is not None:
-            self._running["total_steps"] = total_steps
-        self._write("running", **self._running)
+        with self._writing:
+            if not self._holds() or self._ended:
+                return
+            self._running["step"] = step
+            if total_steps is not None:
+                self._running["total_steps"] = total_steps
+            self._write("running", **self._running)
 
     def end(self, state: str, **fields: Any) -> None:
         """Record the end of the run (``succeeded``, ``failed`` or ``cancelled``); the first
         end recorded stays."""
-        if not self._holds() or self._ended:
-            return
-        self._ended = True
-        record = {
-            k: v for k, v in self._running.items() if k in ("started_at", "step", "total_steps")
-        }
-        self._write(state, **record, **fields, ended_at=time.time())
+        with self._writing:
+            if not self._holds() or self._ended:
+                return
+            self._ended = True
+            record = {
+                k: v for k, v in self._running.items() if k in ("started_at", "step", "total_steps")
+            }
+            self._write(state, **record, **fields, ended_at=time.time())
 
     def release(self) -> None:
         """Drop the lock (the process ending does the same)."""

@@ -155,9 +155,21 @@ class StopSignals:
 
     def _watch(self, reader: socket.socket) -> None:
         """Woken by every signal, whatever the main thread is doing."""
+        first, deadline = signal.SIGTERM, None  # the first signal; when it must have ended us
         while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
+                reader.settimeout(wait)
                 data = reader.recv(64)
+            except TimeoutError:
+                # Outside the loop the run ends promptly: if this process is still here after
+                # the grace time, its main thread is stuck in a library call. (A stop seen in
+                # the loop takes its time: the step and the checkpoint are finished first.)
+                deadline = None
+                if not self._deferred and not self._seen_in_loop:
+                    name = signal_name(first)
+                    self._exit_now(first, f"cancelled by {name}; stopping at once (was blocked)")
+                continue
             except OSError:
                 return
             if not data:
@@ -168,13 +180,8 @@ class StopSignals:
                 self._received += 1
                 if self._received >= 2 and self.hard_exit:
                     self._exit_now(signum, f"second {signal_name(signum)}: stopping at once")
-                # Outside the loop the run ends promptly: if this process is still here after
-                # the grace time, its main thread is stuck in a library call. (A stop seen in
-                # the loop takes its time: the step and the checkpoint are finished first.)
-                time.sleep(GRACE_S)
-                if not self._deferred and not self._seen_in_loop:
-                    name = signal_name(signum)
-                    self._exit_now(signum, f"cancelled by {name}; stopping at once (was blocked)")
+                if self._received == 1:
+                    first, deadline = signum, time.monotonic() + GRACE_S
 
     def _exit_now(self, signum: int, message: str) -> None:
         os.write(2, f"longtune train: {message}\n".encode())

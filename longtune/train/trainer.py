@@ -56,7 +56,7 @@ from longtune.export.check import (
     read_run_source,
     save_run_source,
 )
-from longtune.fsutil import check_writable
+from longtune.fsutil import OutputDirError, check_writable
 from longtune.model.args import ModelArgs
 from longtune.model.attention import check_backend
 from longtune.model.checks import read_model_config
@@ -292,6 +292,10 @@ def failure_reason(exc: BaseException) -> str:
         return "oom"
     if isinstance(exc, DataValidationError):
         return "data error"
+    if isinstance(exc, OutputDirError) or (
+        isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+    ):
+        return "output error"  # a full disk, a read-only folder
     if isinstance(exc, ValueError | FileNotFoundError | NotImplementedError):
         return "config error"
     return "error"
