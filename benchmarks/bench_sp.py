@@ -10,8 +10,10 @@ rank at the largest degree, so the loss's fixed-size chunk buffers are in both p
 
 - ``base``: resident memory before the measured step (weights, gradients, optimizer state,
   runtime) — it shrinks with the FSDP shard, not with the context;
-- ``peak``: peak resident memory during the step at ``L`` (CPU: ``VmHWM`` after ``clear_refs``;
-  GPU: ``torch.cuda.max_memory_allocated``);
+- ``peak``: peak resident memory during the step at ``L`` (CPU: ``VmHWM`` after ``clear_refs``,
+  with glibc returning freed blocks to the system, ``--allocator live``, so that RSS follows the
+  live tensors: with glibc's default, freed heap stays resident and the figures depend on the
+  order of allocations more than on the context; GPU: ``torch.cuda.max_memory_allocated``);
 - ``grows``: ``peak(L) - peak(L0)``, the part of the peak that grows with the context
   (activations, attention, communication buffers); what does not depend on the context
   (optimizer-step temporaries, loss chunk buffers) cancels. Under SP=N it should be about 1/N of
@@ -23,6 +25,7 @@ gradient checkpointing on, SDPA, full-sequence causal attention) is measured too
     .venv/bin/python benchmarks/bench_sp.py                               # SmolLM2 shape, SP 1, 3
     .venv/bin/python benchmarks/bench_sp.py --shape smollm2-8h --degrees 1 2 4
     .venv/bin/python benchmarks/bench_sp.py --context 16384 --transformers
+    .venv/bin/python benchmarks/bench_sp.py --shape smollm2-8h --keep-exchanges  # the other policy
 
 Shapes: ``smollm2`` is SmolLM2-135M (9 query / 3 KV heads, so SP degrees 1, 3, 9);
 ``smollm2-8h`` is the same size with 8 query / 2 KV heads of dimension 72 (SP 1, 2, 4, 8).
@@ -108,7 +111,13 @@ def worker(opts: argparse.Namespace) -> None:
     on_gpu = device.type == "cuda"
     with torch.device("meta"):
         model = Transformer(args)
-    parallelize(model, dims.build_mesh(device.type), opts.ac, torch.bfloat16 if on_gpu else None)
+    parallelize(
+        model,
+        dims.build_mesh(device.type),
+        opts.ac,
+        torch.bfloat16 if on_gpu else None,
+        keep_exchanges=opts.keep_exchanges,
+    )
     model.to_empty(device=device)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -197,6 +206,18 @@ def main() -> None:
     parser.add_argument("--doc-len", type=int, default=2048)
     parser.add_argument("--ac", choices=("none", "selective", "full"), default="selective")
     parser.add_argument("--transformers", action="store_true", help="also measure transformers")
+    parser.add_argument(
+        "--keep-exchanges",
+        action="store_true",
+        help="selective checkpointing keeps the all-to-all outputs (parallel.keep_exchanges)",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=("live", "default"),
+        default="live",
+        help="CPU: live = glibc gives freed blocks back (MALLOC_MMAP_THRESHOLD_=131072), so RSS "
+        "follows the live tensors; default = glibc as is (RSS keeps freed heap)",
+    )
     parser.add_argument("--short", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("longtune", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -209,23 +230,31 @@ def main() -> None:
     degrees = opts.degrees or ([1, 3] if opts.shape == "smollm2" else [1, 2, 4])
     out = Path(tempfile.mkdtemp(prefix="bench_sp-")) / "results.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if opts.allocator == "live":
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     short = max(opts.context // 8, 1024 * max(degrees))
     same = ["--shape", opts.shape, "--context", str(opts.context), "--doc-len", str(opts.doc_len)]
     same += ["--short", str(short)]
-    same += ["--ac", opts.ac, "--out", str(out)]
+    same += ["--ac", opts.ac, "--out", str(out)] + (
+        ["--keep-exchanges"] if opts.keep_exchanges else []
+    )
     script = str(Path(__file__).resolve())
     for sp in degrees:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         cmd = [*torchrun, f"--nproc-per-node={sp}", script, "--worker", "longtune", *same]
         subprocess.run(cmd, env=env, check=True)
     if opts.transformers:
-        subprocess.run([sys.executable, script, "--worker", "transformers", *same], check=True)
+        subprocess.run(
+            [sys.executable, script, "--worker", "transformers", *same], env=env, check=True
+        )
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
     gib = 2**30
     print(
         f"\n{opts.shape} ({SHAPES[opts.shape]}), context {opts.context} tokens (L0 = {short}) in "
-        f"documents of {opts.doc_len}, activation checkpointing {opts.ac} (transformers: full)"
+        f"documents of {opts.doc_len}, activation checkpointing {opts.ac}"
+        f"{' keeping the exchanges' if opts.keep_exchanges else ''} (transformers: full); "
+        f"CPU allocator: {opts.allocator}"
     )
     print("| layout | rank | base GiB | peak GiB | grows GiB | grows / SP=1 | limit 1.2/N | s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

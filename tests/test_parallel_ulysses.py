@@ -120,12 +120,12 @@ class _CountExchanges(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _backward_exchanges(rank: int, world: int, ac_mode: str) -> int:
+def _backward_exchanges(rank: int, world: int, ac_mode: str, keep: bool = False) -> int:
     args = PRESETS["debug"]
     torch.manual_seed(0)
     model = Transformer(args)
     apply_sequence_parallel(model, dist.group.WORLD)
-    apply_activation_checkpointing(model, ac_mode)
+    apply_activation_checkpointing(model, ac_mode, keep_exchanges=keep)
     seq = 8 * world
     ids = torch.randint(0, args.vocab_size, (1, seq))
     cu = torch.tensor([0, 5, seq], dtype=torch.int32)
@@ -137,12 +137,13 @@ def _backward_exchanges(rank: int, world: int, ac_mode: str) -> int:
     return mode.count
 
 
-def test_selective_checkpointing_keeps_the_exchanges():
-    """Backward of a 2-layer model: 4 gradient exchanges per layer (q, k, v, out); selective
-    activation checkpointing replays the forward exchanges from saved outputs, full
-    checkpointing communicates them again."""
+def test_selective_checkpointing_replays_the_exchanges_unless_asked_to_keep_them():
+    """Backward of a 2-layer model: 4 gradient exchanges per layer (q, k, v, out). Selective
+    checkpointing exchanges the forward's 4 again (memory per rank falls as 1/N), as full
+    checkpointing does; with keep_exchanges it replays them from their kept outputs."""
     n_layers = PRESETS["debug"].n_layers
-    assert run_ranks(2, _backward_exchanges, "selective") == [4 * n_layers] * 2
+    assert run_ranks(2, _backward_exchanges, "selective") == [8 * n_layers] * 2
+    assert run_ranks(2, _backward_exchanges, "selective", True) == [4 * n_layers] * 2
     assert run_ranks(2, _backward_exchanges, "full") == [8 * n_layers] * 2
 
 

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -27,9 +29,9 @@ from longtune.parallel.ulysses import apply_sequence_parallel
 
 AC_MODES = ("none", "selective", "full")
 
-# Selective checkpointing keeps the outputs of attention (and of the sequence-parallel
-# all-to-alls, so a recompute repeats no communication) and of the attention output projection
-# (wo), and recomputes the rest in the backward pass: norms, RoPE, SiLU * up and the residual
+# Selective checkpointing keeps the outputs of attention and of the attention output projection
+# (wo), and recomputes the rest in the backward pass (under sequence parallelism the
+# all-to-alls too, unless keep_exchanges, below): norms, RoPE, SiLU * up and the residual
 # adds (cheap, and they hold most activation bytes), the q/k/v projection and the gate/up
 # projection (w13). w2's output is not kept either: nothing in the backward pass needs it, and
 # the recompute stops before it. Recomputing a matmul costs in x out FLOPs per token and frees
@@ -40,12 +42,18 @@ AC_MODES = ("none", "selective", "full")
 # FLOPs per step (the forward of wqkv and w13 again). On the 2-core CPU benchmark
 # (docs/benchmarks.md), against keeping w13: 1.71x -> 1.63-1.67x transformers' tokens/s,
 # 0.48x -> 0.38-0.41x its peak RSS. test_model_perf.py pins which matmuls are recomputed.
+#
+# Under SP=N a rank keeps 1/N of those. Keeping the all-to-all outputs as well (q, k, v
+# head-sharded, the output sequence-sharded) saves one replay of the 4 exchanges per layer in
+# the backward pass but keeps 1,440 more floats per token and layer over the group (SmolLM2
+# sized, 8 query / 2 KV heads: 576 + 144 + 144 + 576): per rank 1.8-1.95/N of SP=1's kept
+# activations instead of 1.0/N (measured at SP=2 and 4, docs/benchmarks.md). Memory per rank falling with N is what SP is for, so by default the
+# exchanges are replayed; parallel.keep_exchanges trades that memory for the communication.
 _KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-    *_SP_SAVE_OPS,
 }
 # FlexAttention's higher-order op; the op behind torch.nn.attention.varlen.varlen_attn (the
 # packed-sequence GPU path) is matched by name: it exists only once that module is imported,
@@ -63,7 +71,8 @@ def _op_name(op: object) -> str:
     return name() if callable(name) else ""
 
 
-def _selective_context():  # noqa: ANN202
+def _selective_context(keep_exchanges: bool = False):  # noqa: ANN202
+    kept = _KEPT_OPS | set(_SP_SAVE_OPS) if keep_exchanges else _KEPT_OPS
     count = {False: 0, True: 0}  # matmuls seen in the forward / in the recompute of one call
 
     def policy(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -72,18 +81,22 @@ def _selective_context():  # noqa: ANN202
             count[ctx.is_recompute] += 1
             keep = index % 4 not in _RECOMPUTED_MATMULS
         else:
-            keep = op in _KEPT_OPS or _op_name(op) in _KEPT_OP_NAMES
+            keep = op in kept or _op_name(op) in _KEPT_OP_NAMES
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+def apply_activation_checkpointing(
+    model: Transformer, mode: str, keep_exchanges: bool = False
+) -> None:
     """Wrap every block for activation checkpointing.
 
     Args:
         mode: ``none``; ``full`` (keep only block inputs); ``selective`` (keep the outputs
-            of attention, the SP all-to-alls and ``wo``; recompute the rest).
+            of attention and ``wo``; recompute the rest).
+        keep_exchanges: with ``selective``, also keep the outputs of the SP all-to-alls (no
+            exchange replayed in the backward pass, ~1.8x the activation memory).
     """
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is not one of {', '.join(AC_MODES)}")
@@ -94,7 +107,9 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
             wrapped = checkpoint_wrapper(
-                block, preserve_rng_state=False, context_fn=_selective_context
+                block,
+                preserve_rng_state=False,
+                context_fn=functools.partial(_selective_context, keep_exchanges),
             )
         model.layers.register_module(name, wrapped)
 
@@ -134,6 +149,7 @@ def parallelize(
     ac_mode: str,
     param_dtype: torch.dtype | None,
     compile: bool = False,
+    keep_exchanges: bool = False,
 ) -> nn.Module:
     """Apply sequence parallelism, activation checkpointing, compile (optional), then FSDP2.
 
@@ -143,13 +159,15 @@ def parallelize(
         ac_mode: ``none``, ``selective`` or ``full``.
         param_dtype: compute dtype of the gathered parameters (None = as stored).
         compile: ``torch.compile`` each block.
+        keep_exchanges: selective checkpointing keeps the SP all-to-all outputs
+            (``parallel.keep_exchanges``).
 
     Returns:
         The same model, now sharded.
     """
     if mesh["sp"].size() > 1:
         apply_sequence_parallel(model, mesh["sp"].get_group())
-    apply_activation_checkpointing(model, ac_mode)
+    apply_activation_checkpointing(model, ac_mode, keep_exchanges)
     if compile:
         apply_compile(model)
     if mesh.size() > 1 or param_dtype is not None:

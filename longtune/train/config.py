@@ -190,6 +190,10 @@ class ParallelConfig:
     """Seconds a collective waits for a peer: if a rank dies (killed, out of memory), the others
     exit with an error after at most this long instead of hanging."""
 
+    keep_exchanges: bool = False
+    """With sp > 1 and selective checkpointing: keep the all-to-all outputs instead of
+    exchanging again in the backward pass (fewer exchanges, ~1.8x the activation memory)."""
+
 
 @dataclass
 class CheckpointConfig:

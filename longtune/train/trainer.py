@@ -440,6 +440,7 @@ class Trainer:
             param_dtype=None if self.compute_dtype == torch.float32 else self.compute_dtype,
             compile=cfg.train.compile == "true"
             or (cfg.train.compile == "auto" and device.type == "cuda"),
+            keep_exchanges=cfg.parallel.keep_exchanges,
         )
         model.to_empty(device=device)
         if not is_fsdp_sharded(model):
