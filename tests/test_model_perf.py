@@ -26,6 +26,7 @@ MATMULS = {
     torch.ops.aten.addmv.default,
     torch.ops.aten.dot.default,
 }
+ATTENTION_OPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 def batch(seed: int = 0, bs: int = 2, seq: int = 96):
@@ -112,37 +113,44 @@ def test_compiled_blocks_equal_eager(ac, packed):
         assert counters["stats"]["unique_graphs"] == graphs
 
 
-class MatmulCount(TorchDispatchMode):
+class OpCount(TorchDispatchMode):
+    """Counts the matmuls and the attention-kernel calls dispatched inside it."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.matmuls = self.attention = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        self.count += func in MATMULS
+        self.matmuls += func in MATMULS
+        self.attention += func in ATTENTION_OPS
         return func(*args, **(kwargs or {}))
 
 
-def test_selective_checkpointing_recomputes_the_qkv_and_gate_up_projections():
-    """Selective checkpointing gives the gradients of no checkpointing and recomputes exactly
-    two matmuls per block in the backward pass (q/k/v and gate/up); full checkpointing three
-    (w2's output is never needed again: the recompute stops before it)."""
+def test_selective_checkpointing_recomputes_every_projection_but_not_attention():
+    """Selective checkpointing gives the gradients of no checkpointing; in the backward pass it
+    recomputes the block's projections as full checkpointing does (q/k/v, wo, gate/up: three
+    per block; w2's output is never needed again, the recompute stops before it) but not the
+    attention kernel, which full checkpointing runs again for every document."""
     ids, labels, cu = batch()
-    grads, backward_matmuls = {}, {}
+    grads, counts = {}, {}
     for ac in ("none", "selective", "full"):
         m = model()
         apply_activation_checkpointing(m, ac)
         loss = m(ids, cu_seqlens=cu, labels=labels)
-        with MatmulCount() as mode:
+        with OpCount() as mode:
             loss.backward()
-        backward_matmuls[ac] = mode.count
+        counts[ac] = (mode.matmuls, mode.attention)
         grads[ac] = {
             n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in m.named_parameters()
         }
     for ac in ("selective", "full"):
         for name, g in grads["none"].items():
             assert rel_err(grads[ac][name], g) < 1e-5, (ac, name)
-    assert backward_matmuls["selective"] - backward_matmuls["none"] == 2 * ARGS.n_layers
-    assert backward_matmuls["full"] - backward_matmuls["none"] == 3 * ARGS.n_layers
+    n_docs = len(cu) - 1
+    assert counts["selective"][0] - counts["none"][0] == 3 * ARGS.n_layers
+    assert counts["full"][0] - counts["none"][0] == 3 * ARGS.n_layers
+    assert counts["none"][1] == counts["selective"][1] == 0  # backward kernels are other ops
+    assert counts["full"][1] == n_docs * ARGS.n_layers
 
 
 def _sharding_of_parallelized(rank: int, world: int, param_dtype) -> str:  # noqa: ANN001

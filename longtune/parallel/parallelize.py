@@ -29,26 +29,25 @@ from longtune.parallel.ulysses import apply_sequence_parallel
 
 AC_MODES = ("none", "selective", "full")
 
-# Selective checkpointing keeps the outputs of attention and of the attention output projection
-# (wo), and recomputes the rest in the backward pass (under sequence parallelism the
-# all-to-alls too, unless keep_exchanges, below): norms, RoPE, SiLU * up and the residual
-# adds (cheap, and they hold most activation bytes), the q/k/v projection and the gate/up
-# projection (w13). w2's output is not kept either: nothing in the backward pass needs it, and
-# the recompute stops before it. Recomputing a matmul costs in x out FLOPs per token and frees
-# out floats, so every projection reading the model dimension frees the same memory per FLOP;
-# w13 is the widest (2 x ffn_dim) and q/k/v the widest of the attention ones, and the
-# attention kernel (quadratic) and wo (whose input is attention's output) are what stays.
-# SmolLM2-135M: 5,769 -> 1,161 floats per token and layer kept, for 22 % more block matmul
-# FLOPs per step (the forward of wqkv and w13 again). On the 2-core CPU benchmark
-# (docs/benchmarks.md), against keeping w13: 1.71x -> 1.63-1.67x transformers' tokens/s,
-# 0.48x -> 0.38-0.41x its peak RSS. test_model_perf.py pins which matmuls are recomputed.
+# Selective checkpointing keeps the outputs of the attention kernel (quadratic in the document
+# length: the one op worth its memory) and recomputes everything else of a block in the
+# backward pass (under sequence parallelism the all-to-alls too, unless keep_exchanges,
+# below): norms, RoPE, SiLU * up, the residual adds and every projection (q/k/v, wo, gate/up;
+# w2's output is never needed again, the recompute stops before it). Recomputing a projection
+# costs in x out FLOPs per token and frees out floats; every projection of a block reads a
+# model-dimension (or attention-output) vector, so each frees the same memory per FLOP.
+# SmolLM2-135M: besides its input, a block keeps attention's output and log-sum-exp, 585
+# floats per token and layer (5,769 with every matmul output kept), for 25 % more block matmul
+# FLOPs per step (the forward of wqkv, wo and w13 again): the matmuls of full checkpointing,
+# without recomputing attention. CPU benchmark in docs/benchmarks.md; test_model_perf.py pins it.
 #
 # Under SP=N a rank keeps 1/N of those. Keeping the all-to-all outputs as well (q, k, v
 # head-sharded, the output sequence-sharded) saves one replay of the 4 exchanges per layer in
 # the backward pass but keeps 1,440 more floats per token and layer over the group (SmolLM2
 # sized, 8 query / 2 KV heads: 576 + 144 + 144 + 576): per rank 1.8-1.95/N of SP=1's kept
-# activations instead of 1.0/N (measured at SP=2 and 4, docs/benchmarks.md). Memory per rank falling with N is what SP is for, so by default the
-# exchanges are replayed; parallel.keep_exchanges trades that memory for the communication.
+# activations instead of 1.0/N (measured at SP=2 and 4, docs/benchmarks.md). Memory per rank
+# falling with N is what SP is for, so by default the exchanges are replayed;
+# parallel.keep_exchanges trades that memory for the communication.
 _KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -61,9 +60,6 @@ _KEPT_OPS = {
 if hasattr(torch.ops.higher_order, "flex_attention"):
     _KEPT_OPS.add(torch.ops.higher_order.flex_attention)
 _KEPT_OP_NAMES = {"torch_attn::_varlen_attn"}
-_MATMUL_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
-# A block's matmuls in forward order: wqkv, wo, w13, w2. The outputs of these are not kept:
-_RECOMPUTED_MATMULS = {0, 2, 3}
 
 
 def _op_name(op: object) -> str:
@@ -73,15 +69,9 @@ def _op_name(op: object) -> str:
 
 def _selective_context(keep_exchanges: bool = False):  # noqa: ANN202
     kept = _KEPT_OPS | set(_SP_SAVE_OPS) if keep_exchanges else _KEPT_OPS
-    count = {False: 0, True: 0}  # matmuls seen in the forward / in the recompute of one call
 
     def policy(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if op in _MATMUL_OPS:
-            index = count[ctx.is_recompute]
-            count[ctx.is_recompute] += 1
-            keep = index % 4 not in _RECOMPUTED_MATMULS
-        else:
-            keep = op in kept or _op_name(op) in _KEPT_OP_NAMES
+        keep = op in kept or _op_name(op) in _KEPT_OP_NAMES
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
@@ -93,8 +83,8 @@ def apply_activation_checkpointing(
     """Wrap every block for activation checkpointing.
 
     Args:
-        mode: ``none``; ``full`` (keep only block inputs); ``selective`` (keep the outputs
-            of attention and ``wo``; recompute the rest).
+        mode: ``none``; ``full`` (keep only block inputs); ``selective`` (also keep the
+            attention kernel's outputs; recompute the rest).
         keep_exchanges: with ``selective``, also keep the outputs of the SP all-to-alls (no
             exchange replayed in the backward pass, ~1.8x the activation memory).
     """
