@@ -44,8 +44,9 @@ AC_MODES = ("none", "selective", "full")
 # Under SP=N a rank keeps 1/N of those. Keeping the all-to-all outputs as well (q, k, v
 # head-sharded, the output sequence-sharded) saves one replay of the 4 exchanges per layer in
 # the backward pass but keeps 1,440 more floats per token and layer over the group (SmolLM2
-# sized, 8 query / 2 KV heads: 576 + 144 + 144 + 576): per rank 1.8-1.95/N of SP=1's kept
-# activations instead of 1.0/N (measured at SP=2 and 4, docs/benchmarks.md). Memory per rank
+# sized, 8 query / 2 KV heads: 576 + 144 + 144 + 576), more than SP=1 keeps in all: at 16K
+# tokens a rank's growing memory measured 0.96x of SP=1's at SP=2 and 0.63x at SP=4, against
+# 0.45x and 0.32x when they are replayed (docs/benchmarks.md). Memory per rank
 # falling with N is what SP is for, so by default the exchanges are replayed;
 # parallel.keep_exchanges trades that memory for the communication.
 _KEPT_OPS = {
@@ -86,7 +87,7 @@ def apply_activation_checkpointing(
         mode: ``none``; ``full`` (keep only block inputs); ``selective`` (also keep the
             attention kernel's outputs; recompute the rest).
         keep_exchanges: with ``selective``, also keep the outputs of the SP all-to-alls (no
-            exchange replayed in the backward pass, ~1.8x the activation memory).
+            exchange replayed in the backward pass, about twice the activation memory).
     """
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is not one of {', '.join(AC_MODES)}")

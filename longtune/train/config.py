@@ -192,7 +192,7 @@ class ParallelConfig:
 
     keep_exchanges: bool = False
     """With sp > 1 and selective checkpointing: keep the all-to-all outputs instead of
-    exchanging again in the backward pass (fewer exchanges, ~1.8x the activation memory)."""
+    exchanging again in the backward pass (fewer exchanges, about twice the activation memory)."""
 
 
 @dataclass
