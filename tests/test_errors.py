@@ -54,7 +54,10 @@ def write(path: Path, text: str | bytes) -> Path:
     return path
 
 
-def build_cases(root: Path) -> dict[str, tuple[list[str], Path, str]]:
+Cases = dict[str, tuple[list[str], Path, str]]
+
+
+def build_cases(root: Path) -> Cases:
     """name -> (argv, cwd, text the error line must hold)."""
     model = make_hf_checkpoint(root / "model")
     good = write(root / "good.jsonl", json.dumps(GOOD) + "\n")
@@ -80,8 +83,16 @@ def build_cases(root: Path) -> dict[str, tuple[list[str], Path, str]]:
             *extra,
         ]
 
-    cases: dict[str, tuple[list[str], Path, str]] = {}
-    # ---- data
+    return {
+        **_data_cases(root, train, model, good),
+        **_model_cases(root, train, model, good),
+        **_config_cases(root, train, good),
+    }
+
+
+def _data_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: ANN001
+    """Bad data files (and a chat template that refuses one)."""
+    cases: Cases = {}
     surrogate = '{"messages": [{"role": "user", "content": "hi \\ud800 there"}, '
     surrogate += '{"role": "assistant", "content": "ok"}]}\n'
     f = write(root / "surrogate.jsonl", surrogate)
@@ -124,7 +135,12 @@ def build_cases(root: Path) -> dict[str, tuple[list[str], Path, str]]:
         f"data.train: '{comma}' is one path whose name holds a comma, but commas separate "
         f"paths here; write it as '{root}/a\\,b.jsonl'",
     )
-    # ---- model
+    return cases
+
+
+def _model_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: ANN001
+    """Bad model folders, checkpoints and output folders."""
+    cases: Cases = {}
     cases["missing model folder (train)"] = (
         train(good, model_dir="meta-llama/Llama-3.1-8B"),
         root,
@@ -224,7 +240,12 @@ def build_cases(root: Path) -> dict[str, tuple[list[str], Path, str]]:
         f"output.dir={mine} is not empty and is not a longtune run (it holds config.yaml); "
         "choose a new or empty folder",
     )
-    # ---- config
+    return cases
+
+
+def _config_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
+    """Bad settings and config files."""
+    cases: Cases = {}
     cases["negative seed"] = (train(good, "--seed", "-1"), root, "train.seed: -1 is invalid")
     bad_yaml = write(root / "bad.yaml", "model:\n  path: m\ndata:\n  train: [a.jsonl\n")
     cases["YAML syntax error"] = (
