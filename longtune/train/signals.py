@@ -91,6 +91,7 @@ class StopSignals:
         self._deferred = False
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._watcher: threading.Thread | None = None
         self._previous_wakeup = -1
         self._received = 0
         self._seen_in_loop = False
@@ -111,7 +112,8 @@ class StopSignals:
         writer.setblocking(False)
         self._wakeup = (reader, writer)
         self._previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(reader,), daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, args=(reader,), daemon=True)
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -120,9 +122,12 @@ class StopSignals:
         self._previous.clear()
         if self._wakeup is not None:
             signal.set_wakeup_fd(self._previous_wakeup)
-            for sock in self._wakeup:
-                sock.close()  # ends the watcher
-            self._wakeup = None
+            reader, writer = self._wakeup
+            writer.close()  # the watcher reads the end of the stream and returns
+            if self._watcher is not None:
+                self._watcher.join(timeout=1.0)
+            reader.close()  # after the watcher left its recv: the descriptor is not reused under it
+            self._wakeup = self._watcher = None
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
