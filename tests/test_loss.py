@@ -4,10 +4,10 @@ import pytest
 import torch
 from helpers import rel_err
 
-from longtune.model.loss import chunked_cross_entropy
+from longtune.model.loss import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, chunk_rows, chunked_cross_entropy
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000, None])
 def test_chunked_loss_matches_full_logits(chunk):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 40, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -104,3 +104,41 @@ def test_logits_only_for_supervised_rows():
     # logits (15, vocab), hidden-state gradient (15, dim), weight gradient (vocab, dim)
     assert sorted(mode.shapes) == [(15, 16), (15, 1000), (1000, 16)]
     assert not h.grad[0, :10].any() and h.grad[0, 10:15].any()
+
+
+def test_default_chunk_holds_about_as_many_logits_as_hidden_values():
+    """The loss's temporary follows the tokens on the rank (a quarter of the tokens: a quarter
+    of the logits per chunk), within the floor and ceiling."""
+    assert chunk_rows(4096, 576, 49152) == 64  # SmolLM2 at 4K tokens: 48 -> 64 rows
+    assert chunk_rows(16384, 576, 49152) == 256
+    assert chunk_rows(16384, 4096, 128256) == 1024  # Llama 3 8B at 16K: 523 -> 1024
+    assert chunk_rows(131072, 4096, 128256) == MAX_CHUNK_ROWS
+    assert chunk_rows(10, 576, 49152) == MIN_CHUNK_ROWS
+    for n, dim, vocab in [(4096, 576, 49152), (5000, 64, 1000), (777, 128, 32000)]:
+        rows = chunk_rows(n, dim, vocab)
+        assert rows * vocab >= n * dim or rows == MAX_CHUNK_ROWS
+        assert rows == MIN_CHUNK_ROWS or (rows // 2) * vocab < n * dim
+
+
+def test_default_chunking_runs_logits_in_chunks_sized_to_the_tokens():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LogitRows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default and out.shape[-1] == 2000:
+                self.rows.append(out.shape[0])
+            return out
+
+    h = torch.randn(1000, 64, requires_grad=True)
+    w = torch.randn(2000, 64, requires_grad=True)
+    labels = torch.randint(0, 2000, (1000,))
+    with LogitRows() as mode:
+        loss = chunked_cross_entropy(h, w, labels)
+    assert mode.rows == [32] * 31 + [8]  # 1000 x 64 / 2000 = 32 rows per chunk
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="sum")
+    assert rel_err(loss, ref) < 1e-5

@@ -273,7 +273,7 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Logits ``(bs, seq, vocab)``, or with ``labels`` the summed token loss.
 
@@ -281,7 +281,8 @@ class Transformer(nn.Module):
             input_ids, position_ids, cu_seqlens, max_seqlen: see :meth:`hidden`.
             labels: ``(bs, seq)`` targets already shifted (``-100`` ignored). When given, the
                 output projection and cross-entropy run in chunks of ``loss_chunk_size``
-                tokens and the float32 *sum* of token losses is returned; full logits are never
+                tokens (``None``: sized to the tokens, see :func:`~longtune.model.loss.chunk_rows`)
+                and the float32 *sum* of token losses is returned; full logits are never
                 built. (The loss is computed here, inside ``forward``, so that wrappers such as
                 FSDP see every parameter use.)
         """

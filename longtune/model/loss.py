@@ -13,7 +13,11 @@ Contract:
   in a bf16 step.
 - The gradients of the hidden states and of the output matrix are computed in the forward pass
   (the gradient of cross-entropy w.r.t. logits is ``softmax - onehot``), so neither pass ever
-  holds more than ``chunk_size x vocab`` logits; the backward pass only scales them. This works
+  holds more than ``chunk_size x vocab`` logits; the backward pass only scales them.
+- By default a chunk holds about as many logits as there are hidden-state values
+  (:func:`chunk_rows`): the loss's temporary grows with the tokens on this rank, like every
+  activation, instead of being a fixed ``1024 x vocab`` block. Under sequence parallelism,
+  where each rank holds ``1/sp`` of the tokens, a fixed block would not shrink with the group. This works
   unchanged under FSDP2: the weight used is the unsharded one of the forward, and its gradient
   flows back through autograd like any other.
 - The result is the float32 *sum* of token losses (the caller divides by the global count).
@@ -24,6 +28,20 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+MIN_CHUNK_ROWS = 32
+MAX_CHUNK_ROWS = 1024
+
+
+def chunk_rows(n: int, dim: int, vocab: int) -> int:
+    """Rows per loss chunk for ``n`` rows of width ``dim`` and a ``vocab``-sized output.
+
+    The power of two nearest above ``n * dim / vocab`` (a chunk's logits then take about as
+    much memory as the ``n`` hidden states), within ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]``: the
+    floor keeps each matmul large enough to be efficient, the ceiling bounds the temporary
+    (1024 rows of a 128K vocabulary are 0.5 GB in float32) when one rank holds many tokens.
+    """
+    want = max(1, -(-n * dim // vocab))
+    return min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 1 << (want - 1).bit_length()))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -85,7 +103,7 @@ def chunked_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Sum of token cross-entropies of ``hidden @ weight.T`` against ``labels``.
 
@@ -95,12 +113,15 @@ def chunked_cross_entropy(
         labels: ``(...)`` target ids, already shifted; ``-100`` is ignored (and its logits
             are never computed).
         chunk_size: supervised tokens per chunk (peak extra memory about
-            ``chunk_size x vocab`` floats).
+            ``chunk_size x vocab`` floats); ``None``: :func:`chunk_rows` of the supervised
+            rows.
 
     Returns:
         Scalar float32 sum over supervised tokens (divide by the global supervised-token count).
     """
     hidden, labels = supervised_rows(hidden, labels)
+    if chunk_size is None:
+        chunk_size = chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         # Evaluation: the loss only. (Inside the autograd function, needs_input_grad is true
         # under no_grad too, and it would compute and store both gradients for nothing.)
