@@ -13,13 +13,14 @@ Contract:
   in a bf16 step.
 - The gradients of the hidden states and of the output matrix are computed in the forward pass
   (the gradient of cross-entropy w.r.t. logits is ``softmax - onehot``), so neither pass ever
-  holds more than ``chunk_size x vocab`` logits; the backward pass only scales them.
-- By default a chunk holds about as many logits as there are hidden-state values
-  (:func:`chunk_rows`): the loss's temporary grows with the tokens on this rank, like every
-  activation, instead of being a fixed ``1024 x vocab`` block. Under sequence parallelism,
-  where each rank holds ``1/sp`` of the tokens, a fixed block would not shrink with the group. This works
+  holds more than ``chunk_size x vocab`` logits; the backward pass only scales them. This works
   unchanged under FSDP2: the weight used is the unsharded one of the forward, and its gradient
   flows back through autograd like any other.
+- By default a chunk holds about as many logits as there are values in the supervised rows'
+  hidden states (:func:`chunk_rows`): the loss's temporary grows with the tokens on this rank,
+  like every activation, instead of being a fixed ``1024 x vocab`` block. Under sequence
+  parallelism, where each rank holds ``1/sp`` of the tokens, a fixed block would not shrink
+  with the group.
 - The result is the float32 *sum* of token losses (the caller divides by the global count).
 """
 
@@ -35,7 +36,7 @@ MAX_CHUNK_ROWS = 1024
 def chunk_rows(n: int, dim: int, vocab: int) -> int:
     """Rows per loss chunk for ``n`` rows of width ``dim`` and a ``vocab``-sized output.
 
-    The power of two nearest above ``n * dim / vocab`` (a chunk's logits then take about as
+    The smallest power of two at or above ``n * dim / vocab`` (a chunk's logits then take about as
     much memory as the ``n`` hidden states), within ``[MIN_CHUNK_ROWS, MAX_CHUNK_ROWS]``: the
     floor keeps each matmul large enough to be efficient, the ceiling bounds the temporary
     (1024 rows of a 128K vocabulary are 0.5 GB in float32) when one rank holds many tokens.

@@ -45,8 +45,8 @@ AC_MODES = ("none", "selective", "full")
 # head-sharded, the output sequence-sharded) saves one replay of the 4 exchanges per layer in
 # the backward pass but keeps 1,440 more floats per token and layer over the group (SmolLM2
 # sized, 8 query / 2 KV heads: 576 + 144 + 144 + 576), more than SP=1 keeps in all: at 16K
-# tokens a rank's growing memory measured 0.96x of SP=1's at SP=2 and 0.63x at SP=4, against
-# 0.45x and 0.32x when they are replayed (docs/benchmarks.md). Memory per rank
+# tokens a rank's growing memory measured 0.91x of SP=1's at SP=2 and 0.48x at SP=4, against
+# 0.49x and 0.23x when they are replayed (docs/benchmarks.md). Memory per rank
 # falling with N is what SP is for, so by default the exchanges are replayed;
 # parallel.keep_exchanges trades that memory for the communication.
 _KEPT_OPS = {
