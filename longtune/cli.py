@@ -386,7 +386,7 @@ def _end_worker(code: int) -> None:
     torch keeps every process group it ever used reachable from its DTensor caches after
     ``destroy_process_group``, so their C++ objects (and gloo's threads) are destroyed during
     interpreter shutdown. There a worker sometimes aborted with "terminate called without an
-    active exception" after a successful run (twice in about 130 runs of the two-rank test,
+    active exception" after a successful run (twice in about 115 runs of the two-rank test,
     once in CI), and the launcher then reported the whole run as failed. Everything longtune
     writes is closed by now; the log handlers and streams are flushed, and the process ends
     with ``code``.
