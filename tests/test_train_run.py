@@ -399,3 +399,51 @@ def test_metrics_truncation_drops_a_torn_line(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra')
     T._truncate_metrics(RunDir(tmp_path), 1, 10)
     assert [json.loads(x) for x in path.read_text().splitlines()] == recs[:2]
+
+
+def test_a_layout_that_cannot_resume_exactly_is_refused_before_the_model_is_read(
+    setup, tmp_path, monkeypatch
+):
+    """Written at DP=2 on an odd number of sequences, an epoch has one padding slot more than
+    at DP=1, so the data position cannot carry over exactly: resuming at DP=1 is refused,
+    naming both layouts, before any weight is read."""
+    out = tmp_path / "run"
+    common = [
+        "--model",
+        str(setup["model"]),
+        "--data",
+        str(setup["eval"]),  # packs into an odd number of sequences
+        "--context-length",
+        "96",
+        "--duration",
+        "2st",
+        "--output-dir",
+        str(out),
+        f"--data.cache_dir={setup['cache']}",
+    ]
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = subprocess.run(
+        [*cmd, "-m", "longtune", "train", *common, "--grad-accum", "1"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def read_weights(self):
+        raise AssertionError("the model was read before the resume layout was checked")
+
+    monkeypatch.setattr(T.Trainer, "build_model", read_weights)
+    with pytest.raises(ValueError, match="cannot resume exactly") as refused:
+        finetune(
+            model=str(setup["model"]),
+            train_data=str(setup["eval"]),
+            context_length=96,
+            duration="2st",
+            output_dir=str(out),
+            data__cache_dir=str(setup["cache"]),
+            train__grad_accum=2,
+        )
+    message = str(refused.value)
+    assert "data-parallel degree 2" in message and "this run has 1" in message

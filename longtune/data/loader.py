@@ -195,6 +195,14 @@ class PackedLoader:
         Args:
             state: from :meth:`state_dict`.
         """
+        self.epoch, self.step = self.resume_position(state)
+
+    def resume_position(self, state: dict[str, Any]) -> tuple[int, int]:
+        """The ``(epoch, step)`` this loader resumes at from ``state``; changes nothing.
+
+        The trainer calls it before the model is loaded, so a run that cannot resume exactly
+        is refused early. Raises as :meth:`load_state_dict` does.
+        """
         mine = self.state_dict()
         for key in ("seed", "micro_batch_size", "drop_last", "num_sequences"):
             if state[key] != mine[key]:
@@ -223,7 +231,7 @@ class PackedLoader:
                 f"Resume with parallel.dp={old_dp} (world size = dp x sp), or with a degree "
                 "that divides both the consumed sequences and the epoch"
             )
-        self.epoch, self.step = int(state["epoch"]), consumed // per_step
+        return int(state["epoch"]), consumed // per_step
 
 
 def _steps_per_epoch(n: int, per_step: int, drop_last: bool) -> int:

@@ -350,6 +350,7 @@ class Trainer:
         self.stopping = False
         """Every rank agreed to stop (a SIGTERM/SIGINT reached one of them)."""
         self.last_checkpoint: Path | None = None
+        self.resume_from: Path | None = None  # the checkpoint this run resumes from (build)
         self.evaluated_step = -1
         self.eval_pending = False
         """An eval was due at the step a stop checkpointed: it runs first thing on resume."""
@@ -362,8 +363,27 @@ class Trainer:
         setup_logging(self.run.path, self.rank)
         torch.manual_seed(self.cfg.train.seed)
         self.build_data()
+        self.resume_from = self._checkpoint_to_resume()
+        if self.resume_from is not None:
+            # Refused here, before any weight is read, when the data position cannot carry
+            # over exactly to this layout (the loader names both layouts).
+            self.loader.resume_position(self._loader_state(self.resume_from))
         self.build_model()
         self.build_optimizer()
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        cfg = self.cfg.checkpoint
+        if cfg.resume == "auto":
+            found = [str(find_latest_checkpoint(self.run.path) or "")] if self.rank == 0 else [None]
+            dist.broadcast_object_list(found, src=0)
+            return Path(found[0]) if found[0] else None
+        return None if cfg.resume == "never" else Path(cfg.resume)
+
+    def _loader_state(self, ckpt: Path) -> dict[str, Any]:
+        """The loader state this rank resumes from (rank 0's where the checkpoint had fewer
+        ranks, as :func:`load_checkpoint` does)."""
+        own = (ckpt / f"rank-{self.rank}.pt").is_file()
+        return read_extra(ckpt, self.rank if own else 0)["loader"]
 
     def build_data(self) -> None:
         """Tokenize and pack (rank 0 first: it fills the cache the others read), the loaders,
@@ -478,13 +498,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the checkpoint to resume from (if any), then open the metrics and progress."""
         cfg, rank = self.cfg, self.rank
-        ckpt = None
-        if cfg.checkpoint.resume == "auto":
-            found = [str(find_latest_checkpoint(self.run.path) or "")] if rank == 0 else [None]
-            dist.broadcast_object_list(found, src=0)
-            ckpt = Path(found[0]) if found[0] else None
-        elif cfg.checkpoint.resume != "never":
-            ckpt = Path(cfg.checkpoint.resume)
+        ckpt = self.resume_from
         if ckpt is not None:
             extra = load_checkpoint(
                 ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
