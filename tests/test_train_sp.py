@@ -119,17 +119,33 @@ def base(setup):
     return run(1, train_args(setup, setup["root"] / "base", "--grad-accum", "2"))
 
 
-@pytest.mark.parametrize(
-    ("name", "nproc", "extra"),
-    [
-        ("sp2", 2, ["--sp", "2", "--grad-accum", "2"]),  # KV heads scattered
-        ("sp4", 4, ["--sp", "4", "--grad-accum", "2"]),  # 2 KV heads repeated on 4 ranks
-        ("dp2sp2", 4, ["--sp", "2", "--grad-accum", "1"]),  # same global batch
-    ],
-)
-def test_sequence_parallel_layouts_reproduce_one_process(setup, base, name, nproc, extra):
-    out = run(nproc, train_args(setup, setup["root"] / name, *extra))
+LAYOUTS = {
+    "sp2": (2, ["--sp", "2", "--grad-accum", "2"]),  # KV heads scattered
+    "sp4": (4, ["--sp", "4", "--grad-accum", "2"]),  # 2 KV heads repeated on 4 ranks
+    "dp2sp2": (4, ["--sp", "2", "--grad-accum", "1"]),  # same global batch
+}
+
+
+@pytest.fixture(scope="module")
+def layout_run(setup):
+    """``layout_run(name)``: the finished run of ``LAYOUTS[name]``, run once per module (the
+    parity test checks it, the resume test copies it)."""
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            nproc, extra = LAYOUTS[name]
+            done[name] = run(nproc, train_args(setup, setup["root"] / name, *extra))
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_sequence_parallel_layouts_reproduce_one_process(base, layout_run, name):
+    out = layout_run(name)
     assert_same_run(out, base)
+    nproc, extra = LAYOUTS[name]
     sp = extra[extra.index("--sp") + 1]
     assert f"(dp {nproc // int(sp)}, sp {sp})" in (out / "train.log").read_text()
 
@@ -160,10 +176,10 @@ def _resume_copy(src: Path, dst: Path, keep_step: int) -> Path:
         ("base", 4, ["--sp", "2", "--grad-accum", "1"]),  # and back: one process -> DP=2 x SP=2
     ],
 )
-def test_resume_at_another_layout_continues_the_same_run(setup, base, source, nproc, extra):
-    src = setup["root"] / source
-    if not (src / "hf").is_dir():
-        pytest.skip(f"needs the {source} run of the parity test")  # run alone with -k
+def test_resume_at_another_layout_continues_the_same_run(
+    setup, base, layout_run, source, nproc, extra
+):
+    src = base if source == "base" else layout_run(source)
     out = _resume_copy(src, setup["root"] / f"resume-{source}", keep_step=1)
     run(nproc, train_args(setup, out, *extra))
     log = (out / "train.log").read_text()
