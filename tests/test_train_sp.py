@@ -151,11 +151,18 @@ def test_sequence_parallel_layouts_reproduce_one_process(base, layout_run, name)
 
 
 def test_sp3_on_the_smollm2_head_shape_with_padding(setup):
-    """9 query / 3 KV heads at SP=3; 97 tokens are padded to 99 (the padding carries no loss and
-    no document sees it)."""
-    one = run(1, train_args(setup, setup["root"] / "base9", model="model9", context=97))
-    sp3 = run(3, train_args(setup, setup["root"] / "sp3", "--sp", "3", model="model9", context=97))
-    assert_same_run(sp3, one)
+    """9 query / 3 KV heads at SP=3, alone and as DP=2 x SP=3 (6 ranks: the supervised-token
+    count, reported by each of an SP group's 3 ranks, is counted once); 97 tokens are padded
+    to 99 (the padding carries no loss and no document sees it)."""
+
+    def args(name: str, *extra: str) -> list:
+        return train_args(setup, setup["root"] / name, *extra, model="model9", context=97)
+
+    one = run(1, args("base9", "--grad-accum", "2"))
+    assert_same_run(run(3, args("sp3", "--sp", "3", "--grad-accum", "2")), one)
+    dp2sp3 = run(6, args("dp2sp3", "--sp", "3", "--grad-accum", "1"))
+    assert_same_run(dp2sp3, one)
+    assert "(dp 2, sp 3)" in (dp2sp3 / "train.log").read_text()
 
 
 def _resume_copy(src: Path, dst: Path, keep_step: int) -> Path:
