@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from longtune.model.loss import MAX_CHUNK_ROWS, MIN_CHUNK_ROWS, chunk_rows, chunked_cross_entropy
 
@@ -78,22 +79,23 @@ def test_bf16_loss_matches_fp32_full_logits_within_bf16_tolerance():
     assert not hb.grad[::3].any()  # unsupervised rows: zero gradient
 
 
+class MatmulShapes(TorchDispatchMode):
+    """Records the output shape of every matmul (``mm``, ``addmm_``) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
 def test_logits_only_for_supervised_rows():
     """The output projection runs on the supervised rows only: no matmul of the loss has more
     rows than there are supervised tokens."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MatmulShapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default):
-                self.shapes.append(tuple(out.shape))
-            return out
-
     h = torch.randn(2, 200, 16, requires_grad=True)
     w = torch.randn(1000, 16, requires_grad=True)
     labels = torch.full((2, 200), -100)
@@ -121,24 +123,12 @@ def test_default_chunk_holds_about_as_many_logits_as_hidden_values():
 
 
 def test_default_chunking_runs_logits_in_chunks_sized_to_the_tokens():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LogitRows(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten.mm.default and out.shape[-1] == 2000:
-                self.rows.append(out.shape[0])
-            return out
-
     h = torch.randn(1000, 64, requires_grad=True)
     w = torch.randn(2000, 64, requires_grad=True)
     labels = torch.randint(0, 2000, (1000,))
-    with LogitRows() as mode:
+    with MatmulShapes() as mode:
         loss = chunked_cross_entropy(h, w, labels)
-    assert mode.rows == [32] * 31 + [8]  # 1000 x 64 / 2000 = 32 rows per chunk
+    logits = [rows for rows, cols in mode.shapes if cols == 2000]
+    assert logits == [32] * 31 + [8]  # 1000 x 64 / 2000 = 32 rows per chunk
     ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, reduction="sum")
     assert rel_err(loss, ref) < 1e-5
