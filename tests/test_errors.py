@@ -86,6 +86,7 @@ def build_cases(root: Path) -> Cases:
     return {
         **_data_cases(root, train, model, good),
         **_model_cases(root, train, model, good),
+        **_run_folder_cases(root, train, good),
         **_config_cases(root, train, good),
     }
 
@@ -139,7 +140,7 @@ def _data_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: A
 
 
 def _model_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: ANN001
-    """Bad model folders, checkpoints and output folders."""
+    """Bad model folders."""
     cases: Cases = {}
     cases["missing model folder (train)"] = (
         train(good, model_dir="meta-llama/Llama-3.1-8B"),
@@ -220,6 +221,12 @@ def _model_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: 
         root,
         f"the tokenizer in {small_vocab} has ids up to 101, but config.json says vocab_size=64",
     )
+    return cases
+
+
+def _run_folder_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
+    """A run folder whose checkpoint is another model's; an output folder that is a user's."""
+    cases: Cases = {}
     # A run whose model folder was replaced by another model (same settings, other shapes).
     argv = train(good)
     other = other_model_checkpoint(Path(argv[argv.index("--output-dir") + 1]), argv[1:])
