@@ -229,7 +229,6 @@ def _build(spec: dict[str, Any], setting: dict[str, Any], device: Any, dtype: An
         finally:
             torch.set_default_dtype(default)
         model.init_buffers(device=device)
-    model.set_attention_backend(setting.get("attention", "auto"))
     apply_activation_checkpointing(model, setting["ac"])
     if setting.get("compile", device.type == "cuda"):
         apply_compile(model)
@@ -251,7 +250,8 @@ def _step_fn(spec: dict[str, Any], setting: dict[str, Any], model: Any, length: 
         keep = (torch.arange(length, device=device) % 1000) >= 1000 * (1 - frac)
         labels[:, ~keep] = -100
     cu = _cu_seqlens(length, setting.get("docs", 1), device)
-    return lambda: model(ids, cu_seqlens=cu, labels=labels)
+    backend = setting.get("attention", "auto")
+    return lambda: model(ids, cu_seqlens=cu, labels=labels, attention=backend)
 
 
 def worker_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -321,11 +321,11 @@ def worker_attention(spec: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             times = []
             for _ in range(3 + spec["repeats"]):
-                meta = AttentionMeta.from_cu_seqlens(cu)
-                meta.prepare(backend, device)  # as the model does: FA3, the flex block mask
+                meta = AttentionMeta.from_cu_seqlens(cu, backend=backend)
+                meta.prepare(device)  # as the model does: FA3, the flex block mask
                 _sync(device)
                 t0 = time.perf_counter()
-                o = attention(q, k, v, meta, backend)
+                o = attention(q, k, v, meta)
                 o.backward(grad)
                 _sync(device)
                 times.append(time.perf_counter() - t0)

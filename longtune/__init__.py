@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return load_model
     if name == "save_model":
-        from longtune.export.hf import save_model
+        from longtune.model.hf import save_model
 
         return save_model
     if name == "finetune":

@@ -10,33 +10,14 @@ Importing this module is cheap (no torch): the trainer is imported when a run st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from longtune.run_dir import RunDir, read_metrics
 from longtune.train.config import config_from_values
+from longtune.train.result import RunResult, TrainingDivergedError, end_of_run
 from longtune.train.signals import RunCancelled
 
-
-@dataclass
-class RunResult:
-    """What a finished, failed or cancelled run left behind."""
-
-    status: str
-    """``succeeded``, ``failed`` or ``cancelled`` (the words of the run's ``status.json``)."""
-    run_dir: Path
-    export_dir: Path | None = None
-    final_step: int = 0
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    """Every record of ``metrics.jsonl`` (train steps and eval records)."""
-    export_check: dict[str, Any] | None = None
-    error: str | None = None
-
-    @property
-    def eval_losses(self) -> list[float]:
-        """The eval losses of the run in step order."""
-        return [m["eval_loss"] for m in self.metrics if m.get("kind") == "eval"]
+__all__ = ["RunResult", "finetune"]
 
 
 def finetune(
@@ -93,18 +74,18 @@ def finetune(
     values.update({key.replace("__", "."): value for key, value in more.items()})
     cfg = config_from_values(values, config)
     # The trainer (torch, transformers) is imported only when a run starts.
-    from longtune.train import trainer
+    from longtune.train.run import run_training
 
     try:
-        return trainer.run_training(cfg)
-    except (trainer.TrainingDivergedError, RunCancelled) as e:
-        # The run started and stopped on a NaN or a signal: report it like a finished run.
+        return run_training(cfg)
+    except (TrainingDivergedError, RunCancelled) as e:
+        # The run started and stopped on a NaN or a signal: report it like a finished run, with
+        # the state its status.json records.
         run = RunDir(cfg.output.dir)
-        status = "cancelled" if isinstance(e, RunCancelled) else "failed"
         metrics = read_metrics(run)
         steps = [m["step"] for m in metrics if m.get("kind") == "train"]
         return RunResult(
-            status=status,
+            status=end_of_run(e)[0],
             run_dir=run.path,
             final_step=max(steps, default=0),
             metrics=metrics,

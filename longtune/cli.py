@@ -50,16 +50,9 @@ def export(source: str, hf_out: str, dtype: str | None = None, overwrite: bool =
         overwrite: replace hf_out if it is an earlier longtune output (never a folder longtune
             did not write).
     """
-    from pathlib import Path
+    from longtune.export.command import export as export_folder
 
-    from longtune.export.hf import export_native
-
-    if (Path(source) / "longtune.json").is_file():
-        out = export_native(source, hf_out, dtype=dtype, overwrite=overwrite)
-    else:
-        from longtune.export.check import export_checkpoint
-
-        out = export_checkpoint(source, hf_out, dtype=dtype, overwrite=overwrite)
+    out = export_folder(source, hf_out, dtype=dtype, overwrite=overwrite)
     print(f"wrote Hugging Face checkpoint {out}")
     return 0
 
@@ -270,7 +263,8 @@ def _train(argv: list[str], stop: StopSignals) -> int:
         keeper.claim_existing()  # a folder another run writes into: refused before torch loads
         # torch and the trainer are imported only once the config is known to be good.
         from longtune.parallel.dims import PeerLostError
-        from longtune.train.trainer import TrainingDivergedError, run_training
+        from longtune.train.result import TrainingDivergedError
+        from longtune.train.run import run_training
 
         try:
             result = run_training(cfg, stop=stop, keeper=keeper)

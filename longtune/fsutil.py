@@ -10,9 +10,9 @@ Contract of :func:`atomic_dir` (used by ``longtune convert``, ``longtune export`
   longtune knows a folder is its own.
 - An existing output folder is replaced only when it is empty, or when ``overwrite=True`` and
   it holds the marker and nothing but the files the marker lists (a file added since, e.g. a
-  user's README, makes the overwrite refused, naming it). A non-empty folder without the marker
-  is refused, naming what is in it: longtune never deletes a file it did not write. (Markers
-  written before the list existed list nothing; such a folder counts as longtune's whole.)
+  user's README, makes the overwrite refused, naming it; a marker without a list, such as a run
+  folder's, lists nothing). A non-empty folder without the marker is refused, naming what is in
+  it: longtune never deletes a file it did not write.
 - The output may not be the current folder (or one above it), a source folder, inside a source
   or hold a source (all after resolving links).
 - Temporary siblings left by a killed writer (``NAME.tmp-PID-…``, ``NAME.old-PID-…`` of a
@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -130,14 +131,12 @@ def _files(folder: Path) -> list[str]:
 
 
 def _added_files(folder: Path) -> list[str]:
-    """Files of a longtune output that its marker does not list (none for an old marker)."""
+    """Files of a longtune output that its marker does not list."""
     try:
         written = json.loads((folder / OUTPUT_MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(written, list):
-        return []
-    known = {*written, OUTPUT_MARKER}
+        written = None
+    known = {*(written if isinstance(written, list) else []), OUTPUT_MARKER}
     return [f for f in _files(folder) if f not in known]
 
 
@@ -213,6 +212,26 @@ def atomic_dir(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a reader sees the old file or the new one,
+    never a torn one, and a crash leaves the old one.
+
+    The text goes to a temporary sibling (named for this process and thread, so concurrent
+    writers never share one), which is then renamed over ``path``.
+
+    Args:
+        path: the file to write (its folder must exist).
+        text: the new content.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_writable(folder: str | Path, what: str) -> Path:

@@ -19,6 +19,7 @@ runs through this module and nothing else. Layout of ``RUN/``::
                          time, argv, exit code)
     launch.log           that process's stdout and stderr
     demo_summary.json    the demo's before/after record (``longtune demo`` only)
+    tensorboard/         TensorBoard event files (``output.tensorboard=true`` only)
 
 ``status.json`` holds ``state`` (one of :data:`STATES`) and, while running, ``pid``, ``pgid``,
 ``host`` and ``proc_start`` (the process's start time, so a reused pid is not mistaken for the
@@ -42,14 +43,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from longtune.fsutil import OUTPUT_MARKER
+from longtune.fsutil import OUTPUT_MARKER, atomic_write_text
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -63,6 +65,7 @@ EXPORT_CHECK = "export_check.json"
 LAUNCH = "launch.json"
 LAUNCH_LOG = "launch.log"
 DEMO_SUMMARY = "demo_summary.json"
+TENSORBOARD = "tensorboard"
 
 STATES = ("running", "succeeded", "failed", "cancelled")
 FAIL_REASONS = ("nan", "oom", "data error", "config error", "output error", "process gone", "error")
@@ -82,6 +85,7 @@ _ENTRIES = (
     LAUNCH,
     LAUNCH_LOG,
     DEMO_SUMMARY,
+    TENSORBOARD,
 )
 # What a run writes: its entries and their temporary siblings (atomic writes of a killed process).
 _RUN_ENTRY = re.compile(
@@ -139,6 +143,14 @@ class RunDir:
         return self.path / EXPORT_CHECK
 
     @property
+    def demo_summary(self) -> Path:
+        return self.path / DEMO_SUMMARY
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
     def launch(self) -> Path:
         return self.path / LAUNCH
 
@@ -146,14 +158,19 @@ class RunDir:
     def launch_log(self) -> Path:
         return self.path / LAUNCH_LOG
 
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> RunDir:
+        """The run folder a checkpoint ``RUN/checkpoints/step-N`` belongs to."""
+        return cls(Path(checkpoint).parent.parent)
+
     def is_run(self) -> bool:
-        """True when longtune made this folder a run: it holds the run marker (or ``run.lock``,
-        which runs started before the marker existed have). A ``config.yaml`` or ``status.json``
-        alone does not count: those names are common in users' folders."""
+        """True when longtune made this folder a run: it holds the run marker. A
+        ``config.yaml`` or ``status.json`` alone does not count: those names are common in
+        users' folders."""
         try:
             marker = json.loads((self.path / OUTPUT_MARKER).read_text())
         except (OSError, ValueError):
-            return self.lock.is_file()
+            return False
         return isinstance(marker, dict) and marker.get("kind") == RUN_KIND
 
     def foreign_entries(self) -> list[str]:
@@ -239,10 +256,7 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` to a temporary sibling, then rename it over ``path`` (atomic)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=1))
 
 
 def read_status(run: RunDir) -> dict[str, Any] | None:
@@ -435,6 +449,146 @@ def latest_metrics(
                 elif "loss" in rec:
                     train = train or rec
     return train, eval_, last_step
+
+
+def rewrite_metrics(run: RunDir, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Keep only the records of ``metrics.jsonl`` that ``keep`` accepts (atomically; a line
+    torn by a crash mid-write is dropped). Nothing happens when the run has no metrics.
+
+    Args:
+        run: the run folder.
+        keep: called with each record.
+    """
+    if not run.metrics.exists():
+        return
+    kept = [rec for rec in read_metrics(run) if keep(rec)]
+    atomic_write_text(run.metrics, "".join(json.dumps(rec) + "\n" for rec in kept))
+
+
+def tail_lines(path: Path, lines: int, max_bytes: int = 256 * 1024) -> list[str]:
+    """The last ``lines`` lines of a run's log file ([] when it does not exist).
+
+    Progress lines rewritten with carriage returns keep what was last on screen.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return [line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:]]
+
+
+@dataclass
+class RunState:
+    """What a run is doing, decided from its ``status.json`` and its launch record."""
+
+    state: str = "unknown"
+    """``running``, ``succeeded``, ``failed``, ``cancelled``, ``starting`` or ``unknown``."""
+    status: str = "unknown"
+    """What to show: the state, with the reason of a failed run (``failed (process gone)``)."""
+    error: str | None = None
+    """The one-line reason of a failed run."""
+    message: str | None = None
+    """What the trainer said at the end (e.g. where a cancelled run checkpointed)."""
+    step: int | None = None
+    total_steps: int | None = None
+    pid: int | None = None
+    pgid: int | None = None
+    host: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    """When it ended (its last sign of life when it died without a word); None while it runs."""
+
+
+# Exit codes of a process stopped by SIGINT/SIGTERM: the trainer's own (128 + signal) and a
+# process killed by the signal before it could handle it (negative, from Popen).
+_SIGNAL_EXITS = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+
+
+def read_run_state(run: RunDir) -> RunState:
+    """The state of a run: from ``status.json``, else (a launched run whose trainer has not
+    written one) from its launch record.
+
+    A ``status.json`` older than the launch record belongs to an earlier attempt: until the new
+    process writes its own, the run is ``starting`` while that process lives, and when it ended
+    without a status, ``failed (exit code N)`` (or ``failed (process gone)`` when a signal
+    killed it or nobody saw it end) with the last line of its output as the error, or
+    ``cancelled`` when it was stopped by SIGINT/SIGTERM before it wrote anything.
+    """
+    status, launch = read_status(run), read_launch(run)
+    launched_at = launch.get("launched_at") if launch else None
+    if status is not None and launched_at and launched_at > status.get("updated_at", 0):
+        status = None  # from an earlier attempt: the new process has not written yet
+    if status is not None:
+        out = _state_from_status(run, status, launch)
+    elif launch is not None:
+        out = _state_from_launch(run, launch)
+    else:
+        out = RunState(started_at=_mtime(run.config))
+    if out.started_at is not None and out.state not in ("running", "starting"):
+        if out.ended_at is None:  # gone without a word: its last sign of life
+            times = (_mtime(run.metrics), _mtime(run.status_file))
+            out.ended_at = max(filter(None, times), default=None)
+    return out
+
+
+def _state_from_status(
+    run: RunDir, status: dict[str, Any], launch: dict[str, Any] | None
+) -> RunState:
+    state, reason = status.get("state", "unknown"), status.get("reason")
+    out = RunState(
+        state=state,
+        status=f"failed ({reason})" if state == "failed" and reason else state,
+        message=status.get("message"),
+        step=status.get("step"),
+        total_steps=status.get("total_steps"),
+        pid=status.get("pid"),
+        pgid=status.get("pgid"),
+        host=status.get("host"),
+        started_at=status.get("started_at") or (launch or {}).get("launched_at"),
+    )
+    if state == "failed":
+        out.error = status.get("error") or _last_line(run)
+    if state != "running" and reason != "process gone":
+        out.ended_at = status.get("ended_at") or status.get("updated_at")
+    elif state != "running":
+        out.ended_at = (launch or {}).get("ended_at")
+    return out
+
+
+def _state_from_launch(run: RunDir, launch: dict[str, Any]) -> RunState:
+    out = RunState(
+        pid=launch.get("pid"),
+        pgid=launch.get("pgid"),
+        host=launch.get("host"),
+        started_at=launch.get("launched_at"),
+        ended_at=launch.get("ended_at"),
+    )
+    code = launch.get("exit_code")
+    if launch.get("alive"):
+        out.state = out.status = "starting"
+    elif code in _SIGNAL_EXITS:  # stopped before it wrote a status: nothing ran
+        out.state = out.status = "cancelled"
+    else:  # ended before writing a status: show its last words
+        out.state = "failed"
+        gone = code is None or code < 0  # unseen, or killed by a signal
+        out.status = "failed (process gone)" if gone else f"failed (exit code {code})"
+        out.error = _last_line(run)
+    return out
+
+
+def _last_line(run: RunDir) -> str | None:
+    """The last non-empty line of the launched process's output (its error, if it failed)."""
+    lines = [line.strip() for line in tail_lines(run.launch_log, 20) if line.strip()]
+    return lines[-1] if lines else None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 class RunLockedError(RuntimeError):

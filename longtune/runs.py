@@ -47,7 +47,9 @@ from longtune.run_dir import (
     mark_run,
     process_start_time,
     read_launch,
+    read_run_state,
     read_status,
+    tail_lines,
     write_launch,
 )
 from longtune.train.config import Duration, JobConfig, save_config
@@ -362,7 +364,7 @@ def tail_log(run_path: str | Path, lines: int = 40) -> str:
     run = RunDir(run_path)
     for path in (run.log, run.launch_log):
         if path.is_file() and path.stat().st_size:
-            return "\n".join(_tail(path, lines))
+            return "\n".join(tail_lines(path, lines))
     return ""
 
 
@@ -377,15 +379,7 @@ def launch_output(run_path: str | Path, lines: int = 40) -> str:
         The text ('' when the run was not launched by :func:`launch`).
     """
     path = RunDir(run_path).launch_log
-    return "\n".join(_tail(path, lines)) if path.is_file() else ""
-
-
-def _tail(path: Path, lines: int, max_bytes: int = 256 * 1024) -> builtins.list[str]:
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - max_bytes))
-        text = f.read().decode("utf-8", errors="replace")
-    # Progress lines rewritten with carriage returns: keep what was last on screen.
-    return [line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:]]
+    return "\n".join(tail_lines(path, lines))
 
 
 def _readable_info(run: RunDir) -> RunInfo:
@@ -405,16 +399,32 @@ def _readable_info(run: RunDir) -> RunInfo:
 
 def _info(run: RunDir) -> RunInfo:
     """Read everything shown about one run from its folder."""
-    status = read_status(run)
-    launch = read_launch(run)
     cfg = _read_config(run)
-    info = RunInfo(name=run.name, path=run.path, state="unknown", status="unknown")
+    state = read_run_state(run)
+    info = RunInfo(
+        name=run.name,
+        path=run.path,
+        state=state.state,
+        status=state.status,
+        step=state.step,
+        total_steps=state.total_steps,
+        started_at=state.started_at,
+        error=state.error,
+        message=state.message,
+        pid=state.pid,
+        pgid=state.pgid,
+        host=state.host,
+    )
+    if state.started_at is not None:
+        running = state.state in ("running", "starting")
+        ended_at = time.time() if running else state.ended_at
+        if ended_at is not None:
+            info.duration_s = max(0.0, ended_at - state.started_at)
     model, data = _section(cfg, "model"), _section(cfg, "data")
     info.model = model.get("path") if isinstance(model.get("path"), str) else None
     train_files = data.get("train")
     if isinstance(train_files, builtins.list):
         info.data = [f for f in train_files if isinstance(f, str)]
-    _fill_state(info, run, status, launch)
     has_eval = bool(data.get("eval"))
     train, eval_, last_step = latest_metrics(run, want_eval=has_eval)
     info.train_loss = train["loss"] if train else None
@@ -437,71 +447,10 @@ def _info(run: RunDir) -> RunInfo:
     return info
 
 
-def _fill_state(
-    info: RunInfo, run: RunDir, status: dict[str, Any] | None, launch: dict[str, Any] | None
-) -> None:
-    """State, process and times from the status record, else from the launch record."""
-    launched_at = launch.get("launched_at") if launch else None
-    ended_at = launch.get("ended_at") if launch else None
-    if status is not None and launched_at and launched_at > status.get("updated_at", 0):
-        status = None  # from an earlier attempt (before a resume): the new process has not written
-    if status is not None:
-        info.state = status.get("state", "unknown")
-        info.step = status.get("step")
-        info.total_steps = status.get("total_steps")
-        info.pid, info.pgid, info.host = status.get("pid"), status.get("pgid"), status.get("host")
-        info.started_at = status.get("started_at") or launched_at
-        reason = status.get("reason")
-        info.status = f"failed ({reason})" if info.state == "failed" and reason else info.state
-        info.message = status.get("message")
-        if info.state == "failed":
-            info.error = status.get("error") or _last_line(run)
-        if info.state != "running" and reason != "process gone":
-            ended_at = status.get("ended_at") or status.get("updated_at", ended_at)
-    elif launch is not None:
-        info.pid, info.pgid, info.host = launch.get("pid"), launch.get("pgid"), launch.get("host")
-        info.started_at = launched_at
-        code = launch.get("exit_code")
-        if launch.get("alive"):
-            info.state = info.status = "starting"
-        elif code == 0:  # a trainer that writes no status (older longtune) and ended well
-            info.state = info.status = "succeeded"
-        elif code in _SIGNAL_EXITS:  # stopped before it wrote a status: nothing ran
-            info.state = info.status = "cancelled"
-        else:  # ended before writing a status: show its last words
-            info.state = "failed"
-            gone = code is None or code < 0  # unseen, or killed by a signal
-            info.status = "failed (process gone)" if gone else f"failed (exit code {code})"
-            info.error = _last_line(run)
-    else:
-        info.started_at = _mtime(run.config)
-    if info.started_at is None:
-        return
-    if info.state in ("running", "starting"):
-        ended_at = time.time()
-    elif ended_at is None:  # gone without a word: its last sign of life
-        ended_at = max(filter(None, (_mtime(run.metrics), _mtime(run.status_file))), default=None)
-    if ended_at is not None:
-        info.duration_s = max(0.0, ended_at - info.started_at)
-
-
-# Exit codes of a process stopped by SIGINT/SIGTERM: the trainer's own (128 + signal) and a
-# process killed by the signal before it could handle it (negative, from Popen).
-_SIGNAL_EXITS = (130, 143, -signal.SIGINT, -signal.SIGTERM)
-
-
 def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     """One section of a config read from a run folder ({} when absent or not a mapping)."""
     section = cfg.get(name)
     return section if isinstance(section, dict) else {}
-
-
-def _last_line(run: RunDir) -> str | None:
-    """The last non-empty line of the launched process's output (its error, if it failed)."""
-    if not run.launch_log.is_file():
-        return None
-    lines = [line.strip() for line in _tail(run.launch_log, 20) if line.strip()]
-    return lines[-1] if lines else None
 
 
 def _read_config(run: RunDir) -> dict[str, Any]:
@@ -510,13 +459,6 @@ def _read_config(run: RunDir) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return None
 
 
 def format_loss(value: float | None) -> str:

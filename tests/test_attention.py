@@ -51,9 +51,9 @@ def inputs(device="cpu", dtype=torch.float32, grad=True):
 
 def check_against_reference(backend, bounds, device, dtype, tol, **kw):
     q, k, v = inputs(device, dtype, grad=kw.get("compiled") is not False)
-    meta = AttentionMeta.from_cu_seqlens(torch.tensor(bounds, dtype=torch.int32, device=device))
-    fn = attention if not kw else flex_attention
-    out = fn(q, k, v, meta, **kw) if kw else fn(q, k, v, meta, backend)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    meta = AttentionMeta.from_cu_seqlens(cu, backend=backend)
+    out = flex_attention(q, k, v, meta, **kw) if kw else attention(q, k, v, meta)
     ref = dense_reference(q, k, v, bounds)
     assert rel_err(out.float().cpu(), ref) < tol
     if not q.requires_grad:

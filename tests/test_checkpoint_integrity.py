@@ -20,17 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from test_train_checkpoint import make_run, save_steps, train_steps
+from test_train_checkpoint import load, make_run, save_steps, states, train_steps
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from longtune.train import checkpoint as ckpt
-from longtune.train.checkpoint import (
+from longtune.checkpoint import (
     UnsafeCheckpointError,
     find_latest_checkpoint,
     load_checkpoint,
+    manifest,
     save_checkpoint,
 )
-from longtune.train.dcp_safe import read_metadata
+from longtune.checkpoint.dcp_safe import read_metadata
 
 
 def tensor_data_ranges(step_dir: Path, shard: Path) -> list[tuple[int, int]]:
@@ -88,10 +88,10 @@ def test_flipped_float_bits_in_a_shard_fall_back_to_the_previous_checkpoint(tmp_
     dcp.load(state, storage_reader=dcp.FileSystemReader(newest), no_dist=True)
     differ = [k for k, v in trained.state_dict().items() if not torch.equal(v, state["model"][k])]
     assert differ
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
+    assert find_latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-1"
     assert "step-2" in caplog.text and "CRC32 mismatch" in caplog.text
     with pytest.raises(ValueError, match="step-2 is not a usable checkpoint.*CRC32"):
-        load_checkpoint(newest, model=make_run(5)[0], optimizer=None, scheduler=None)
+        load_checkpoint(newest, model=make_run(5)[0], optimizer=None)
 
 
 def test_xored_bytes_fall_back_without_a_crash(tmp_path, caplog):
@@ -104,18 +104,18 @@ def test_xored_bytes_fall_back_without_a_crash(tmp_path, caplog):
         for _ in range(400 if name.endswith(".distcp") else 40):
             data[rng.randrange(len(data))] ^= rng.randrange(1, 256)
         file.write_bytes(bytes(data))
-    latest = find_latest_checkpoint(tmp_path)
+    latest = find_latest_checkpoint(tmp_path / "checkpoints")
     assert latest == tmp_path / "checkpoints" / "step-1"
-    extra = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)
+    extra = load(latest, model, opt, sched)
     assert extra["step"] == 1
 
 
 def test_a_verified_checkpoint_is_read_again_once_a_file_changes(tmp_path):
     save_steps(tmp_path, [1])
     step = tmp_path / "checkpoints" / "step-1"
-    assert find_latest_checkpoint(tmp_path) == step  # verified (and remembered)
+    assert find_latest_checkpoint(tmp_path / "checkpoints") == step  # verified (and remembered)
     flip_float_bits(step, 1, seed=3)
-    assert find_latest_checkpoint(tmp_path) is None
+    assert find_latest_checkpoint(tmp_path / "checkpoints") is None
 
 
 # ------------------------------------------------------------------------------ crafted files
@@ -134,11 +134,11 @@ class CreatesAFile:
 def rewrite_manifest(step: Path) -> None:
     """Make the manifest match the files again, as an attacker who crafts one would."""
     marker = step / "COMPLETE"
-    manifest = json.loads(marker.read_text())
-    for name in manifest["files"]:
+    record = json.loads(marker.read_text())
+    for name in record["files"]:
         data = (step / name).read_bytes()
-        manifest["files"][name] = {"size": len(data), "crc32": zlib.crc32(data)}
-    marker.write_text(json.dumps(manifest))
+        record["files"][name] = {"size": len(data), "crc32": zlib.crc32(data)}
+    marker.write_text(json.dumps(record))
 
 
 def plant_malicious_metadata(step: Path, victim: Path) -> None:
@@ -153,12 +153,10 @@ def test_malicious_metadata_is_refused_without_running(tmp_path):
     with pytest.raises(
         UnsafeCheckpointError, match=r"step-2/\.metadata refers to io\.open.*crafted"
     ):
-        find_latest_checkpoint(tmp_path)
+        find_latest_checkpoint(tmp_path / "checkpoints")
     model, opt, sched = make_run(0)
     with pytest.raises(UnsafeCheckpointError):
-        load_checkpoint(
-            tmp_path / "checkpoints" / "step-2", model=model, optimizer=opt, scheduler=sched
-        )
+        load(tmp_path / "checkpoints" / "step-2", model, opt, sched)
     assert not victim.exists()
     # The same pickle through plain pickle would have created the file: the test is real.
     pickle.loads((tmp_path / "checkpoints" / "step-2" / ".metadata").read_bytes()).close()
@@ -172,13 +170,13 @@ def test_malicious_value_inside_a_shard_is_refused_without_running(tmp_path):
     victim = tmp_path / "pwned"
     opt.param_groups[0]["differentiable"] = CreatesAFile(str(victim))
     path = save_checkpoint(
-        tmp_path, 1, model=model, optimizer=opt, scheduler=sched, extra={}, keep_last=1
+        tmp_path / "checkpoints", 1, model=model, optimizer=opt, states=states(sched), keep_last=1
     )
     assert not victim.exists()
-    assert find_latest_checkpoint(tmp_path) == path  # files intact, metadata clean
+    assert find_latest_checkpoint(tmp_path / "checkpoints") == path  # files intact, metadata clean
     model2, opt2, sched2 = make_run(1)
     with pytest.raises(UnsafeCheckpointError, match="differentiable' is not plain data") as e:
-        load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+        load(path, model2, opt2, sched2)
     assert not victim.exists(), e.value
 
 
@@ -188,33 +186,31 @@ def test_checkpoint_of_a_different_model_is_refused_by_name(tmp_path):
     with pytest.raises(
         ValueError, match=r"is for a different model \(0\.bias has shape \[16\] there, \[32\] here"
     ):
-        load_checkpoint(
-            tmp_path / "checkpoints" / "step-1", model=other, optimizer=None, scheduler=None
-        )
+        load_checkpoint(tmp_path / "checkpoints" / "step-1", model=other, optimizer=None)
 
 
-def test_old_manifest_without_checksums_is_not_trusted(tmp_path, caplog):
+def test_a_manifest_without_checksums_is_not_trusted(tmp_path, caplog):
     save_steps(tmp_path, [1, 2])
     newest = tmp_path / "checkpoints" / "step-2"
-    manifest = json.loads((newest / "COMPLETE").read_text())
-    for info in manifest["files"].values():
+    marker = json.loads((newest / "COMPLETE").read_text())
+    for info in marker["files"].values():
         info.pop("crc32")
-    (newest / "COMPLETE").write_text(json.dumps(manifest))
-    ckpt._VERIFIED.clear()
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
-    assert "no checksum" in caplog.text
+    (newest / "COMPLETE").write_text(json.dumps(marker))
+    manifest._VERIFIED.clear()
+    assert find_latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-1"
+    assert "malformed COMPLETE marker" in caplog.text
 
 
 def test_crc_cost_is_one_read(tmp_path, monkeypatch):
     """The verification reads each file once: record the bytes read."""
     save_steps(tmp_path, [1])
     step = tmp_path / "checkpoints" / "step-1"
-    ckpt._VERIFIED.clear()
+    manifest._VERIFIED.clear()
     read = []
-    real = ckpt._crc32
-    monkeypatch.setattr(ckpt, "_crc32", lambda p: read.append(os.path.getsize(p)) or real(p))
-    find_latest_checkpoint(tmp_path)
-    find_latest_checkpoint(tmp_path)  # remembered: not read again
+    real = manifest.crc32
+    monkeypatch.setattr(manifest, "crc32", lambda p: read.append(os.path.getsize(p)) or real(p))
+    find_latest_checkpoint(tmp_path / "checkpoints")
+    find_latest_checkpoint(tmp_path / "checkpoints")  # remembered: not read again
     total = sum(p.stat().st_size for p in step.iterdir() if p.name != "COMPLETE")
     assert sum(read) == total
 
@@ -224,13 +220,13 @@ def test_only_rank_0_reads_the_shards(tmp_path, monkeypatch):
     save_steps(tmp_path, [1])
     step = tmp_path / "checkpoints" / "step-1"
     read = []
-    real = ckpt._crc32
-    monkeypatch.setattr(ckpt, "_crc32", lambda p: read.append(p.name) or real(p))
+    real = manifest.crc32
+    monkeypatch.setattr(manifest, "crc32", lambda p: read.append(p.name) or real(p))
     for rank in ("1", "0"):
-        ckpt._VERIFIED.clear()
+        manifest._VERIFIED.clear()
         read.clear()
         monkeypatch.setenv("RANK", rank)
-        assert find_latest_checkpoint(tmp_path) == step
+        assert find_latest_checkpoint(tmp_path / "checkpoints") == step
         shards = [n for n in read if n.endswith(".distcp")]
         assert (shards == []) if rank == "1" else (len(shards) == 1), (rank, read)
         assert ".metadata" in read and "rank-0.pt" in read

@@ -17,13 +17,14 @@ import torch
 from helpers import make_hf_checkpoint, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
+from longtune.checkpoint import save_checkpoint
 from longtune.data.validation import MAX_EXAMPLE_BYTES, expand_paths
 from longtune.model.args import ModelArgs
 from longtune.model.llama import Transformer
 from longtune.run_dir import RunDir, mark_run
-from longtune.train.checkpoint import save_checkpoint
 from longtune.train.config import load_config, save_config
 from longtune.train.schedule import build_lr_scheduler
+from longtune.train.state import TrainState
 
 GOOD = {
     "messages": [
@@ -283,9 +284,15 @@ def other_model_checkpoint(run: Path, train_args: list[str]) -> Path:
     model.init_buffers(device="cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = build_lr_scheduler(opt, "cosine", 0, 10, 0.0)
-    extra = {"step": 1, "tokens_seen": 0, "elapsed_s": 0.0, "loader": {}}
+    # The run's own global batch (one sequence per step), so only the model differs.
+    state = TrainState(batch_sequences=1)
     return save_checkpoint(
-        run, 1, model=model, optimizer=opt, scheduler=sched, extra=extra, keep_last=1
+        RunDir(run).checkpoints,
+        1,
+        model=model,
+        optimizer=opt,
+        states={"train": state, "schedule": sched},
+        keep_last=1,
     )
 
 

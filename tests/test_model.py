@@ -11,13 +11,10 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
 import longtune
-from longtune.export.hf import export_native, hf_state_dict
+from longtune.export.command import export_native
 from longtune.model.args import UnsupportedModelError
-from longtune.model.convert import (
-    CheckpointMismatchError,
-    convert_hf_to_native,
-    key_map,
-)
+from longtune.model.convert import convert_hf_to_native
+from longtune.model.hf import CheckpointMismatchError, hf_state_dict, key_map
 from longtune.model.llama import positions_from_cu_seqlens
 
 TOL = 1e-5
@@ -287,7 +284,7 @@ def test_gpu_varlen_attention_matches_cpu_per_document_path():
     cu = torch.tensor([0, 10, 64, 100, 128], dtype=torch.int32)
     ref = attention(q, k, v, AttentionMeta.from_cu_seqlens(cu))  # CPU: one SDPA per document
     qc, kc, vc = (t.cuda().bfloat16() for t in (q, k, v))
-    out = attention(qc, kc, vc, AttentionMeta.from_cu_seqlens(cu.cuda(), 54), "varlen")
+    out = attention(qc, kc, vc, AttentionMeta.from_cu_seqlens(cu.cuda(), 54, backend="varlen"))
     assert rel_err(out.float().cpu(), ref) < 2e-2  # bf16 kernel vs fp32 reference
 
 

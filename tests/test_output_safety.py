@@ -142,7 +142,7 @@ def test_a_failed_write_leaves_the_old_output_and_no_temporary(folders, tmp_path
     out = longtune.save_model(longtune.load_model(folders["hf"]), tmp_path / "out")
     before = snapshot(out)
     model = longtune.load_model(folders["hf"])
-    import longtune.export.hf as hf_mod
+    import longtune.model.hf as hf_mod
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

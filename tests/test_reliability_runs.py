@@ -23,7 +23,7 @@ import pytest
 from cli_harness import CliServer
 from helpers import make_hf_checkpoint
 
-from longtune.train.checkpoint import find_latest_checkpoint
+from longtune.checkpoint import find_latest_checkpoint
 
 STEPS = 6
 
@@ -172,7 +172,7 @@ def test_export_of_a_checkpoint_refuses_the_run_folder_and_user_folders(server, 
     assert "was not written by longtune (it holds todo.txt)" in lines[2]
     assert "is the source" in lines[3]
     assert (user / "todo.txt").read_text() == "keep me"
-    assert find_latest_checkpoint(baseline["run"]) == step
+    assert find_latest_checkpoint(baseline["run"] / "checkpoints") == step
 
 
 # ------------------------------------------------------------------- full and read-only disks
@@ -216,8 +216,8 @@ def test_disk_full_is_one_line_and_keeps_the_newest_checkpoint(setup, baseline, 
         line = r.error_line()
         code = (
             "import pathlib\n"
-            "from longtune.train.checkpoint import find_latest_checkpoint\n"
-            f"result = [str(find_latest_checkpoint('{run}')), "
+            "from longtune.checkpoint import find_latest_checkpoint\n"
+            f"result = [str(find_latest_checkpoint('{run}/checkpoints')), "
             f"sorted(p.name for p in pathlib.Path('{run}/checkpoints').iterdir())]"
         )
         latest, names = server.python(code)

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +15,44 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from longtune.train import checkpoint as ckpt
-from longtune.train.checkpoint import (
-    capture_rng_state,
+from longtune.checkpoint import (
     checkpoint_info,
     find_latest_checkpoint,
     load_checkpoint,
-    restore_rng_state,
+    manifest,
     save_checkpoint,
+    store,
 )
 from longtune.train.schedule import build_lr_scheduler
+from longtune.train.state import TrainState, capture_rng_state, restore_rng_state
+
+
+class Box:
+    """A registered state holding plain values (what the trainer registers, in miniature)."""
+
+    def __init__(self, values=None):
+        self.values = dict(values or {})
+
+    def state_dict(self):
+        return dict(self.values)
+
+    def load_state_dict(self, state):
+        self.values = dict(state)
+
+
+def states(sched=None, own_rank=0, **extra):
+    """Registered states: plain values, the trainer's RNG (a TrainState) and the schedule."""
+    out = {"extra": Box(extra), "train": TrainState(rank=own_rank)}
+    if sched is not None:
+        out["schedule"] = sched
+    return out
+
+
+def load(path, model, opt=None, sched=None, rank=0):
+    """Load a checkpoint with the test's registered states; returns its plain values."""
+    registered = states(sched, rank)
+    load_checkpoint(path, model=model, optimizer=opt, states=registered)
+    return registered["extra"].values
 
 
 def make_run(seed: int = 0):
@@ -61,16 +90,16 @@ def test_save_load_restores_everything_exactly(tmp_path):
     random.seed(1)
     np.random.seed(2)
     path = save_checkpoint(
-        tmp_path,
+        tmp_path / "checkpoints",
         3,
         model=model,
         optimizer=opt,
-        scheduler=sched,
-        extra={
-            "step": 3,
-            "tokens_seen": 1234,
-            "loader": {"epoch": 0, "index": torch.tensor([5, 6])},
-        },
+        states=states(
+            sched,
+            step=3,
+            tokens_seen=1234,
+            loader={"epoch": 0, "index": torch.tensor([5, 6])},
+        ),
         keep_last=2,
     )
     assert path == tmp_path / "checkpoints" / "step-3"
@@ -81,7 +110,7 @@ def test_save_load_restores_everything_exactly(tmp_path):
 
     model2, opt2, sched2 = make_run(seed=99)  # different init
     random.seed(7)
-    extra = load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+    extra = load(path, model2, opt2, sched2)
     assert extra["step"] == 3 and extra["tokens_seen"] == 1234
     assert torch.equal(extra["loader"]["index"], torch.tensor([5, 6]))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected_draws
@@ -89,7 +118,7 @@ def test_save_load_restores_everything_exactly(tmp_path):
 
     # Continuing from the checkpoint reproduces the uninterrupted run bit for bit.
     model3, opt3, sched3 = make_run(seed=5)
-    load_checkpoint(path, model=model3, optimizer=opt3, scheduler=sched3)
+    load(path, model3, opt3, sched3)
     model_ref, opt_ref, sched_ref = make_run(0)
     train_steps(model_ref, opt_ref, sched_ref, 3)
     assert_same_state(model_ref, opt_ref, model3, opt3)
@@ -119,10 +148,10 @@ def test_model_only_checkpoint(tmp_path):
     model, opt, sched = make_run(0)
     train_steps(model, opt, sched, 1)
     path = save_checkpoint(
-        tmp_path, 1, model=model, optimizer=None, scheduler=None, extra={}, keep_last=1
+        tmp_path / "checkpoints", 1, model=model, optimizer=None, states={}, keep_last=1
     )
     model2, _, _ = make_run(3)
-    load_checkpoint(path, model=model2, optimizer=None, scheduler=None)
+    load_checkpoint(path, model=model2, optimizer=None)
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -132,12 +161,11 @@ def save_steps(run_dir, steps, keep_last=2):
     for step in steps:
         train_steps(model, opt, sched, 1)
         save_checkpoint(
-            run_dir,
+            run_dir / "checkpoints",
             step,
             model=model,
             optimizer=opt,
-            scheduler=sched,
-            extra={"step": step},
+            states=states(sched, step=step),
             keep_last=keep_last,
         )
     return model, opt, sched
@@ -151,13 +179,15 @@ def test_keep_last_pruning_and_stale_tmp_removal(tmp_path):
     (root / "step-2.trash-777").mkdir()
     save_steps(tmp_path, [1, 2, 3, 4, 5], keep_last=3)
     assert sorted(p.name for p in root.iterdir()) == ["step-3", "step-4", "step-5"]
-    assert find_latest_checkpoint(tmp_path) == root / "step-5"
+    assert find_latest_checkpoint(root) == root / "step-5"
 
 
 def test_existing_complete_step_is_not_overwritten(tmp_path, caplog):
     model, opt, sched = save_steps(tmp_path, [1])
     before = (tmp_path / "checkpoints" / "step-1" / "COMPLETE").read_bytes()
-    save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, extra={}, keep_last=2)
+    save_checkpoint(
+        tmp_path / "checkpoints", 1, model=model, optimizer=opt, states=states(sched), keep_last=2
+    )
     assert "already exists and is complete" in caplog.text
     assert (tmp_path / "checkpoints" / "step-1" / "COMPLETE").read_bytes() == before
 
@@ -193,10 +223,10 @@ def test_find_latest_skips_incomplete_or_corrupted(tmp_path, damage, caplog):
         rank_file.write_bytes(os.urandom(rank_file.stat().st_size))
     # A tmp dir of a save in progress (or killed) is never a candidate.
     (tmp_path / "checkpoints" / "step-3.tmp-1").mkdir()
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
+    assert find_latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-1"
     assert "step-2" in caplog.text
     with pytest.raises(ValueError, match="step-2 is not a usable checkpoint"):
-        load_checkpoint(newest, model=make_run()[0], optimizer=None, scheduler=None)
+        load_checkpoint(newest, model=make_run()[0], optimizer=None)
 
 
 def test_find_latest_on_empty_run_dir(tmp_path):
@@ -214,12 +244,14 @@ def test_crash_at_every_io_point_keeps_a_loadable_checkpoint(tmp_path, monkeypat
     model, opt, sched = save_steps(tmp_path, [1])
     expected = {1: [p.detach().clone() for p in model.parameters()]}
     targets = [
-        (ckpt, "_write_durable"),
-        (ckpt, "_fsync_dir"),
-        (ckpt.os, "rename"),
-        (ckpt.shutil, "rmtree"),
-        (ckpt.dcp, "save"),
-        (ckpt.torch, "save"),
+        (store, "write_durable"),
+        (manifest, "write_durable"),
+        (store, "fsync_dir"),
+        (manifest, "fsync_dir"),
+        (store.os, "rename"),
+        (store.shutil, "rmtree"),
+        (store.dcp, "save"),
+        (store.torch, "save"),
     ]
     originals = {(mod, name): getattr(mod, name) for mod, name in targets}
     step, crash_at, crashed_points, last_good = 2, 1, 0, 1
@@ -242,25 +274,24 @@ def test_crash_at_every_io_point_keeps_a_loadable_checkpoint(tmp_path, monkeypat
         finished = True
         try:
             save_checkpoint(
-                tmp_path,
+                tmp_path / "checkpoints",
                 step,
                 model=model,
                 optimizer=opt,
-                scheduler=sched,
-                extra={"step": step},
+                states=states(sched, step=step),
                 keep_last=1,
             )
         except (SimulatedCrash, CheckpointException):  # DCP wraps errors raised inside it
             finished = False
         monkeypatch.undo()
-        latest = find_latest_checkpoint(tmp_path)
+        latest = find_latest_checkpoint(tmp_path / "checkpoints")
         assert latest is not None
         got_step = checkpoint_info(latest)["step"]
         # Either the previous checkpoint, or the new one if the crash came after its commit.
         assert got_step in (last_good, step)
         last_good = got_step
         model2, opt2, sched2 = make_run(4)
-        extra = load_checkpoint(latest, model=model2, optimizer=opt2, scheduler=sched2)
+        extra = load(latest, model2, opt2, sched2)
         assert extra["step"] == got_step
         for a, b in zip(expected[got_step], model2.parameters(), strict=True):
             assert torch.equal(a, b)
@@ -278,9 +309,10 @@ def _save_forever(run_dir: str, ready) -> None:
     model = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step = 0
-    latest = find_latest_checkpoint(run_dir)
+    root = Path(run_dir) / "checkpoints"
+    latest = find_latest_checkpoint(root)
     if latest is not None:
-        step = load_checkpoint(latest, model=model, optimizer=opt, scheduler=None)["step"]
+        step = load(latest, model, opt)["step"]
     ready.send(step)
     while True:
         step += 1
@@ -290,13 +322,7 @@ def _save_forever(run_dir: str, ready) -> None:
             for p in model.parameters():
                 p.fill_(float(step))
         save_checkpoint(
-            run_dir,
-            step,
-            model=model,
-            optimizer=opt,
-            scheduler=None,
-            extra={"step": step},
-            keep_last=2,
+            root, step, model=model, optimizer=opt, states=states(step=step), keep_last=2
         )
 
 
@@ -317,12 +343,12 @@ def test_sigkill_while_saving_never_leaves_a_bad_latest(tmp_path):
         proc.join(timeout=rng.uniform(0.0, 0.25))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
-        latest = find_latest_checkpoint(run_dir)
+        latest = find_latest_checkpoint(Path(run_dir) / "checkpoints")
         if latest is None:
             continue
         model = nn.Sequential(nn.Linear(128, 256), nn.Linear(256, 128))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        step = load_checkpoint(latest, model=model, optimizer=opt, scheduler=None)["step"]
+        step = load(latest, model, opt)["step"]
         assert latest.name == f"step-{step}"
         assert all(torch.all(p == step) for p in model.parameters())
         assert opt.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
@@ -356,17 +382,16 @@ def _fsdp_worker(rank: int, world: int, init_file: str, run_dir: str, out: str) 
         }
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}
         path = save_checkpoint(
-            run_dir,
+            Path(run_dir) / "checkpoints",
             2,
             model=model,
             optimizer=opt,
-            scheduler=sched,
-            extra={"step": 2, "rank": rank},
+            states=states(sched, rank, step=2, rank=rank),
             keep_last=2,
         )
         expected_draw = torch.rand(3)
         train_steps(model, opt, sched, 3)  # move away from the saved state
-        extra = load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+        extra = load(path, model, opt, sched, rank)
         assert extra == {"step": 2, "rank": rank}
         assert torch.equal(torch.rand(3), expected_draw)
         assert sched.last_epoch == 2
@@ -395,7 +420,7 @@ def test_fsdp2_two_ranks_save_load_and_reshard_to_one(tmp_path):
         join=True,
         start_method="fork",
     )
-    latest = find_latest_checkpoint(run_dir)
+    latest = find_latest_checkpoint(run_dir / "checkpoints")
     assert latest is not None and checkpoint_info(latest)["world_size"] == 2
     assert {p.name for p in latest.glob("rank-*.pt")} == {"rank-0.pt", "rank-1.pt"}
     # Load the 2-rank sharded checkpoint into one unsharded process (DCP reshards).
@@ -403,7 +428,7 @@ def test_fsdp2_two_ranks_save_load_and_reshard_to_one(tmp_path):
     model[2] = nn.Linear(16, 6)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = build_lr_scheduler(opt, "linear", 1, 10, 0.0)
-    extra = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)
+    extra = load(latest, model, opt, sched)
     assert extra["rank"] == 0
     full = torch.load(out, weights_only=True)
     for k, v in model.state_dict().items():
@@ -426,17 +451,49 @@ def test_a_manifest_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(
     import errno
 
     from longtune.fsutil import OutputDirError
-    from longtune.train import checkpoint
 
-    real = checkpoint._write_durable
+    real = manifest.write_durable
 
     def full(path, data):
-        if path.name == checkpoint.MARKER:
+        if path.name == manifest.MARKER:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
     save_steps(tmp_path, [1])
-    monkeypatch.setattr(checkpoint, "_write_durable", full)
+    monkeypatch.setattr(manifest, "write_durable", full)
     with pytest.raises(OutputDirError, match="checkpoints: No space left on device; free space"):
         save_steps(tmp_path, [2])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]
+
+
+def test_a_checkpoint_of_the_earlier_rank_file_layout_is_refused_in_one_line(tmp_path):
+    """Rank files that hold ``extra`` / ``scheduler`` / ``rng`` at the top (the layout before
+    the registered states) are refused with what to do, not a KeyError."""
+    save_steps(tmp_path, [1])
+    path = tmp_path / "checkpoints" / "step-1"
+    rank_file = path / "rank-0.pt"
+    payload = torch.load(rank_file, weights_only=True)
+    old = {k: payload[k] for k in ("step", "rank", "world_size")}
+    old |= {"scheduler": None, "rng": capture_rng_state(), "extra": {"step": 1}}
+    torch.save(old, rank_file)
+    marker = json.loads((path / "COMPLETE").read_text())  # keep the manifest consistent
+    marker["files"]["rank-0.pt"] = {
+        "size": rank_file.stat().st_size,
+        "crc32": manifest.crc32(rank_file),
+    }
+    (path / "COMPLETE").write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="earlier version of longtune .*`longtune export"):
+        load(path, make_run()[0])
+    load_checkpoint(path, model=make_run()[0], optimizer=None)  # its weights still export
+
+
+def test_rng_states_are_restored_only_on_the_rank_that_saved_them(tmp_path):
+    saved = TrainState(rank=1)
+    values = saved.state_dict()
+    draw = torch.rand(1)
+    other = TrainState(rank=0)
+    other.load_state_dict(values)  # rank 1's RNG is not rank 0's: left alone
+    assert not torch.equal(torch.rand(1), draw)
+    same = TrainState(rank=1)
+    same.load_state_dict(values)
+    assert torch.equal(torch.rand(1), draw) and same.step == 0

@@ -32,12 +32,14 @@ from test_train_run import (  # noqa: F401
     train_losses,
 )
 
-import longtune.train.trainer as T
+import longtune.train.run as T
 from longtune.api import finetune
+from longtune.checkpoint import read_rank_states
 from longtune.data import DataValidationError
 from longtune.run_dir import RunDir, delete_run, lock_run, mark_run, read_status
-from longtune.train.checkpoint import read_extra
 from longtune.train.config import ConfigError, check_resume_config, load_config
+from longtune.train.result import failure_reason
+from longtune.train.signals import RunCancelled
 
 pytestmark = pytest.mark.slow
 
@@ -337,12 +339,13 @@ def test_an_eval_done_on_resume_is_not_asked_for_again(setup, tmp_path):
     out = tmp_path / "evals"
     extra = ("--train.eval_every=2", "--checkpoint.every=2", "--checkpoint.keep_last=9")
     cfg = resume_cfg(setup, out, *extra)
-    with pytest.raises(T.RunCancelled):
+    with pytest.raises(RunCancelled):
         T.run_training(cfg, _fault=stop_at_2)
-    assert read_extra(out / "checkpoints" / "step-2")["eval_pending"] is True
+    assert read_rank_states(out / "checkpoints" / "step-2")["train"]["eval_pending"] is True
     T.run_training(resume_cfg(setup, out, *extra))
     for step in (4, 6, 8):
-        assert read_extra(out / "checkpoints" / f"step-{step}")["eval_pending"] is False, step
+        state = read_rank_states(out / "checkpoints" / f"step-{step}")["train"]
+        assert state["eval_pending"] is False, step
     evals = [m["step"] for m in read_metrics(out) if m["kind"] == "eval"]
     assert evals == [0, 2, 4, 6, 8]
 
@@ -350,10 +353,10 @@ def test_an_eval_done_on_resume_is_not_asked_for_again(setup, tmp_path):
 def test_failure_reasons():
     from longtune.fsutil import OutputDirError
 
-    assert T.failure_reason(OutputDirError("cannot write checkpoint in x: No space")) == (
+    assert failure_reason(OutputDirError("cannot write checkpoint in x: No space")) == (
         "output error"
     )
-    assert T.failure_reason(OSError(30, "Read-only file system")) == "output error"
-    assert T.failure_reason(FileNotFoundError("data.train: x does not exist")) == "config error"
-    assert T.failure_reason(ConfigError("optim.lr: 0 is invalid")) == "config error"
-    assert T.failure_reason(RuntimeError("a bug")) == "error"
+    assert failure_reason(OSError(30, "Read-only file system")) == "output error"
+    assert failure_reason(FileNotFoundError("data.train: x does not exist")) == "config error"
+    assert failure_reason(ConfigError("optim.lr: 0 is invalid")) == "config error"
+    assert failure_reason(RuntimeError("a bug")) == "error"

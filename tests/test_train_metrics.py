@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from longtune.run_dir import RunDir
 from longtune.train.metrics import (
     MetricsWriter,
     ProgressLine,
@@ -19,7 +20,7 @@ from longtune.train.metrics import (
 
 
 def test_metrics_jsonl_rank0_only_and_flushed(tmp_path, caplog):
-    writer = MetricsWriter(tmp_path, rank=0, tensorboard=True, mlflow=True)
+    writer = MetricsWriter(RunDir(tmp_path), rank=0, tensorboard=True, mlflow=True)
     writer.log(1, {"loss": torch.tensor(2.5), "lr": 1e-5, "tokens": 4096})
     # Flushed per line: readable before close.
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
@@ -28,12 +29,12 @@ def test_metrics_jsonl_rank0_only_and_flushed(tmp_path, caplog):
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[1])["step"] == 2
-    other = MetricsWriter(tmp_path / "r1", rank=1)
+    other = MetricsWriter(RunDir(tmp_path / "r1"), rank=1)
     other.log(1, {"loss": 1.0})
     other.close()
     assert not (tmp_path / "r1").exists()
     # Appends on resume.
-    with MetricsWriter(tmp_path, rank=0) as again:
+    with MetricsWriter(RunDir(tmp_path), rank=0) as again:
         again.log(3, {"loss": 1.0})
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -75,12 +76,12 @@ def restore_longtune_logger():
 
 
 def test_setup_logging_writes_train_log(tmp_path, restore_longtune_logger):
-    logger = setup_logging(tmp_path, rank=0)
+    logger = setup_logging(RunDir(tmp_path), rank=0)
     logging.getLogger("longtune.train.something").info("hello from the trainer")
     for handler in logger.handlers:
         handler.flush()
     assert "hello from the trainer" in (tmp_path / "train.log").read_text()
-    setup_logging(tmp_path / "other", rank=1)  # replaces the handlers; no file on rank 1
+    setup_logging(RunDir(tmp_path / "other"), rank=1)  # replaces the handlers; no file on rank 1
     assert not (tmp_path / "other" / "train.log").exists()
-    setup_logging(tmp_path, rank=0)
+    setup_logging(RunDir(tmp_path), rank=0)
     assert sum(isinstance(h, logging.FileHandler) for h in logger.handlers) == 1

@@ -21,10 +21,12 @@ import torch
 from helpers import make_hf_checkpoint
 from test_model import read_all
 
+import longtune.train.run as R
 import longtune.train.trainer as T
 from longtune.api import finetune
-from longtune.run_dir import RunDir, read_status
+from longtune.run_dir import RunDir, read_status, rewrite_metrics
 from longtune.run_dir import read_metrics as _read_metrics
+from longtune.train.result import TrainingDivergedError
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -278,8 +280,8 @@ def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path, monkeyp
     def fault(step, loss_sum):
         return loss_sum * float("nan") if step == 3 else loss_sum
 
-    with pytest.raises(T.TrainingDivergedError, match="step 3"):
-        T.run_training(cfg, _fault=fault)
+    with pytest.raises(TrainingDivergedError, match="step 3"):
+        R.run_training(cfg, _fault=fault)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-1", "step-2"]
     assert max(train_losses(out)) == 2
@@ -287,8 +289,8 @@ def test_nan_loss_stops_without_overwriting_checkpoints(setup, tmp_path, monkeyp
     assert status["state"] == "failed" and status["reason"] == "nan" and "step 3" in status["error"]
 
     # Through the Python API the same stop is a failed run object, not an exception.
-    real = T.run_training
-    monkeypatch.setattr(T, "run_training", lambda cfg: real(cfg, _fault=fault))
+    real = R.run_training
+    monkeypatch.setattr(R, "run_training", lambda cfg: real(cfg, _fault=fault))
     run = finetune(
         model=str(setup["model"]),
         train_data=str(setup["train"]),
@@ -397,7 +399,7 @@ def test_metrics_truncation_drops_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     recs = [{"kind": "eval", "step": 0}, {"kind": "train", "step": 1}, {"kind": "train", "step": 2}]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra')
-    T._truncate_metrics(RunDir(tmp_path), 1, 10)
+    rewrite_metrics(RunDir(tmp_path), lambda rec: T._kept_on_resume(rec, 1, 10))
     assert [json.loads(x) for x in path.read_text().splitlines()] == recs[:2]
 
 

@@ -22,8 +22,8 @@ import pytest
 from helpers import make_hf_checkpoint, rel_err
 from test_model import read_all
 
+from longtune.checkpoint import find_latest_checkpoint
 from longtune.run_dir import RunDir, read_metrics
-from longtune.train.checkpoint import find_latest_checkpoint
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -252,7 +252,7 @@ def test_killed_rank_stops_the_others_and_the_same_command_resumes(setup, tmp_pa
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "another rank died or stopped answering" in stderr
     assert "rerun the same command to resume" in stderr
-    newest = find_latest_checkpoint(out)
+    newest = find_latest_checkpoint(out / "checkpoints")
     assert newest is not None and int(newest.name.split("-")[1]) >= 8
 
     procs = start()

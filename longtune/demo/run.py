@@ -11,7 +11,7 @@ import torch
 
 from longtune.api import finetune
 from longtune.demo import DATA_DIR, DEMO_SETTINGS, DEMO_STEPS
-from longtune.run_dir import DEMO_SUMMARY, RunDir, delete_run
+from longtune.run_dir import RunDir, delete_run
 
 
 def generate_answer(
@@ -85,5 +85,5 @@ def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
         "export_dir": str(result.export_dir),
         "seconds": round(time.monotonic() - t0, 1),
     }
-    (Path(output_dir) / DEMO_SUMMARY).write_text(json.dumps(summary, indent=2))
+    RunDir(output_dir).demo_summary.write_text(json.dumps(summary, indent=2))
     return 0 if evals[-1] < evals[0] and check.get("passed") else 1

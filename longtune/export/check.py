@@ -1,11 +1,8 @@
-"""Export a trained model as a Hugging Face folder and check what was written.
+"""Write a trained model as a Hugging Face folder, then check what was written.
 
-A run folder's ``source/`` holds the source model's config.json, tokenizer files and tensor
-layout (``hf_source.json``), so a run or any of its checkpoints can be exported without the
-original model folder. :func:`export_and_check` writes the folder and then checks it on what is
-on disk: every tensor equals the trained one cast to its export dtype, ``transformers`` loads it
-and gives the native model's logits on a probe, the tokenizer loads. The result is a JSON
-record; a failed check raises.
+:func:`export_and_check` checks the folder on what is on disk: every tensor equals the trained
+one cast to its export dtype, ``transformers`` loads it and gives the native model's logits on a
+probe, the tokenizer loads. The result is a JSON record; a failed check raises.
 """
 
 from __future__ import annotations
@@ -17,45 +14,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from longtune.export.hf import save_model
-from longtune.fsutil import OutputDirError, check_output_dir
+from longtune.fsutil import atomic_write_text
 from longtune.model.args import ModelArgs
-from longtune.model.convert import HFSource, copy_meta_files, load_model, read_hf_source
+from longtune.model.convert import load_model
+from longtune.model.hf import HFSource, save_model
 from longtune.model.llama import Transformer
-from longtune.run_dir import RunDir
-from longtune.train.checkpoint import checkpoint_info, load_checkpoint
 
-SOURCE_LAYOUT = "hf_source.json"
 PROBE_TEXT = "Long-context fine-tuning check: the quick brown fox jumps over the lazy dog."
-
-
-def save_run_source(model_dir: str | Path, run: RunDir) -> None:
-    """Copy config.json, tokenizer files and the tensor layout of the source model into the run.
-
-    Args:
-        model_dir: the HF checkpoint folder the run starts from.
-        run: the run folder.
-    """
-    _, src = read_hf_source(model_dir)
-    copy_meta_files(Path(model_dir), run.source)
-    (run.source / SOURCE_LAYOUT).write_text(json.dumps(src.to_json(), indent=1))
-
-
-def has_run_source(run: RunDir) -> bool:
-    """True when the run's ``source/`` was written."""
-    return (run.source / SOURCE_LAYOUT).is_file()
-
-
-def read_run_source(run: RunDir) -> HFSource:
-    """The run's source model description (what :func:`save_run_source` wrote).
-
-    Args:
-        run: the run folder.
-
-    Returns:
-        The HFSource, its non-weight files in ``run.source``.
-    """
-    return HFSource.from_json(json.loads((run.source / SOURCE_LAYOUT).read_text()), run.source)
 
 
 def export_and_check(
@@ -128,58 +93,7 @@ def export_and_check(
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
     check["passed"] = not mismatched and err_written < 1e-4
-    check_path.write_text(json.dumps(check, indent=2))
+    atomic_write_text(check_path, json.dumps(check, indent=2))
     if not check["passed"]:
         raise RuntimeError(f"export self-check failed: {check}")
     return check
-
-
-def export_checkpoint(
-    ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
-) -> Path:
-    """``longtune export RUN_DIR/checkpoints/step-N OUT``: an HF folder from a training checkpoint.
-
-    The run folder's ``source/`` (config.json, tokenizer files, tensor layout of the model the run
-    started from) supplies everything but the weights. Runs in one process. The self-check
-    result goes beside the folder, to ``OUT.export_check.json``.
-
-    Args:
-        ckpt_dir: a complete checkpoint ``RUN/checkpoints/step-N``.
-        out_dir: the HF folder to write.
-        dtype: write tensors in this dtype; default: each in its source dtype.
-        overwrite: replace ``out_dir`` if longtune wrote it before.
-
-    Returns:
-        ``out_dir``.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    run = RunDir(ckpt_dir.parent.parent)
-    out = Path(out_dir)
-    check = out.with_name(out.name + ".export_check.json")
-    check_output_dir(out, [ckpt_dir, run.source], overwrite)
-    if check.exists() and not _is_export_check(check):
-        raise OutputDirError(
-            f"{check} exists and was not written by longtune (the export's self-check goes "
-            "there); move it or choose another output folder"
-        )
-    checkpoint_info(ckpt_dir)  # raises on an incomplete or unsafe checkpoint
-    if not has_run_source(run):
-        raise FileNotFoundError(
-            f"{ckpt_dir} is not inside a longtune run folder (no {run.source / SOURCE_LAYOUT})"
-        )
-    source = read_run_source(run)
-    args = ModelArgs.from_hf_config(source.config)
-    model = Transformer(args)
-    load_checkpoint(ckpt_dir, model=model, optimizer=None, scheduler=None, restore_rng=False)
-    model.tie_weights()
-    export_and_check(model.state_dict(), args, source, out, check, dtype=dtype, overwrite=overwrite)
-    return out
-
-
-def _is_export_check(path: Path) -> bool:
-    """True for a self-check record written by :func:`export_and_check`."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and "tensors_equal_trained" in record

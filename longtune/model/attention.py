@@ -102,6 +102,9 @@ class AttentionMeta:
     is the batch size), else 0."""
     block_mask: Any = None
     """The flex block mask of the offsets, once built (:meth:`prepare`)."""
+    backend: str = "auto"
+    """The attention kernel of this forward (``model.attention``: one of
+    :data:`~longtune.model.args.ATTENTION_BACKENDS`)."""
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -110,6 +113,7 @@ class AttentionMeta:
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None = None,
         device: torch.device | str | None = None,
+        backend: str = "auto",
     ) -> AttentionMeta:
         """The record of a micro-batch (one host read of the offsets, no other device sync).
 
@@ -117,15 +121,17 @@ class AttentionMeta:
             cu_seqlens: document offsets of the whole micro-batch, or ``None`` (unpacked).
             max_seqlen: longest document, if known.
             device: where the kernels run (default: where ``cu_seqlens`` is).
+            backend: the attention kernel (``ATTENTION_BACKENDS``).
 
         Returns:
             The record.
 
         Raises:
-            ValueError: offsets that do not start at 0 or decrease.
+            ValueError: offsets that do not start at 0 or decrease; an unknown backend.
         """
+        check_backend(backend)
         if cu_seqlens is None:
-            return cls()
+            return cls(backend=backend)
         bounds = tuple(int(b) for b in cu_seqlens.tolist())
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         if not lengths or bounds[0] != 0 or min(lengths) < 0:
@@ -138,6 +144,7 @@ class AttentionMeta:
             max_seqlen=max_seqlen or max(lengths),
             total=bounds[-1],
             rows=len(lengths) if len(set(lengths)) == 1 else 0,
+            backend=backend,
         )
 
     def one_document_per_sequence(self, bs: int) -> bool:
@@ -167,12 +174,12 @@ class AttentionMeta:
             return self.block_mask
         return _OUT_OF_GRAPH["lazy_block_mask"](self, q)
 
-    def prepare(self, backend: str, device: torch.device | str) -> None:
-        """Set up what ``backend`` needs before the blocks run, outside compiled code: the flex
+    def prepare(self, device: torch.device | str) -> None:
+        """Set up what the backend needs before the blocks run, outside compiled code: the flex
         block mask of a packed micro-batch (compiled blocks read it from the record; the same
         mask as the lazy one, its size depends on no local shape), and FlashAttention-3 for
         ``varlen_attn`` on CUDA when it is installed."""
-        device = torch.device(device)
+        device, backend = torch.device(device), self.backend
         if backend == "flex":
             load_flex()
             if self.bounds is not None and self.block_mask is None:
@@ -486,18 +493,15 @@ def check_backend(
         )
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, backend: str = "auto"
-) -> torch.Tensor:
-    """Causal attention within each document of ``meta`` with the chosen backend.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+    """Causal attention within each document of ``meta``, with the record's backend.
 
     Args:
         q: ``(bs, seq, n_heads, head_dim)``.
         k, v: ``(bs, seq, n_kv_heads, head_dim)``.
         meta: the micro-batch's :class:`AttentionMeta`.
-        backend: one of ``ATTENTION_BACKENDS``.
 
     Returns:
         ``(bs, seq, n_heads, head_dim)``.
     """
-    return BACKEND_FUNCTIONS[resolve_backend(backend, q, meta)](q, k, v, meta)
+    return BACKEND_FUNCTIONS[resolve_backend(meta.backend, q, meta)](q, k, v, meta)

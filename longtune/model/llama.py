@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtune.model.args import ModelArgs
-from longtune.model.attention import AttentionMeta, attention, check_backend
+from longtune.model.attention import AttentionMeta, attention
 from longtune.model.loss import chunked_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
@@ -104,21 +104,13 @@ class CoreAttention(nn.Module):
 
     Called as ``core(q, k, v, meta)``: q ``(bs, seq, n_heads, head_dim)``, k/v
     ``(bs, seq, n_kv_heads, head_dim)``, ``meta`` the :class:`AttentionMeta` of the whole
-    micro-batch; returns ``(bs, seq, n_heads, head_dim)``.
+    micro-batch (which names the kernel); returns ``(bs, seq, n_heads, head_dim)``.
     """
-
-    def __init__(self, backend: str = "auto") -> None:
-        super().__init__()
-        check_backend(backend)
-        self.backend = backend
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta
     ) -> torch.Tensor:
-        return attention(q, k, v, meta, self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend}"
+        return attention(q, k, v, meta)
 
 
 class RMSNorm(nn.Module):
@@ -142,14 +134,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, backend: str = "auto") -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.head_dim = args.head_dim
         self.q_size = args.q_size
         self.kv_size = args.kv_size
         self.wqkv = nn.Linear(args.dim, args.q_size + 2 * args.kv_size, bias=args.attention_bias)
         self.wo = nn.Linear(args.q_size, args.dim, bias=args.attention_bias)
-        self.core = CoreAttention(backend)
+        self.core = CoreAttention()
 
     def forward(
         self,
@@ -182,10 +174,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, attention: str = "auto") -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, attention)
+        self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
@@ -202,29 +194,20 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Llama decoder. ``forward`` returns logits or the loss; ``hidden`` stops before the
-    output layer. ``attention`` names the attention backend (``ATTENTION_BACKENDS``)."""
+    output layer."""
 
-    def __init__(self, args: ModelArgs, attention: str = "auto") -> None:
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # ModuleDict with string indices: stable FQNs when layers are wrapped or pruned.
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(args, attention) for i in range(args.n_layers)}
+            {str(i): TransformerBlock(args) for i in range(args.n_layers)}
         )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        self.attention_backend = attention
         self.tie_weights()
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Use another attention backend (``ATTENTION_BACKENDS``) in every layer."""
-        check_backend(backend)
-        self.attention_backend = backend
-        for module in self.modules():
-            if isinstance(module, CoreAttention):
-                module.backend = backend
 
     def tie_weights(self) -> None:
         """Share the output matrix with the embedding when the config says so."""
@@ -241,6 +224,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        attention: str = "auto",
     ) -> torch.Tensor:
         """Final normalized hidden states ``(bs, seq, dim)``.
 
@@ -251,6 +235,8 @@ class Transformer(nn.Module):
             cu_seqlens: ``(n_docs + 1,)`` document offsets into the flattened ``bs * seq``
                 tokens; attention never crosses them.
             max_seqlen: longest document, if known (saves a device sync on GPU).
+            attention: the attention kernel of this forward (``model.attention``: one of
+                ``ATTENTION_BACKENDS``); it rides on the forward's ``AttentionMeta``.
         """
         bs, seq = input_ids.shape
         if position_ids is None:
@@ -260,8 +246,8 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(seq, device=input_ids.device).expand(bs, seq)
         h = self.tok_embeddings(input_ids)  # (bs, seq, dim)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(h.device), h.dtype)
-        meta = AttentionMeta.from_cu_seqlens(cu_seqlens, max_seqlen, device=h.device)
-        meta.prepare(self.attention_backend, h.device)
+        meta = AttentionMeta.from_cu_seqlens(cu_seqlens, max_seqlen, h.device, attention)
+        meta.prepare(h.device)
         for layer in self.layers.values():
             h = layer(h, cos, sin, meta)
         return self.norm(h)
@@ -274,11 +260,12 @@ class Transformer(nn.Module):
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
         loss_chunk_size: int | None = None,
+        attention: str = "auto",
     ) -> torch.Tensor:
         """Logits ``(bs, seq, vocab)``, or with ``labels`` the summed token loss.
 
         Args:
-            input_ids, position_ids, cu_seqlens, max_seqlen: see :meth:`hidden`.
+            input_ids, position_ids, cu_seqlens, max_seqlen, attention: see :meth:`hidden`.
             labels: ``(bs, seq)`` targets already shifted (``-100`` ignored). When given, the
                 output projection and cross-entropy run in chunks of ``loss_chunk_size``
                 tokens (``None``: sized to the tokens, see :func:`~longtune.model.loss.chunk_rows`)
@@ -286,7 +273,7 @@ class Transformer(nn.Module):
                 built. (The loss is computed here, inside ``forward``, so that wrappers such as
                 FSDP see every parameter use.)
         """
-        h = self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen)
+        h = self.hidden(input_ids, position_ids, cu_seqlens, max_seqlen, attention)
         if labels is None:
             return self.output(h)
         return chunked_cross_entropy(h, self.output.weight, labels, loss_chunk_size)

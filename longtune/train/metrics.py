@@ -9,23 +9,24 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
+
+from longtune.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(run_dir: str | Path, rank: int, level: int = logging.INFO) -> logging.Logger:
+def setup_logging(run: RunDir, rank: int, level: int = logging.INFO) -> logging.Logger:
     """Configure the ``longtune`` logger for a training run.
 
-    Rank 0 logs at ``level`` to the console and to ``run_dir/train.log`` (appended, so a resumed
-    run keeps its history); other ranks log warnings and errors to stderr, prefixed with their
-    rank. Calling it again replaces the handlers it installed before.
+    Rank 0 logs at ``level`` to the console and to the run's ``train.log`` (appended, so a
+    resumed run keeps its history); other ranks log warnings and errors to stderr, prefixed with
+    their rank. Calling it again replaces the handlers it installed before.
 
     Args:
-        run_dir: the run directory (created if missing, on rank 0).
+        run: the run folder (created if missing, on rank 0).
         rank: this process's global rank.
         level: the logging level on rank 0.
 
@@ -38,8 +39,8 @@ def setup_logging(run_dir: str | Path, rank: int, level: int = logging.INFO) -> 
         handler.close()
     handlers: list[logging.Handler] = []
     if rank == 0:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(run_dir) / "train.log", encoding="utf-8"))
+        run.path.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run.log, encoding="utf-8"))
         handlers.append(logging.StreamHandler(sys.stdout))
         formatter = logging.Formatter(_LOG_FORMAT)
         root.setLevel(level)
@@ -63,21 +64,21 @@ def _scalar(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``run_dir/metrics.jsonl`` (rank 0 only), flushed per
-    line, and mirrors numeric values to TensorBoard and MLflow when enabled and installed.
+    """Appends one JSON object per line to the run's ``metrics.jsonl`` (rank 0 only), flushed
+    per line, and mirrors numeric values to TensorBoard and MLflow when enabled and installed.
 
     Args:
-        run_dir: the run directory.
+        run: the run folder.
         rank: this process's global rank; other ranks' calls are no-ops.
-        tensorboard: also write TensorBoard events to ``run_dir/tensorboard``.
+        tensorboard: also write TensorBoard events to the run's ``tensorboard/``.
         mlflow: also log to MLflow (tracking URI/experiment from MLflow's environment).
     """
 
     def __init__(
-        self, run_dir: str | Path, rank: int, *, tensorboard: bool = False, mlflow: bool = False
+        self, run: RunDir, rank: int, *, tensorboard: bool = False, mlflow: bool = False
     ) -> None:
         self.enabled = rank == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = run.metrics
         self._file: TextIO | None = None
         self._tb: Any = None
         self._mlflow: Any = None
@@ -91,7 +92,7 @@ class MetricsWriter:
             else:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(run.tensorboard))
         if mlflow:
             if importlib.util.find_spec("mlflow") is None:
                 logger.warning("mlflow is not installed; MLflow logging is off")

@@ -1,0 +1,104 @@
+"""``longtune export``: a Hugging Face folder from a training checkpoint or a native folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from longtune.checkpoint import checkpoint_info, load_checkpoint
+from longtune.export.check import export_and_check
+from longtune.fsutil import OutputDirError, check_output_dir
+from longtune.model.args import ModelArgs
+from longtune.model.convert import is_native_dir, load_model
+from longtune.model.hf import HFSource, save_model
+from longtune.model.llama import Transformer
+from longtune.run_dir import RunDir
+
+
+def export(
+    source: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder.
+
+    Args:
+        source: a folder written by ``longtune convert``, or ``RUN/checkpoints/step-N``.
+        out_dir: the HF folder to write.
+        dtype: write tensors in this dtype; default: each in its source dtype.
+        overwrite: replace ``out_dir`` if longtune wrote it before.
+
+    Returns:
+        ``out_dir``.
+    """
+    if is_native_dir(source):
+        return export_native(source, out_dir, dtype=dtype, overwrite=overwrite)
+    return export_checkpoint(source, out_dir, dtype=dtype, overwrite=overwrite)
+
+
+def export_native(
+    native_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """Turn a native folder back into an HF checkpoint folder.
+
+    Args:
+        native_dir: a folder written by ``longtune convert``.
+        out_dir: the HF folder to write (checked before the model is read).
+        dtype: write every tensor in this dtype; default as in the source.
+        overwrite: replace ``out_dir`` if longtune wrote it before.
+
+    Returns:
+        ``out_dir``.
+    """
+    check_output_dir(out_dir, [native_dir], overwrite)
+    model = load_model(native_dir)
+    return save_model(model, out_dir, source=model.hf_source, dtype=dtype, overwrite=overwrite)
+
+
+def export_checkpoint(
+    ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """``longtune export RUN_DIR/checkpoints/step-N OUT``: an HF folder from a training checkpoint.
+
+    The run folder's ``source/`` (config.json, tokenizer files, tensor layout of the model the run
+    started from) supplies everything but the weights. Runs in one process. The self-check
+    result goes beside the folder, to ``OUT.export_check.json``.
+
+    Args:
+        ckpt_dir: a complete checkpoint ``RUN/checkpoints/step-N``.
+        out_dir: the HF folder to write.
+        dtype: write tensors in this dtype; default: each in its source dtype.
+        overwrite: replace ``out_dir`` if longtune wrote it before.
+
+    Returns:
+        ``out_dir``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    run = RunDir.of_checkpoint(ckpt_dir)
+    out = Path(out_dir)
+    check = out.with_name(out.name + ".export_check.json")
+    check_output_dir(out, [ckpt_dir, run.source], overwrite)
+    if check.exists() and not _is_export_check(check):
+        raise OutputDirError(
+            f"{check} exists and was not written by longtune (the export's self-check goes "
+            "there); move it or choose another output folder"
+        )
+    checkpoint_info(ckpt_dir)  # raises on an incomplete or unsafe checkpoint
+    if not HFSource.saved_in(run.source):
+        raise FileNotFoundError(
+            f"{ckpt_dir} is not inside a longtune run folder (no model source in {run.source})"
+        )
+    source = HFSource.load(run.source)
+    args = ModelArgs.from_hf_config(source.config)
+    model = Transformer(args)
+    load_checkpoint(ckpt_dir, model=model, optimizer=None)
+    model.tie_weights()
+    export_and_check(model.state_dict(), args, source, out, check, dtype=dtype, overwrite=overwrite)
+    return out
+
+
+def _is_export_check(path: Path) -> bool:
+    """True for a self-check record written by :func:`export_and_check`."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "tensors_equal_trained" in record

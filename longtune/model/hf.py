@@ -1,0 +1,501 @@
+"""The Hugging Face checkpoint format, both ways: the key map, reading, writing.
+
+Reading (:func:`read_hf_source`, :class:`ShardReader`, :func:`read_native_tensor`): an HF
+folder's config and tensor inventory are checked against each other (exact key set, shapes
+from config.json) before any tensor is read, and tensors are then read one at a time from
+their safetensors shard and fused into native ones (q/k/v into ``wqkv``, gate/up into
+``w13``), so the whole model is never held twice.
+
+Writing (:func:`hf_state_dict`, :func:`save_model`): unfuse, rename with the same map, and
+write safetensors in the layout the source had (same file names and tensor-to-file map; a fresh
+layout, sharded with an index when large, if the tensor set changed), the source
+``config.json`` verbatim (only the dtype may change, and only when asked), and the source's
+tokenizer files, chat template and generation config. Tensors are written in the dtype each
+had in the source unless a dtype is asked for, so an untrained tensor comes back bit-identical.
+
+:class:`HFSource` is everything needed to write a model back as its source was; it can be
+saved into a folder (a run keeps its source this way) and read back without the source.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from longtune.fsutil import atomic_dir, check_output_dir
+from longtune.model.args import ModelArgs
+from longtune.model.checks import (
+    ModelFolderError,
+    check_finite,
+    open_safetensors,
+    read_json,
+    read_model_config,
+)
+
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+SOURCE_FILE = "hf_source.json"
+"""A saved :class:`HFSource`'s description (beside its non-weight files)."""
+# longtune's own files, never copied as a model's non-weight files: the index (rewritten), the
+# native format's metadata, a saved source's description.
+_BOOKKEEPING = (HF_INDEX, "longtune.json", SOURCE_FILE)
+
+
+# native key -> HF keys, concatenated along dim 0 in this order. "{}" is the layer index.
+KEY_MAP: dict[str, list[str]] = {
+    "tok_embeddings.weight": ["model.embed_tokens.weight"],
+    "layers.{}.attention_norm.weight": ["model.layers.{}.input_layernorm.weight"],
+    "layers.{}.attention.wqkv.weight": [
+        "model.layers.{}.self_attn.q_proj.weight",
+        "model.layers.{}.self_attn.k_proj.weight",
+        "model.layers.{}.self_attn.v_proj.weight",
+    ],
+    "layers.{}.attention.wo.weight": ["model.layers.{}.self_attn.o_proj.weight"],
+    "layers.{}.ffn_norm.weight": ["model.layers.{}.post_attention_layernorm.weight"],
+    "layers.{}.feed_forward.w13.weight": [
+        "model.layers.{}.mlp.gate_proj.weight",
+        "model.layers.{}.mlp.up_proj.weight",
+    ],
+    "layers.{}.feed_forward.w2.weight": ["model.layers.{}.mlp.down_proj.weight"],
+    "norm.weight": ["model.norm.weight"],
+    "output.weight": ["lm_head.weight"],
+}
+ATTENTION_BIAS_MAP: dict[str, list[str]] = {
+    "layers.{}.attention.wqkv.bias": [
+        "model.layers.{}.self_attn.q_proj.bias",
+        "model.layers.{}.self_attn.k_proj.bias",
+        "model.layers.{}.self_attn.v_proj.bias",
+    ],
+    "layers.{}.attention.wo.bias": ["model.layers.{}.self_attn.o_proj.bias"],
+}
+MLP_BIAS_MAP: dict[str, list[str]] = {
+    "layers.{}.feed_forward.w13.bias": [
+        "model.layers.{}.mlp.gate_proj.bias",
+        "model.layers.{}.mlp.up_proj.bias",
+    ],
+    "layers.{}.feed_forward.w2.bias": ["model.layers.{}.mlp.down_proj.bias"],
+}
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match what its config describes."""
+
+
+def key_map(args: ModelArgs) -> dict[str, list[str]]:
+    """The key map expanded for every layer: native key -> HF keys (fusion order)."""
+    template = dict(KEY_MAP)
+    if args.attention_bias:
+        template.update(ATTENTION_BIAS_MAP)
+    if args.mlp_bias:
+        template.update(MLP_BIAS_MAP)
+    out: dict[str, list[str]] = {}
+    for native, hf in template.items():
+        if "{}" in native:
+            for i in range(args.n_layers):
+                out[native.format(i)] = [k.format(i) for k in hf]
+        else:
+            out[native] = list(hf)
+    return out
+
+
+def hf_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every HF tensor, ``lm_head.weight`` included."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (args.vocab_size, args.dim),
+        "model.norm.weight": (args.dim,),
+        "lm_head.weight": (args.vocab_size, args.dim),
+    }
+    for i in range(args.n_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (args.dim,),
+            p + "post_attention_layernorm.weight": (args.dim,),
+            p + "self_attn.q_proj.weight": (args.q_size, args.dim),
+            p + "self_attn.k_proj.weight": (args.kv_size, args.dim),
+            p + "self_attn.v_proj.weight": (args.kv_size, args.dim),
+            p + "self_attn.o_proj.weight": (args.dim, args.q_size),
+            p + "mlp.gate_proj.weight": (args.ffn_dim, args.dim),
+            p + "mlp.up_proj.weight": (args.ffn_dim, args.dim),
+            p + "mlp.down_proj.weight": (args.dim, args.ffn_dim),
+        }
+        if args.attention_bias:
+            shapes |= {
+                p + "self_attn.q_proj.bias": (args.q_size,),
+                p + "self_attn.k_proj.bias": (args.kv_size,),
+                p + "self_attn.v_proj.bias": (args.kv_size,),
+                p + "self_attn.o_proj.bias": (args.dim,),
+            }
+        if args.mlp_bias:
+            shapes |= {
+                p + "mlp.gate_proj.bias": (args.ffn_dim,),
+                p + "mlp.up_proj.bias": (args.ffn_dim,),
+                p + "mlp.down_proj.bias": (args.dim,),
+            }
+    return shapes
+
+
+@dataclass
+class HFSource:
+    """What is needed to write an HF checkpoint back exactly as it came in."""
+
+    config_text: str
+    """``config.json`` verbatim."""
+    weight_map: dict[str, str]
+    """HF tensor name -> file name (one file when the source was not sharded)."""
+    dtypes: dict[str, str]
+    """HF tensor name -> dtype name in the source (e.g. ``bfloat16``)."""
+    meta_dir: Path
+    """Folder holding the non-weight files (tokenizer, chat template, generation config)."""
+    sharded: bool = False
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.config_text)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], meta_dir: Path) -> HFSource:
+        """Inverse of :meth:`to_json`, with the folder that holds the non-weight files."""
+        return cls(d["config_text"], d["weight_map"], d["dtypes"], meta_dir, d["sharded"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config_text": self.config_text,
+            "weight_map": self.weight_map,
+            "dtypes": self.dtypes,
+            "sharded": self.sharded,
+        }
+
+    def save(self, folder: Path) -> None:
+        """Keep this source in ``folder``: its non-weight files and :data:`SOURCE_FILE`."""
+        copy_meta_files(self.meta_dir, folder)
+        (folder / SOURCE_FILE).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> HFSource:
+        """The source kept in ``folder`` by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: ``folder`` holds no saved source.
+        """
+        file = folder / SOURCE_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder} holds no saved model source (no {SOURCE_FILE})")
+        return cls.from_json(json.loads(file.read_text()), folder)
+
+    @staticmethod
+    def saved_in(folder: Path) -> bool:
+        """True when ``folder`` holds a source kept by :meth:`save`."""
+        return (folder / SOURCE_FILE).is_file()
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``"bf16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; ``None``/"auto" -> None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype == "auto":
+        return None
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def read_hf_source(hf_dir: str | Path) -> tuple[ModelArgs, HFSource]:
+    """Read config and tensor inventory of an HF folder (no tensor data is loaded)."""
+    hf_dir = Path(hf_dir)
+    config_text, args = read_model_config(hf_dir)
+    index = hf_dir / HF_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFolderError(f"{index}: missing key 'weight_map'")
+        sharded = True
+    elif (hf_dir / HF_SINGLE).is_file():
+        with open_safetensors(hf_dir / HF_SINGLE) as f:
+            weight_map = dict.fromkeys(f.keys(), HF_SINGLE)
+        sharded = False
+    else:
+        others = sorted(p.name for p in hf_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        raise FileNotFoundError(
+            f"no {HF_SINGLE} or {HF_INDEX} in {hf_dir} (found: {others or 'no weight files'}); "
+            "longtune reads safetensors checkpoints only — re-save with "
+            "`model.save_pretrained(dir, safe_serialization=True)`"
+        )
+    dtypes: dict[str, str] = {}
+    by_file: dict[str, list[str]] = {}
+    for key, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(key)
+    shapes = hf_shapes(args)
+    problems = []
+    for fname, keys in by_file.items():
+        with open_safetensors(hf_dir / fname) as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    problems.append(f"{key} (listed in the index for {fname}, absent from it)")
+                    continue
+                sl = f.get_slice(key)
+                dtypes[key] = _safetensors_dtype_name(sl.get_dtype())
+                shape = tuple(sl.get_shape())
+                want = shapes.get(key)
+                if want is not None and shape != want:
+                    problems.append(
+                        f"{key}: shape {shape} in {fname}, expected {want} from config.json"
+                    )
+    if problems:
+        raise CheckpointMismatchError(
+            f"tensor shape mismatch in {hf_dir}:\n  " + "\n  ".join(problems)
+        )
+    _check_key_sets(args, set(weight_map), hf_dir)
+    return args, HFSource(config_text, weight_map, dtypes, hf_dir, sharded)
+
+
+def _safetensors_dtype_name(code: str) -> str:
+    return {
+        "F32": "float32",
+        "BF16": "bfloat16",
+        "F16": "float16",
+        "F64": "float64",
+        "I64": "int64",
+        "I32": "int32",
+    }.get(code, code)
+
+
+def _check_key_sets(args: ModelArgs, present: set[str], where: Path) -> None:
+    expected = {k for keys in key_map(args).values() for k in keys}
+    if args.tie_embeddings:
+        # A tied checkpoint may or may not store lm_head.weight; both are accepted.
+        expected.discard("lm_head.weight")
+        present = present - {"lm_head.weight"}
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected)
+    if missing or unexpected:
+        lines = []
+        if missing:
+            lines.append(f"missing tensors ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
+        raise CheckpointMismatchError(
+            f"{where} does not match its config.json (model_type llama, "
+            f"{args.n_layers} layers, tie_word_embeddings={args.tie_embeddings}):\n  "
+            + "\n  ".join(lines)
+        )
+
+
+class ShardReader:
+    """Opens safetensors files lazily and keeps them open while a model is assembled."""
+
+    def __init__(self, root: Path, weight_map: dict[str, str]) -> None:
+        self.root = root
+        self.weight_map = weight_map
+        self._open: dict[str, Any] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        fname = self.weight_map[key]
+        if fname not in self._open:
+            self._open[fname] = open_safetensors(self.root / fname)
+        tensor = self._open[fname].get_tensor(key)
+        check_finite(key, tensor, self.root / fname)
+        return tensor
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def native_tensor_names(args: ModelArgs) -> list[str]:
+    """The native tensors a checkpoint holds (no ``output.weight`` when it is tied)."""
+    names = list(key_map(args))
+    if args.tie_embeddings:
+        names.remove("output.weight")
+    return names
+
+
+def read_native_tensor(reader: ShardReader, hf_keys: list[str]) -> torch.Tensor:
+    """A native tensor from its HF pieces (fused along dim 0 in key-map order)."""
+    parts = [reader.get(k) for k in hf_keys]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def copy_meta_files(src: Path, dst: Path) -> list[str]:
+    """Copy the non-weight top-level files of a checkpoint folder (tokenizer, templates, configs)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if p.name in _BOOKKEEPING:
+            continue
+        shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def hf_state_dict(
+    native_state: Mapping[str, torch.Tensor], args: ModelArgs, with_lm_head: bool
+) -> dict[str, torch.Tensor]:
+    """Unfuse and rename a native state dict to HF names (views; no copies).
+
+    Args:
+        native_state: full (unsharded) native state dict.
+        args: the model's arguments (for split sizes).
+        with_lm_head: also emit ``lm_head.weight`` when embeddings are tied (some checkpoints
+            store it).
+    """
+    sizes = {
+        "wqkv": [args.q_size, args.kv_size, args.kv_size],
+        "w13": [args.ffn_dim, args.ffn_dim],
+    }
+    out: dict[str, torch.Tensor] = {}
+    for native, hf_keys in key_map(args).items():
+        if native == "output.weight" and args.tie_embeddings:
+            if with_lm_head:
+                out["lm_head.weight"] = native_state["tok_embeddings.weight"]
+            continue
+        t = native_state[native]
+        if len(hf_keys) == 1:
+            out[hf_keys[0]] = t
+            continue
+        kind = native.split(".")[-2]
+        for key, part in zip(hf_keys, t.split(sizes[kind], dim=0), strict=True):
+            out[key] = part
+    return out
+
+
+def resolve_source(source: str | Path | HFSource) -> HFSource:
+    """An :class:`HFSource` as given, or read from an HF checkpoint folder."""
+    return source if isinstance(source, HFSource) else read_hf_source(source)[1]
+
+
+def save_model(
+    model: torch.nn.Module | None,
+    out_dir: str | Path,
+    source: str | Path | HFSource | None = None,
+    dtype: str | torch.dtype | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model as an HF checkpoint folder.
+
+    Args:
+        model: a native ``Transformer`` (its ``state_dict()`` must be full, i.e. not sharded;
+            pass ``state_dict`` for a gathered FSDP state instead).
+        out_dir: destination folder; written to a temporary sibling then renamed. It must be
+            new, empty, or (with ``overwrite``) an earlier longtune output, and not the source
+            folder nor inside it (see :func:`longtune.fsutil.atomic_dir`).
+        source: the HF folder the model came from (or its :class:`HFSource`); defaults to
+            ``model.hf_source`` set by :func:`longtune.load_model`. Supplies config.json,
+            tokenizer files and the original tensor layout and dtypes.
+        dtype: write every tensor in this dtype (and record it in config.json); default keeps
+            each tensor's source dtype.
+        state_dict: native state dict to write instead of ``model.state_dict()``.
+        max_shard_bytes: largest file, when a fresh layout has to be planned.
+        overwrite: replace ``out_dir`` if longtune wrote it before.
+
+    Returns:
+        ``out_dir``.
+    """
+    if source is None:
+        source = getattr(model, "hf_source", None)
+        if source is None:
+            raise ValueError(
+                "save_model needs source=<the HF folder the model came from> "
+                "(for config.json and tokenizer files); this model has no recorded source"
+            )
+    sources = [_source_dir(source)]
+    check_output_dir(out_dir, sources, overwrite)
+    src = resolve_source(source)
+    sources.append(src.meta_dir)
+    args = ModelArgs.from_hf_config(src.config)
+    if model is not None:
+        margs = model.args
+        if margs.to_dict() | {"dtype": ""} != args.to_dict() | {"dtype": ""}:
+            raise ValueError("the model's arguments do not match the source config.json")
+    native = state_dict if state_dict is not None else model.state_dict()
+    want = parse_dtype(dtype)
+    tensors = hf_state_dict(native, args, with_lm_head="lm_head.weight" in src.weight_map)
+
+    if set(tensors) == set(src.weight_map):
+        weight_map = dict(src.weight_map)
+    else:
+        weight_map = _plan_layout(tensors, want, max_shard_bytes)
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, kind="hf", sources=sources, overwrite=overwrite) as tmp:
+        by_file: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(key)
+        total = 0
+        for fname, keys in by_file.items():
+            shard = {}
+            for key in keys:
+                t = tensors[key].detach()
+                target = want or parse_dtype(src.dtypes.get(key)) or t.dtype
+                # clone: split views share storage, which safetensors refuses to write.
+                shard[key] = t.to(device="cpu", dtype=target).clone().contiguous()
+                total += shard[key].numel() * shard[key].element_size()
+            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            del shard
+        if len(by_file) > 1 or src.sharded:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (tmp / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        copy_meta_files(src.meta_dir, tmp)
+        (tmp / "config.json").write_text(_config_text(src.config_text, want))
+    return out_dir
+
+
+def _config_text(config_text: str, dtype: torch.dtype | None) -> str:
+    """The source config verbatim, or with its dtype field(s) changed when a dtype is asked."""
+    if dtype is None:
+        return config_text
+    cfg = json.loads(config_text)
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
+    for k in keys:
+        cfg[k] = name
+    return json.dumps(cfg, indent=2, sort_keys=False) + "\n"
+
+
+def _plan_layout(
+    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, max_shard_bytes: int
+) -> dict[str, str]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * (dtype.itemsize if dtype else t.element_size())
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    if len(groups) == 1:
+        return dict.fromkeys(groups[0], HF_SINGLE)
+    n = len(groups)
+    return {
+        key: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, g in enumerate(groups) for key in g
+    }
+
+
+def _source_dir(source: str | Path | HFSource) -> Path:
+    return source.meta_dir if isinstance(source, HFSource) else Path(source)

@@ -1,0 +1,150 @@
+"""Everything checkable before a run starts: no process group, no big allocation before this.
+
+:func:`preflight` checks, in order: the model's ``config.json``, that every data file exists
+and every line is valid, that the output and cache folders are writable and the output folder
+is new, empty or a run, the parallel layout against the world size and the model's heads, the
+model folder (tokenizer, safetensors headers, vocabulary fit), the attention backend on this
+device, and the start against the run folder's checkpoints: never mixed with an older run's,
+never resumed with other settings than the run was trained with (the rules of what may change
+on a resume are :func:`check_resume_config`'s).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from longtune.assets import cache_dir as default_cache_dir
+from longtune.checkpoint import (
+    check_checkpoint_model,
+    checkpoint_info,
+    find_latest_checkpoint,
+    read_rank_states,
+)
+from longtune.data import validate_files
+from longtune.fsutil import check_writable
+from longtune.model.args import ModelArgs
+from longtune.model.attention import check_backend
+from longtune.model.checks import read_model_config
+from longtune.model.convert import check_model_folder
+from longtune.model.llama import Transformer
+from longtune.parallel.dims import ParallelDims
+from longtune.run_dir import RunDir, check_run_folder
+from longtune.train.config import (
+    ConfigError,
+    JobConfig,
+    check_resume_config,
+    load_config,
+    resolve_grad_accum,
+)
+
+logger = logging.getLogger("longtune.train")
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the preflight established: the layout, the model and the checkpoint to resume."""
+
+    dims: ParallelDims
+    args: ModelArgs
+    """The model's arguments, from its config.json."""
+    compute_dtype: torch.dtype
+    resume_from: Path | None
+    """The checkpoint named by ``checkpoint.resume`` (``auto``: found again by the trainer,
+    whose ranks must agree on one)."""
+
+
+def compute_dtype(setting: str, device_type: str) -> torch.dtype:
+    """The dtype a run computes in: ``model.dtype``, with ``auto`` = bfloat16 on CUDA, else
+    float32."""
+    if setting == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def preflight(cfg: JobConfig, world_size: int) -> Checked:
+    """Validate data, model, parallel layout and the start against the run folder.
+
+    Args:
+        cfg: the validated config.
+        world_size: the number of processes of the job.
+
+    Returns:
+        What was checked.
+
+    Raises:
+        ConfigError, DataValidationError, FileNotFoundError, ValueError: one line naming the
+            setting, file or line.
+    """
+    _, args = read_model_config(cfg.model.path)
+    for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for p in paths:
+            if not Path(p).exists():
+                raise FileNotFoundError(f"{key}: {p} does not exist")
+    errors = validate_files(list(cfg.data.train) + list(cfg.data.eval), cfg.data.task_type)
+    if errors:
+        raise errors[0]
+    check_writable(cfg.output.dir, "output.dir")
+    check_run_folder(RunDir(cfg.output.dir))  # never writes among a user's files
+    check_writable(cfg.data.cache_dir or default_cache_dir() / "tokens", "data.cache_dir")
+    dims = ParallelDims.build(
+        world_size,
+        cfg.parallel.sp,
+        cfg.parallel.dp,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+    )
+    check_model_folder(cfg.model.path)  # tokenizer, safetensors headers, vocabulary fit
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = compute_dtype(cfg.model.dtype, device_type)
+    check_backend(cfg.model.attention, device_type, dtype=dtype)
+    resume_from = _check_start(cfg, dims, args)
+    return Checked(dims, args, dtype, resume_from)
+
+
+def _check_start(cfg: JobConfig, dims: ParallelDims, args: ModelArgs) -> Path | None:
+    """Refuse a start that would mix a new run with the checkpoints of an older one, or resume
+    a run with settings it was not trained with; returns an explicitly named checkpoint."""
+    run = RunDir(cfg.output.dir)
+    latest = find_latest_checkpoint(run.checkpoints)
+    resume = cfg.checkpoint.resume
+    if resume == "never" and latest is not None:
+        raise ConfigError(
+            f"checkpoint.resume=never, but output.dir={run.path} already holds checkpoints "
+            f"(newest: {latest.name}); use another output.dir, delete {run.checkpoints}, "
+            "or continue it with checkpoint.resume=auto"
+        )
+    ckpt = latest if resume == "auto" else None
+    if resume not in ("auto", "never"):
+        ckpt = Path(resume)
+        start = checkpoint_info(ckpt)["step"]  # raises on an incomplete checkpoint
+        if latest is not None and checkpoint_info(latest)["step"] > start:
+            raise ConfigError(
+                f"checkpoint.resume={resume} is at step {start}, but output.dir={run.path} "
+                f"holds a newer checkpoint ({latest.name}) that the new run would mix with; "
+                "resume into another output.dir or move the newer checkpoints away"
+            )
+    if ckpt is not None:
+        _check_same_settings(cfg, ckpt, dims)
+        with torch.device("meta"):
+            model = Transformer(args)
+        check_checkpoint_model(ckpt, model)  # another model: refused before anything starts
+    return None if resume in ("auto", "never") else ckpt
+
+
+def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None:
+    """Compare the new settings with those of the run that wrote ``ckpt`` (its config.yaml)."""
+    run = RunDir.of_checkpoint(ckpt)
+    if not run.config.is_file():
+        logger.warning("%s has no %s: resuming without comparing settings", run.path, run.config)
+        return
+    try:
+        old = load_config(str(run.config), [])
+    except ConfigError as e:
+        raise ConfigError(f"cannot read the settings of the run being resumed: {e}") from None
+    new_batch = cfg.train.micro_batch_size * resolve_grad_accum(cfg, dims.dp) * dims.dp
+    old_batch = read_rank_states(ckpt)["train"]["batch_sequences"]
+    check_resume_config(old, cfg, old_batch, new_batch, run.path)
