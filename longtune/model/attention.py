@@ -493,7 +493,9 @@ def check_backend(
         )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta
+) -> torch.Tensor:
     """Causal attention within each document of ``meta``, with the record's backend.
 
     Args:

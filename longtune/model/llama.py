@@ -201,9 +201,7 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # ModuleDict with string indices: stable FQNs when layers are wrapped or pruned.
-        self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(args) for i in range(args.n_layers)}
-        )
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
