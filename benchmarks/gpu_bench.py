@@ -1,4 +1,4 @@
-"""longtune vs transformers on one CUDA GPU: the numbers of issue 8, from one command.
+"""longtune vs transformers on one CUDA GPU: speed, memory and longest context, from one command.
 
 Run it through ``benchmarks/gpu.sh`` (``--quick``: the same on CPU with a tiny model, in
 seconds; CI runs that). Nothing is downloaded: models are random-weight ``LlamaConfig``
@@ -96,7 +96,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
 
-# What each mode runs. GPU: the issue's lengths; quick: the same code paths, tiny and short.
+# What each mode runs. GPU: the lengths that matter on a GPU; quick: the same code paths, tiny
+# and short.
 PLANS: dict[str, dict[str, Any]] = {
     "gpu": dict(
         shape="llama3.2-1b",

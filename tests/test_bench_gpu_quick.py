@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_quick_mode_runs_every_section(tmp_path):
     results = tmp_path / "gpu_bench.txt"
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}

@@ -28,6 +28,7 @@ from longtune.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
     manifest,
+    read_rank_states,
     save_checkpoint,
 )
 from longtune.checkpoint.dcp_safe import read_metadata
@@ -230,3 +231,14 @@ def test_only_rank_0_reads_the_shards(tmp_path, monkeypatch):
         shards = [n for n in read if n.endswith(".distcp")]
         assert (shards == []) if rank == "1" else (len(shards) == 1), (rank, read)
         assert ".metadata" in read and "rank-0.pt" in read
+
+
+def test_a_crafted_rank_file_is_refused_in_one_line_without_running(tmp_path):
+    save_steps(tmp_path, [1])
+    step = tmp_path / "checkpoints" / "step-1"
+    victim = tmp_path / "pwned"
+    torch.save({"states": {"train": CreatesAFile(str(victim))}}, step / "rank-0.pt")
+    rewrite_manifest(step)
+    with pytest.raises(UnsafeCheckpointError, match=r"rank-0\.pt is not plain data") as e:
+        read_rank_states(step)
+    assert "\n" not in str(e.value) and not victim.exists()

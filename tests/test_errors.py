@@ -1,4 +1,4 @@
-"""Every bad input of issue 10's list ends in one clear line, never a traceback.
+"""Every bad input a user can give ends in one clear line, never a traceback.
 
 Each case is a real ``longtune`` command line (run in its own process by
 the session's :class:`cli_harness.CliServer`); the test of each item asserts exit code 2, exactly one

@@ -76,6 +76,7 @@ def test_bf16_training_step_runs_no_float32_matmul():
     assert len(mode.seen) > 20 and not float32, float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "ac, packed",
     [

@@ -302,6 +302,7 @@ def kill_at(pid: int, sig: int, run: Path, after_step: int, delay: float) -> Non
     os.kill(pid, sig)
 
 
+@pytest.mark.slow
 def test_kills_at_random_moments_then_resume_gives_the_same_weights(setup, server, baseline):
     """SIGKILL, SIGTERM or SIGINT at a random moment of a run (seeded), sometimes random bytes
     of random checkpoint files corrupted, then the same command again: the final weights equal

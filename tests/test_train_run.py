@@ -194,6 +194,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
     raise TimeoutError("the run never reached the kill point")
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_then_resume_gives_identical_run(setup, baseline):
     out = setup["root"] / "killed"
     args = [

@@ -66,6 +66,7 @@ def fill_new_run(page, name: str, model: Path, duration: str) -> None:
     page.fill("textarea[name=extra]", EXTRA)
 
 
+@pytest.mark.slow
 def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
     from playwright.sync_api import expect, sync_playwright
 

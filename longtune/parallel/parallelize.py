@@ -3,7 +3,7 @@
 0. sequence parallelism (when the mesh's ``sp`` dimension is > 1): every block's
    ``Attention.core`` wrapped in Ulysses all-to-alls over the ``sp`` group;
 1. activation checkpointing (none | selective | full) around each block; selective keeps the
-   all-to-all outputs, so recomputing a block repeats no communication;
+   attention kernel's outputs (and the all-to-all outputs only with ``keep_exchanges``);
 2. ``torch.compile`` of each block (optional), so its elementwise work (RMSNorm, RoPE,
    SiLU * up, residual adds) fuses; the checkpointing wrapper is compiled with the block;
 3. FSDP2 (``fully_shard``) of each block, then of the root, over all ranks of the mesh
@@ -31,24 +31,14 @@ AC_MODES = ("none", "selective", "full")
 
 # Selective checkpointing keeps the outputs of the attention kernel (quadratic in the document
 # length: the one op worth its memory) and recomputes everything else of a block in the
-# backward pass (under sequence parallelism the all-to-alls too, unless keep_exchanges,
-# below): norms, RoPE, SiLU * up, the residual adds and every projection (q/k/v, wo, gate/up;
-# w2's output is never needed again, the recompute stops before it). Recomputing a projection
-# costs in x out FLOPs per token and frees out floats; every projection of a block reads a
-# model-dimension (or attention-output) vector, so each frees the same memory per FLOP.
-# SmolLM2-135M: besides its input, a block keeps attention's output and log-sum-exp, 585
-# floats per token and layer (5,769 with every matmul output kept), for 25 % more block matmul
-# FLOPs per step (the forward of wqkv, wo and w13 again): the matmuls of full checkpointing,
-# without recomputing attention. CPU benchmark in docs/benchmarks.md; test_model_perf.py pins it.
-#
-# Under SP=N a rank keeps 1/N of those. Keeping the all-to-all outputs as well (q, k, v
-# head-sharded, the output sequence-sharded) saves one replay of the 4 exchanges per layer in
-# the backward pass but keeps 1,440 more floats per token and layer over the group (SmolLM2
-# sized, 8 query / 2 KV heads: 576 + 144 + 144 + 576), more than SP=1 keeps in all: at 16K
-# tokens a rank's growing memory measured 0.91x of SP=1's at SP=2 and 0.48x at SP=4, against
-# 0.49x and 0.23x when they are replayed (docs/benchmarks.md). Memory per rank
-# falling with N is what SP is for, so by default the exchanges are replayed;
-# parallel.keep_exchanges trades that memory for the communication.
+# backward pass: norms, RoPE, SiLU * up, the residual adds and every projection (w2's output is
+# never needed again, the recompute stops before it). Every projection of a block reads a
+# model-dimension (or attention-output) vector, so each frees the same memory per FLOP
+# recomputed: the matmuls of full checkpointing, without recomputing attention.
+# Under sequence parallelism the all-to-alls are replayed too, so that a rank keeps 1/sp of
+# the activations; keeping their outputs (parallel.keep_exchanges) saves the replayed
+# exchanges for more memory than one process keeps in all. Both measured in
+# docs/benchmarks.md; test_model_perf.py pins what is kept.
 _KEPT_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
@@ -163,7 +153,7 @@ def parallelize(
         apply_compile(model)
     if mesh.size() > 1 or param_dtype is not None:
         apply_fsdp(model, mesh, param_dtype)
-    # else: one rank and no mixed precision, nothing for FSDP to do but copies (on CPU its
-    # all-gathers through gloo cost ~20 % of a SmolLM2 step); checkpoints stay DCP, so a run
-    # resumed on more ranks reshards them like any other.
+    # else: one rank and no mixed precision, nothing for FSDP to do but copies (its all-gathers
+    # through gloo cost a measurable part of a CPU step, docs/benchmarks.md); checkpoints stay
+    # DCP, so a run resumed on more ranks reshards them like any other.
     return model
