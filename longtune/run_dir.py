@@ -289,6 +289,33 @@ def _alive(record: dict[str, Any]) -> bool:
     return start is not None and start == record.get("proc_start")
 
 
+def stop_target(run: RunDir) -> tuple[int | None, int | None]:
+    """``(process group, process)`` to signal to stop a run, either None when not known.
+
+    The launched process's group while it lives (under ``torch.distributed.run`` it forwards
+    the signal to every rank); else the group ``status.json`` records, or the process it names
+    to signal: the trainer, or its parent (torchrun) once it is checked to still be the
+    trainer's parent. A recorded pid counts only while its start time is the recorded one (a pid
+    is reused once its process is gone).
+    """
+    launch = read_launch(run)
+    if launch is not None and launch.get("alive"):
+        return launch.get("pgid"), None
+    status = read_status(run) or {}
+    pid = status.get("pid")
+    if not isinstance(pid, int) or process_start_time(pid) != status.get("proc_start"):
+        return status.get("pgid"), None
+    parent = status.get("signal_pid")
+    if parent is None:
+        return status.get("pgid"), pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return status.get("pgid"), None
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+    return status.get("pgid"), parent if ppid == parent else None
+
+
 def write_launch(run: RunDir, pid: int, **fields: Any) -> dict[str, Any]:
     """Record the process launched for a run (``launch.json``, atomic).
 

@@ -45,10 +45,9 @@ from longtune.run_dir import (
     latest_metrics,
     lock_run,
     mark_run,
-    process_start_time,
     read_launch,
     read_run_state,
-    read_status,
+    stop_target,
     tail_lines,
     write_launch,
 )
@@ -198,12 +197,7 @@ def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
             f"({socket.gethostname()!r}); cancel it there"
         )
     run = RunDir(info.path)
-    launch = read_launch(run)
-    status = read_status(run) or {}
-    if launch is not None and launch.get("alive"):
-        group, pid = launch.get("pgid"), None
-    else:
-        group, pid = status.get("pgid"), _signal_pid(status)
+    group, pid = stop_target(run)
     try:
         if isinstance(group, int) and group > 1 and group != os.getpgid(0):
             os.killpg(group, signal.SIGTERM)
@@ -218,23 +212,6 @@ def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
             f"run {name!r} runs as another user; this user may not signal it"
         ) from None
     return _info(run)
-
-
-def _signal_pid(status: dict[str, Any]) -> int | None:
-    """The process to signal for a run whose status names no process group of its own: the
-    trainer, or its parent (torchrun) when the status names that, after checking that it still
-    is the trainer's parent (a pid is reused once its process is gone)."""
-    pid = status.get("pid")
-    if not isinstance(pid, int) or process_start_time(pid) != status.get("proc_start"):
-        return None
-    parent = status.get("signal_pid")
-    if parent is None:
-        return pid
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return parent if int(stat.rsplit(")", 1)[1].split()[1]) == parent else None
 
 
 def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
