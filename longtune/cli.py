@@ -1,37 +1,28 @@
 """The ``longtune`` command: subcommands mapped to typed functions.
 
-Each subcommand is a plain function; its signature becomes the arguments (no default:
-positional; default: ``--option``) and its Google-style docstring the help text. ``train``
-takes a YAML file plus ``--section.key=value`` overrides, parsed by ``longtune.train.config``.
+Each subcommand is a plain function (its docstring's first line is the command's help); its
+arguments, with their help and defaults, are declared with ``argparse`` in :func:`build_parser`,
+the one place they are described. ``train`` takes a YAML file plus ``--section.key=value``
+overrides: its parser, and its ``--help`` listing every setting, come from
+``longtune.train.config``.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
-import re
 import sys
-import types
-import typing
 from collections.abc import Callable
+from typing import Any
 
 from longtune.run_dir import RunLockedError
-from longtune.train.config import FLAG_ALIASES, field_docs, load_config
+from longtune.train.config import flag_parser, load_config
 from longtune.train.keeper import RunKeeper
 from longtune.train.signals import RunCancelled, StopSignals
 
 
 def convert(hf_dir: str, native_dir: str, overwrite: bool = False) -> int:
-    """Convert an HF Llama checkpoint folder into longtune's native (fused) format.
-
-    Args:
-        hf_dir: Hugging Face checkpoint folder (config.json + safetensors).
-        native_dir: output folder (fused safetensors + longtune.json + hf/ metadata); must be
-            new or empty.
-        overwrite: replace native_dir if it is an earlier longtune output (never a folder
-            longtune did not write).
-    """
+    """Convert an HF Llama checkpoint folder into longtune's native (fused) format."""
     from longtune.model.convert import convert_hf_to_native
 
     out = convert_hf_to_native(hf_dir, native_dir, overwrite=overwrite)
@@ -40,16 +31,7 @@ def convert(hf_dir: str, native_dir: str, overwrite: bool = False) -> int:
 
 
 def export(source: str, hf_out: str, dtype: str | None = None, overwrite: bool = False) -> int:
-    """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder.
-
-    Args:
-        source: a folder written by `longtune convert`, or RUN_DIR/checkpoints/step-N.
-        hf_out: output HF folder (safetensors, config.json, tokenizer files); must be new or
-            empty.
-        dtype: write tensors in this dtype (float32, bfloat16, float16); default: as the source.
-        overwrite: replace hf_out if it is an earlier longtune output (never a folder longtune
-            did not write).
-    """
+    """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder."""
     from longtune.export.command import export as export_folder
 
     out = export_folder(source, hf_out, dtype=dtype, overwrite=overwrite)
@@ -67,17 +49,7 @@ def validate(
     loss_on: str = "all_assistant",
     all_errors: bool = False,
 ) -> int:
-    """Check training data and print per-file statistics; exit non-zero on invalid data.
-
-    Args:
-        data: JSONL / text files or folders.
-        model: HF model folder whose tokenizer and chat template are used.
-        task_type: chat, instruction or text.
-        context_length: packed sequence length in tokens.
-        overlength: what to do with examples longer than the context: truncate, drop or split.
-        loss_on: all_assistant or last_assistant (chat only).
-        all_errors: list every error instead of stopping at the first.
-    """
+    """Check training data and print per-file statistics; exit non-zero on invalid data."""
     from longtune.data import validate_command
 
     return validate_command(
@@ -92,24 +64,14 @@ def validate(
 
 
 def demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
-    """Fine-tune the bundled SmolLM2-135M-Instruct on the bundled long-context data and export it.
-
-    Args:
-        output_dir: run folder (metrics, checkpoints, hf/ export).
-        steps: optimizer steps.
-    """
+    """Fine-tune the bundled SmolLM2-135M-Instruct on the bundled long-context data and export it."""
     from longtune.demo.run import run_demo
 
     return run_demo(output_dir=output_dir, steps=steps)
 
 
 def runs_list(runs_dir: str = "runs", json: bool = False) -> int:
-    """List the runs of a runs folder: status, progress, latest losses, start, duration.
-
-    Args:
-        runs_dir: the folder holding the run folders.
-        json: print JSON (one object per run) instead of a table.
-    """
+    """List the runs of a runs folder: status, progress, latest losses, start, duration."""
     from longtune import runs
 
     found = runs.list(runs_dir)
@@ -123,13 +85,7 @@ def runs_list(runs_dir: str = "runs", json: bool = False) -> int:
 
 
 def runs_show(name: str, runs_dir: str = "runs", json: bool = False) -> int:
-    """Show one run: status (and why it failed), progress, losses, processes, export and check.
-
-    Args:
-        name: the run's folder name.
-        runs_dir: the folder holding the run folders.
-        json: print JSON instead of text.
-    """
+    """Show one run: status (and why it failed), progress, losses, processes, export and check."""
     from longtune import runs
 
     info = runs.get(name, runs_dir)
@@ -143,12 +99,7 @@ def runs_show(name: str, runs_dir: str = "runs", json: bool = False) -> int:
 
 
 def runs_cancel(name: str, runs_dir: str = "runs") -> int:
-    """Stop a running run: SIGTERM to its process group; it checkpoints and ends `cancelled`.
-
-    Args:
-        name: the run's folder name.
-        runs_dir: the folder holding the run folders.
-    """
+    """Stop a running run: SIGTERM to its process group; it checkpoints and ends `cancelled`."""
     from longtune import runs
 
     info = runs.cancel(name, runs_dir)
@@ -160,26 +111,12 @@ def runs_cancel(name: str, runs_dir: str = "runs") -> int:
 
 
 def runs_resume(name: str, runs_dir: str = "runs", nproc: int | None = None) -> int:
-    """Start a cancelled or failed run again in its folder, from its newest checkpoint.
-
-    Args:
-        name: the run's folder name.
-        runs_dir: the folder holding the run folders.
-        nproc: processes (default: as it was launched, else 1).
-    """
+    """Start a cancelled or failed run again in its folder, from its newest checkpoint."""
     from longtune import runs
 
     info = runs.resume(name, runs_dir, nproc=nproc)
     print(f"restarted run {info.name} (pid {info.pid}); its output goes to {info.path}/launch.log")
     return 0
-
-
-RUNS_COMMANDS: dict[str, Callable[..., int]] = {
-    "list": runs_list,
-    "show": runs_show,
-    "cancel": runs_cancel,
-    "resume": runs_resume,
-}
 
 
 def ui(
@@ -188,39 +125,10 @@ def ui(
     runs_dir: str = "runs",
     allow_dir: list[str] | None = None,
 ) -> int:
-    """Serve the web UI: start, watch, compare and cancel runs from a browser.
-
-    Args:
-        host: address to listen on; anything but a loopback address is reachable from other
-            machines (a warning is printed).
-        port: TCP port (0: any free port).
-        runs_dir: the folder holding the run folders.
-        allow_dir: folders the UI may read models and data from; default: the current
-            folder. The runs folder and the demo's data and model are always allowed.
-    """
+    """Serve the web UI: start, watch, compare and cancel runs from a browser."""
     from longtune.ui.server import serve
 
     return serve(host=host, port=port, runs_dir=runs_dir, allow_dirs=allow_dir)
-
-
-def _add_runs_commands(sub: argparse._SubParsersAction) -> None:
-    """``longtune runs list|show|cancel|resume``: a command with subcommands."""
-    p = sub.add_parser("runs", help="List, show, cancel or resume the runs of a runs folder.")
-    runs_sub = p.add_subparsers(dest="_runs_command", required=True, metavar="ACTION")
-    for name, fn in RUNS_COMMANDS.items():
-        _add_command(runs_sub, name, fn)
-
-
-TRAIN_HELP = """usage: longtune train [CONFIG.yaml] [--section.key=value ...] [--flag value ...]
-
-Fine-tune a Llama-family model. Settings come from defaults, then CONFIG.yaml, then flags
-(flags win). Run under torchrun for several processes (gloo on CPU, NCCL on GPU).
-
-Common flags: {aliases}
-
-All settings (--section.key=value):
-{fields}
-"""
 
 
 def train(argv: list[str]) -> int:
@@ -235,9 +143,10 @@ def train(argv: list[str]) -> int:
         argv: the arguments after ``train``.
     """
     if any(a in ("-h", "--help") for a in argv):
-        aliases = ", ".join(f"--{k} ({v})" for k, v in FLAG_ALIASES.items())
-        fields = "\n".join(f"  {k}: {doc}" for k, doc in field_docs().items())
-        print(TRAIN_HELP.format(aliases=aliases, fields=fields))
+        flag_parser(
+            "Fine-tune a Llama-family model. Settings come from defaults, then CONFIG.yaml, then "
+            "flags (flags win). Run under torchrun for several processes (gloo on CPU, NCCL on GPU)."
+        ).print_help()
         return 0
     # Installed first, so a Ctrl-C while torch is being imported ends without a traceback too.
     try:
@@ -290,82 +199,126 @@ def _train(argv: list[str], stop: StopSignals) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[..., int]] = {
-    "convert": convert,
-    "export": export,
-    "validate": validate,
-    "demo": demo,
-    "ui": ui,
-}
-
-
-def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:
-    doc = inspect.getdoc(fn) or ""
-    summary = doc.split("\n\n")[0]
-    args: dict[str, str] = {}
-    m = re.search(r"Args:\n(.*?)(\n\S|\Z)", doc, re.S)
-    if m:
-        current = None
-        for line in m.group(1).splitlines():
-            hit = re.match(r"\s{4}(\w+): (.*)", line)
-            if hit:
-                current = hit.group(1)
-                args[current] = hit.group(2)
-            elif current:
-                args[current] += " " + line.strip()
-    return summary, args
-
-
-def _add_command(sub: argparse._SubParsersAction, name: str, fn: Callable) -> None:
-    summary, docs = _arg_docs(fn)
-    p = sub.add_parser(name, help=summary, description=inspect.getdoc(fn).split("\n\nArgs:")[0])
-    hints = typing.get_type_hints(fn)
-    for pname, param in inspect.signature(fn).parameters.items():
-        hint = hints.get(pname, str)
-        help_text = docs.get(pname, "")
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        is_list = typing.get_origin(hint) is list
-        base = typing.get_args(hint)[0] if is_list else hint
-        required = param.default is inspect.Parameter.empty
-        if required and param.kind is inspect.Parameter.KEYWORD_ONLY:
-            p.add_argument(
-                "--" + pname.replace("_", "-"), dest=pname, type=base, required=True, help=help_text
-            )
-        elif required:
-            p.add_argument(pname, type=base, nargs="+" if is_list else None, help=help_text)
-        elif hint is bool:
-            p.add_argument("--" + pname.replace("_", "-"), action="store_true", help=help_text)
-        elif is_list:
-            p.add_argument(
-                "--" + pname.replace("_", "-"),
-                dest=pname,
-                type=base,
-                action="extend",
-                nargs="+",
-                default=param.default,
-                help=help_text,
-            )
-        else:
-            p.add_argument(
-                "--" + pname.replace("_", "-"),
-                dest=pname,
-                type=base,
-                default=param.default,
-                help=f"{help_text} (default: {param.default})",
-            )
-    p.set_defaults(_fn=fn)
+def _command(sub: Any, name: str, fn: Callable[..., int]) -> argparse.ArgumentParser:
+    """The subcommand ``name``, running ``fn``; the first line of its docstring is the help."""
+    summary = (fn.__doc__ or "").splitlines()[0]
+    parser = sub.add_parser(name, help=summary, description=summary)
+    parser.set_defaults(_fn=fn)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand but ``train`` (which parses its own flags) and its arguments.
+
+    Returns:
+        The parser; its namespace holds the command function (``_fn``) and its keyword arguments.
+    """
     parser = argparse.ArgumentParser(
         prog="longtune",
         description="Long-context fine-tuning of Llama-family models: HF checkpoint in, HF checkpoint out.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, fn in COMMANDS.items():
-        _add_command(sub, name, fn)
-    _add_runs_commands(sub)
+    d = " (default: %(default)s)"  # argparse writes the default in
+    replace = (
+        "replace {} if it is an earlier longtune output (never a folder longtune did not write)."
+    )
+    runs_dir = "the folder holding the run folders." + d
+
+    p = _command(sub, "convert", convert)
+    p.add_argument("hf_dir", help="Hugging Face checkpoint folder (config.json + safetensors).")
+    p.add_argument(
+        "native_dir",
+        help="output folder (fused safetensors + longtune.json + hf/ metadata); must be new or empty.",
+    )
+    p.add_argument("--overwrite", action="store_true", help=replace.format("native_dir"))
+
+    p = _command(sub, "export", export)
+    p.add_argument(
+        "source", help="a folder written by `longtune convert`, or RUN_DIR/checkpoints/step-N."
+    )
+    p.add_argument(
+        "hf_out",
+        help="output HF folder (safetensors, config.json, tokenizer files); must be new or empty.",
+    )
+    p.add_argument(
+        "--dtype",
+        help="write tensors in this dtype (float32, bfloat16, float16); default: as the source."
+        + d,
+    )
+    p.add_argument("--overwrite", action="store_true", help=replace.format("hf_out"))
+
+    p = _command(sub, "validate", validate)
+    p.add_argument("data", nargs="+", help="JSONL / text files or folders.")
+    p.add_argument(
+        "--model", required=True, help="HF model folder whose tokenizer and chat template are used."
+    )
+    p.add_argument("--task-type", default="chat", help="chat, instruction or text." + d)
+    p.add_argument(
+        "--context-length",
+        type=int,
+        default=8192,
+        help="packed sequence length in tokens." + d,
+    )
+    p.add_argument(
+        "--overlength",
+        default="truncate",
+        help="what to do with examples longer than the context: truncate, drop or split." + d,
+    )
+    p.add_argument(
+        "--loss-on",
+        default="all_assistant",
+        help="all_assistant or last_assistant (chat only)." + d,
+    )
+    p.add_argument(
+        "--all-errors",
+        action="store_true",
+        help="list every error instead of stopping at the first.",
+    )
+
+    p = _command(sub, "demo", demo)
+    p.add_argument(
+        "--output-dir",
+        default="runs/demo",
+        help="run folder (metrics, checkpoints, hf/ export)." + d,
+    )
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps." + d)
+
+    p = _command(sub, "ui", ui)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; anything but a loopback address is reachable from other machines "
+        "(a warning is printed)." + d,
+    )
+    p.add_argument("--port", type=int, default=8600, help="TCP port (0: any free port)." + d)
+    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    p.add_argument(
+        "--allow-dir",
+        action="extend",
+        nargs="+",
+        help="folders the UI may read models and data from; default: the current folder. The runs "
+        "folder and the demo's data and model are always allowed.",
+    )
+
+    runs = sub.add_parser("runs", help="List, show, cancel or resume the runs of a runs folder.")
+    actions = runs.add_subparsers(dest="_runs_command", required=True, metavar="ACTION")
+    p = _command(actions, "list", runs_list)
+    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    p.add_argument(
+        "--json", action="store_true", help="print JSON (one object per run) instead of a table."
+    )
+    p = _command(actions, "show", runs_show)
+    p.add_argument("name", help="the run's folder name.")
+    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text.")
+    p = _command(actions, "cancel", runs_cancel)
+    p.add_argument("name", help="the run's folder name.")
+    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    p = _command(actions, "resume", runs_resume)
+    p.add_argument("name", help="the run's folder name.")
+    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    p.add_argument("--nproc", type=int, help="processes (default: as it was launched, else 1)." + d)
+
     sub.add_parser(
         "train",
         help="Fine-tune a model (YAML config + --section.key=value overrides; see `longtune train --help`).",

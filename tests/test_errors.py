@@ -134,8 +134,8 @@ def _data_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: A
     cases["comma in a data path"] = (
         train(comma),
         root,
-        f"data.train: '{comma}' is one path whose name holds a comma, but commas separate "
-        f"paths here; write it as '{root}/a\\,b.jsonl'",
+        f"data.train (from --data): '{comma}' is one path whose name holds a comma, but commas "
+        f"separate paths here; write it as '{root}/a\\,b.jsonl'",
     )
     return cases
 
@@ -254,7 +254,11 @@ def _run_folder_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
 def _config_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
     """Bad settings and config files."""
     cases: Cases = {}
-    cases["negative seed"] = (train(good, "--seed", "-1"), root, "train.seed: -1 is invalid")
+    cases["negative seed"] = (
+        train(good, "--seed", "-1"),
+        root,
+        "train.seed (from --seed): '-1' is invalid; must be greater than or equal to 0",
+    )
     bad_yaml = write(root / "bad.yaml", "model:\n  path: m\ndata:\n  train: [a.jsonl\n")
     cases["YAML syntax error"] = (
         ["train", str(bad_yaml)],

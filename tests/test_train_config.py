@@ -8,15 +8,19 @@ import os
 import pytest
 import yaml
 
+from longtune.model.args import ATTENTION_BACKENDS
 from longtune.train.config import (
     FLAG_ALIASES,
+    SETTINGS,
     ConfigError,
     Duration,
     JobConfig,
     check_resume_config,
+    choices,
     config_from_values,
     config_to_dict,
-    field_docs,
+    flag_parser,
+    flag_values,
     load_config,
     resolve_grad_accum,
     save_config,
@@ -108,31 +112,89 @@ def test_every_alias_targets_a_real_key():
     [
         (
             ["--optim.schedule=cosin"],
-            "optim.schedule: 'cosin' is not one of cosine, linear, constant",
+            "optim.schedule (from --optim.schedule): 'cosin' is not one of cosine, linear, constant",
         ),
-        (["--optim.lrr=1"], "unknown key 'optim.lrr' (known keys in optim: lr, weight_decay,"),
-        (["--optimizer.lr=1"], "unknown section 'optimizer'"),
-        (["--bogus=1"], "'bogus' is not a config key"),
-        (["--lr=abc"], "optim.lr (from --lr): could not parse 'abc'"),
-        (["--lr=0"], "optim.lr: 0.0 is invalid; must be a finite number > 0"),
-        (["--duration=3"], "train.duration (from --duration)"),
-        (["--context-length=1.5"], "data.context_length (from --context-length): could not parse"),
-        (["--output.tensorboard=maybe"], "'maybe' is not a boolean"),
-        (["--optim.betas=0.9"], "optim.betas (from --optim.betas): expected 2 comma-separated"),
-        (["--checkpoint.keep_last=0"], "checkpoint.keep_last: 0 is invalid; must be >= 1"),
-        (["--context-length=1"], "data.context_length: 1 is invalid; must be >= 2"),
-        (["--model.dtype=fp16"], "model.dtype: 'fp16' is not one of auto, float32, bfloat16"),
-        (["--parallel.timeout_s=0"], "parallel.timeout_s: 0.0 is invalid; must be > 0 seconds"),
-        (["--batch-tokens=100", "--grad-accum=4"], "set only one of the two"),
-        (["--duration=5st", "--warmup=10"], "optim.warmup_steps: 10 is invalid; must be <= the 5"),
-        (["--lr"], "--lr needs a value"),
-        (["stray"], "unexpected argument 'stray'"),
+        (
+            ["--optim.lrr=1"],
+            "--optim.lrr: unknown key 'optim.lrr' (known keys in optim: lr, weight_decay,",
+        ),
+        (["--optim.l=1"], "--optim.l: unknown key 'optim.l'"),  # no abbreviations
+        (
+            ["--optimizer.lr=1"],
+            "--optimizer.lr: unknown section 'optimizer' in 'optimizer.lr' (known sections: model,",
+        ),
+        (["--bogus=1"], "--bogus: 'bogus' is not a config key; use section.key (sections: model,"),
+        (["--lr=abc"], "optim.lr (from --lr): 'abc' is invalid; must be a valid number"),
+        (["--lr=0"], "optim.lr (from --lr): '0' is invalid; must be greater than 0"),
+        (
+            ["--duration=3"],
+            "train.duration (from --duration): '3' is not a duration; use e.g. '3ep'",
+        ),
+        (
+            ["--context-length=1.5"],
+            "data.context_length (from --context-length): '1.5' is invalid; must be a valid integer",
+        ),
+        (
+            ["--output.tensorboard=maybe"],
+            "output.tensorboard (from --output.tensorboard): 'maybe' is invalid; must be a valid "
+            "boolean",
+        ),
+        (["--optim.betas=0.9"], "optim.betas (from --optim.betas): '0.9' is invalid; give two"),
+        (
+            ["--optim.betas=0.9,1"],
+            "optim.betas (from --optim.betas): '0.9,1' is invalid; must be less than 1",
+        ),
+        (
+            ["--checkpoint.keep_last=0"],
+            "checkpoint.keep_last (from --checkpoint.keep_last): '0' is invalid; must be greater "
+            "than or equal to 1",
+        ),
+        (
+            ["--context-length=1"],
+            "data.context_length (from --context-length): '1' is invalid; must be greater than or "
+            "equal to 2",
+        ),
+        (
+            ["--model.dtype=fp16"],
+            "model.dtype (from --model.dtype): 'fp16' is not one of auto, float32, bfloat16",
+        ),
+        (
+            ["--model.attention=fast"],
+            "model.attention (from --model.attention): 'fast' is not one of auto, sdpa, varlen, flex",
+        ),
+        (["--compile=yes"], "--compile: 'compile' is not a config key"),
+        (
+            ["--train.compile=yes"],
+            "train.compile (from --train.compile): 'yes' is not one of auto, true, false",
+        ),
+        (
+            ["--parallel.timeout_s=0"],
+            "parallel.timeout_s (from --parallel.timeout_s): '0' is invalid; must be greater than "
+            "or equal to 1",
+        ),
+        (
+            ["--parallel.dp=0"],
+            "parallel.dp (from --parallel.dp): 0 is invalid; must be >= 1, or -1",
+        ),
+        (
+            ["--batch-tokens=100", "--grad-accum=4"],
+            "train.grad_accum (from --grad-accum): 4 is invalid; train.batch_tokens=100 derives "
+            "grad_accum; set only one of the two",
+        ),
+        (
+            ["--duration=5st", "--warmup=10"],
+            "optim.warmup_steps (from --warmup): 10 is invalid; must be <= the 5 optimizer steps",
+        ),
+        (["--lr"], "argument --optim.lr/--lr: needs a value (--flag=VALUE)"),
+        (["stray"], "unexpected argument 'stray'; overrides look like --section.key=value"),
+        (["--model="], "model.path (from --model): '' is invalid; must have at least 1 character"),
+        (["--data="], "data.train (from --data): '' is invalid; must have at least 1 item"),
     ],
 )
 def test_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, REQUIRED + overrides)
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_required_keys_are_named():
@@ -153,9 +215,17 @@ def test_file_errors(tmp_path):
         tmp_path, {"model": {"path": "m"}, "data": {"train": ["a"]}, "train": {"seed": 1.5}}
     )
     with pytest.raises(
-        ConfigError, match=r"train.seed \(from config file .*\): expected an integer"
+        ConfigError,
+        match=r"train.seed \(from config file .*\): 1.5 is invalid; must be a valid int",
     ):
         load_config(bad_type, [])
+    yes_seed = write_yaml(
+        tmp_path, {"model": {"path": "m"}, "data": {"train": ["a"]}, "train": {"seed": True}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.seed \(from config file .*\): True is not a number"
+    ):
+        load_config(yes_seed, [])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"), [])
 
@@ -210,10 +280,9 @@ def test_resolve_grad_accum():
 
 
 def test_every_field_has_a_docstring():
-    docs = field_docs()
     for section, body in config_to_dict(load_config(None, REQUIRED)).items():
         for name in body:
-            assert docs.get(f"{section}.{name}"), f"{section}.{name} has no docstring"
+            assert SETTINGS[f"{section}.{name}"].description, f"{section}.{name} has no docstring"
 
 
 def test_typed_values_build_the_same_config_as_flags(tmp_path):
@@ -240,9 +309,12 @@ def test_typed_values_build_the_same_config_as_flags(tmp_path):
     assert typed.data.train == ["a,b.jsonl"]
     typed.data.train = flags.data.train
     assert typed == flags and typed.optim.warmup_steps == 5
-    with pytest.raises(ConfigError, match="optim.schedule: 'cosin' is not one of cosine"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optim.schedule \(from argument optim.schedule\): 'cosin' is not one of cosine",
+    ):
         config_from_values({"model.path": "m", "data.train": ["t"], "optim.schedule": "cosin"})
-    with pytest.raises(ConfigError, match="data.context_length .*expected an integer"):
+    with pytest.raises(ConfigError, match="data.context_length .*must be a valid integer"):
         config_from_values({"model.path": "m", "data.train": ["t"], "data.context_length": 9.5})
     with pytest.raises(ConfigError, match="unknown key 'optim.lrate'"):
         config_from_values({"model.path": "m", "data.train": ["t"], "optim.lrate": 1.0})
@@ -258,3 +330,129 @@ def test_resume_compares_paths_resolved(tmp_path, monkeypatch):
     other = load_config(None, ["--model=m", "--data=other.jsonl"])
     with pytest.raises(ConfigError, match=r"data.train: .*/train.jsonl → .*/other.jsonl"):
         check_resume_config(old, other, 1, 1, tmp_path)
+
+
+def test_help_lists_every_setting_with_its_type_default_and_doc(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    text = flag_parser("Fine-tune a model.").format_help()
+    flat = "".join(text.split())  # argparse wraps the docs to the width, also after a dash
+    for key, info in SETTINGS.items():
+        section, name = key.split(".")
+        assert f"--{key} " in text and f"{section} settings:" in text, key
+        assert "".join(info.description.split()) in flat, key
+        default = config_to_dict(load_config(None, REQUIRED))[section][name]
+        if info.is_required():
+            assert "(required)" in flat
+        elif isinstance(default, list):
+            assert f"(default:{','.join(map(str, default)) or 'empty'})" in flat, key
+        else:
+            shown = (
+                str(default).lower() if default is None or isinstance(default, bool) else default
+            )
+            assert f"(default:{shown})" in flat, key
+    for flag in FLAG_ALIASES:
+        assert f", --{flag} " in text, flag
+    assert "--model.dtype {auto,float32,bfloat16}" in text and "--optim.lr FLOAT" in text
+    assert "--output.tensorboard [BOOL]" in text and "--train.duration DURATION" in text
+    assert "--train.batch-tokens" not in text  # accepted, not listed twice
+    assert max(len(line) for line in text.splitlines()) <= 100
+
+
+ALIAS_VALUES = {
+    "model": "/other/model",
+    "data": "x.jsonl,y.jsonl",
+    "eval-data": "e.jsonl",
+    "task-type": "text",
+    "context-length": "1024",
+    "duration": "5st",
+    "lr": "3e-5",
+    "warmup": "2",
+    "batch-tokens": "4096",
+    "micro-batch-size": "2",
+    "grad-accum": "3",
+    "seed": "7",
+    "output-dir": "runs/other",
+    "resume": "never",
+    "sp": "2",
+}
+
+
+@pytest.mark.parametrize("flag", sorted(FLAG_ALIASES))
+def test_an_alias_and_its_dotted_key_give_the_same_value(flag):
+    key, value = FLAG_ALIASES[flag], ALIAS_VALUES[flag]
+    section, name = key.split(".")
+    by_alias = load_config(None, REQUIRED + [f"--{flag}", value])
+    by_key = load_config(None, REQUIRED + [f"--{key}={value}"])
+    assert by_alias == by_key
+    assert (
+        config_to_dict(by_alias)[section][name]
+        != config_to_dict(load_config(None, REQUIRED))[section][name]
+    )
+
+
+def test_flag_values_keep_the_value_and_the_flag_as_typed():
+    tokens = ["--lr", "1", "optim.eps=2", "--train.batch-tokens=5", "--output.tensorboard"]
+    assert flag_values(tokens + ["--output.mlflow", "false", "--seed=1", "--train.seed", "2"]) == {
+        "optim.lr": ("1", "--lr"),
+        "optim.eps": ("2", "--optim.eps"),
+        "train.batch_tokens": ("5", "--train.batch-tokens"),
+        "output.tensorboard": ("true", "--output.tensorboard"),
+        "output.mlflow": ("false", "--output.mlflow"),
+        "train.seed": ("2", "--train.seed"),  # later ones win
+    }
+    with pytest.raises(ConfigError, match="--train.batch-tokens\\): '0' is invalid"):
+        load_config(None, REQUIRED + ["--train.batch-tokens", "0"])
+    assert choices("model.attention") == ATTENTION_BACKENDS and choices("optim.lr") == ()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--context-length", "99999999999"],
+            "data.context_length (from --context-length): '99999999999' is invalid; must be less "
+            "than or equal to 2147483647",
+        ),
+        (["--optim.eps=inf"], "optim.eps (from --optim.eps): 'inf' is invalid; must be a finite"),
+        (
+            ["--parallel.timeout_s=inf"],
+            "parallel.timeout_s (from --parallel.timeout_s): 'inf' is invalid; must be a finite "
+            "number",
+        ),
+        (["--parallel.timeout_s=0.5"], "'0.5' is invalid; must be greater than or equal to 1"),
+        (["--optim.weight_decay=nan"], "'nan' is invalid; must be a finite number"),
+        (["--lr=-inf"], "optim.lr (from --lr): '-inf' is invalid; must be a finite number"),
+        (["--seed=4294967296"], "train.seed (from --seed): '4294967296' is invalid"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_in_one_line(flags, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, REQUIRED + flags)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_yaml_booleans_for_compile_are_its_words(tmp_path):
+    for value, word in ((True, "true"), (False, "false"), ("auto", "auto")):
+        path = write_yaml(
+            tmp_path,
+            {"model": {"path": "m"}, "data": {"train": ["a"]}, "train": {"compile": value}},
+        )
+        assert load_config(path, []).train.compile == word
+
+
+def test_commas_in_data_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a,b.jsonl").write_text("{}\n")
+    assert load_config(None, ["--model=m", "--data", "a\\,b.jsonl,c"]).data.train == [
+        "a,b.jsonl",
+        "c",
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["--model=m", "--data", "a,b.jsonl"])
+    assert str(info.value) == (
+        "data.train (from --data): 'a,b.jsonl' is one path whose name holds a comma, but commas "
+        "separate paths here; write it as 'a\\,b.jsonl' or list it in the YAML file"
+    )
+    # The Python API: a string is one path, a Path object is a string.
+    cfg = config_from_values({"model.path": tmp_path, "data.train": "a,b.jsonl"})
+    assert cfg.model.path == str(tmp_path) and cfg.data.train == ["a,b.jsonl"]

@@ -10,25 +10,44 @@ Example::
     cfg = load_config("run.yaml", ["--optim.lr=3e-5", "--task-type", "chat"])
     grad_accum = resolve_grad_accum(cfg, dp_size=4)
 
+The sections are pydantic dataclasses (not ``BaseModel``s): to the code that reads them they are
+plain dataclasses (``cfg.optim.lr``, ``==``, ``dataclasses.replace``), while pydantic validates
+every value that comes in, from a YAML file, the command line, the Python API or the web form.
+Choices are ``Literal`` types, ranges are ``Field`` bounds, the rules between keys are one model
+validator, and each field's doc is the docstring under it. The command line is an ``argparse``
+parser generated from the same fields (:func:`flag_parser`, which is also ``longtune train
+--help``). Pydantic's first error becomes one line: the key, where the value came from, the value
+and what is valid.
+
 This module imports no torch, so the CLI can validate a config cheaply.
 """
 
 from __future__ import annotations
 
-import ast
+import argparse
 import dataclasses
-import inspect
+import itertools
 import math
 import os
 import re
-import types
 import typing
-from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from longtune.model.args import ATTENTION_BACKENDS
 from longtune.run_dir import RunDir
@@ -38,7 +57,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Duration:
     """How long to train: ``value`` epochs (``unit="ep"``) or optimizer steps (``unit="st"``)."""
 
@@ -77,116 +96,182 @@ class Duration:
 
 DURATION_UNITS = ("ep", "st")
 
+MAX_INT = 2**31 - 1
+"""Upper bound of the count settings (what an index or a C int holds)."""
 
-@dataclass
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError(f"{value!r} is not a number")
+    return value
+
+
+def _none(value: Any) -> Any:
+    """``none``, ``null``, ``~`` or nothing leaves an optional setting unset."""
+    unset = isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")
+    return None if unset else value
+
+
+def _duration(value: Any) -> Duration:
+    return value if isinstance(value, Duration) else Duration.parse(value)
+
+
+def _bool_word(value: Any) -> Any:
+    """YAML reads ``compile: true`` as a boolean: the same as the word."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def _pair(value: Any) -> Any:
+    """``"0.9,0.95"`` (the command line's form) -> two items; anything else must have two."""
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, list | tuple) and len(items) != 2:
+        raise ValueError(f"{value!r} is invalid; give two numbers, e.g. 0.9,0.95")
+    return items
+
+
+def _paths(value: Any) -> Any:
+    """Split a path list given as text on commas (``\\,`` is a comma inside a file name), and
+    refuse a split that cuts the name of a file that exists."""
+    if not isinstance(value, str):
+        return value
+    paths = [p.strip().replace("\\,", ",") for p in re.split(r"(?<!\\),", value) if p.strip()]
+    if not all(os.path.exists(p) for p in paths):
+        for i, j in itertools.combinations(range(len(paths) + 1), 2):
+            joined = ",".join(paths[i:j])
+            if j - i > 1 and os.path.exists(joined):
+                raise ValueError(
+                    f"{joined!r} is one path whose name holds a comma, but commas separate "
+                    f"paths here; write it as '{joined.replace(',', chr(92) + ',')}' or list it "
+                    "in the YAML file"
+                )
+    return paths
+
+
+# The field types: what a YAML value, a flag's text or a Python value goes through first.
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+Beta = Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)]
+Paths = Annotated[list[str], BeforeValidator(_paths)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+DurationText = Annotated[Duration, PlainValidator(_duration), PlainSerializer(str)]
+
+_FIELDS = ConfigDict(
+    extra="forbid",  # an unknown key is an error, never dropped
+    use_attribute_docstrings=True,  # the docstring under a field is its --help text
+    coerce_numbers_to_str=True,  # `path: 123` in YAML is the folder "123"
+    allow_inf_nan=False,  # every float setting is finite
+)
+
+
+@dataclass(config=_FIELDS)
 class ModelConfig:
-    path: str
-    """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files). Required."""
+    path: NonEmpty
+    """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)."""
 
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Parameter/compute dtype: auto | float32 | bfloat16 (auto = bfloat16 on CUDA, float32 on CPU)."""
 
-    activation_checkpointing: str = "selective"
+    activation_checkpointing: Literal["none", "selective", "full"] = "selective"
     """Activation checkpointing mode: none | selective | full."""
 
-    attention: str = "auto"
+    attention: Literal["auto", "sdpa", "varlen", "flex"] = "auto"
     """Attention kernel: auto | sdpa | varlen | flex (auto = SDPA for unpacked sequences,
     varlen_attn (FlashAttention-2, or -3 when installed) for packed ones on CUDA, per-document
     SDPA on CPU; varlen and flex need CUDA)."""
 
 
-@dataclass
+@dataclass(config=_FIELDS)
 class DataConfig:
-    train: list[str]
+    train: Paths = Field(min_length=1)
     """Training data files or folders (JSONL or text); comma-separated on the command line
-    (write a comma inside a file name as \\,). Required."""
+    (write a comma inside a file name as \\,)."""
 
-    eval: list[str] = field(default_factory=list)
+    eval: Paths = Field(default_factory=list)
     """Evaluation data files; empty = no evaluation."""
 
-    task_type: str = "chat"
+    task_type: Literal["chat", "instruction", "text"] = "chat"
     """Format of the data lines: chat | instruction | text."""
 
-    context_length: int = 8192
+    context_length: Int = Field(8192, ge=2, le=MAX_INT)
     """Tokens per packed sequence (the full sequence, before sequence-parallel slicing; padded
     up to a multiple of parallel.sp with tokens that carry no loss and that no document sees)."""
 
-    loss_on: str = "all_assistant"
+    loss_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
     """Which tokens carry loss in chat data: all_assistant | last_assistant."""
 
-    overlength: str = "truncate"
+    overlength: Literal["truncate", "drop", "split"] = "truncate"
     """What to do with an example longer than context_length: truncate | drop | split (into
     context-length pieces, e.g. long texts for continued pre-training)."""
 
-    cache_dir: str | None = None
+    cache_dir: Annotated[str | None, BeforeValidator(_none)] = None
     """Where to cache tokenized data; None = ~/.cache/longtune/tokens."""
 
 
-@dataclass
+@dataclass(config=_FIELDS)
 class OptimConfig:
-    lr: float = 1e-5
+    lr: Float = Field(1e-5, gt=0)
     """Peak learning rate (AdamW)."""
 
-    weight_decay: float = 0.0
+    weight_decay: Float = Field(0.0, ge=0)
     """AdamW decoupled weight decay."""
 
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas; 'b1,b2' on the command line."""
+    betas: Annotated[tuple[Beta, Beta], BeforeValidator(_pair)] = (0.9, 0.95)
+    """AdamW betas, each in [0, 1); 'b1,b2' on the command line."""
 
-    eps: float = 1e-8
+    eps: Float = Field(1e-8, gt=0)
     """AdamW epsilon."""
 
-    grad_clip: float = 1.0
+    grad_clip: Float = Field(1.0, ge=0)
     """Clip the global gradient norm to this value; 0 = no clipping."""
 
-    warmup_steps: int = 0
+    warmup_steps: Int = Field(0, ge=0, le=MAX_INT)
     """Optimizer steps of linear learning-rate warmup from ~0 to lr."""
 
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup: cosine | linear | constant."""
 
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: Float = Field(0.0, ge=0, le=1)
     """Final learning rate as a fraction of lr (cosine and linear schedules)."""
 
 
-@dataclass
+@dataclass(config=_FIELDS)
 class TrainConfig:
-    duration: Duration = Duration(1, "ep")
+    duration: DurationText = Duration(1, "ep")
     """Training length: 'Nep' = N epochs, 'Nst' = N optimizer steps."""
 
-    micro_batch_size: int = 1
+    micro_batch_size: Int = Field(1, ge=1, le=MAX_INT)
     """Packed sequences per forward/backward on each data-parallel rank."""
 
-    grad_accum: int = 1
+    grad_accum: Int = Field(1, ge=1, le=MAX_INT)
     """Micro-batches accumulated per optimizer step; derived instead when batch_tokens is set."""
 
-    batch_tokens: int | None = None
+    batch_tokens: Annotated[Int | None, BeforeValidator(_none)] = Field(None, gt=0, le=MAX_INT)
     """Target tokens per optimizer step over all data-parallel ranks; derives grad_accum
     (rounded up). Leave grad_accum at 1 when setting this."""
 
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=2**32 - 1)
     """Seed for model init, data order and dropout; identical on every rank of an SP group."""
 
-    eval_every: int = 0
+    eval_every: Int = Field(0, ge=0, le=MAX_INT)
     """Evaluate every N optimizer steps; 0 = only at the start and at the end."""
 
-    eval_batches: int = 0
+    eval_batches: Int = Field(0, ge=0, le=MAX_INT)
     """Micro-batches per evaluation; 0 = the whole eval set."""
 
-    compile: str = "auto"
+    compile: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_word)] = "auto"
     """torch.compile each block (fuses norms, RoPE, SwiGLU): auto | true | false (auto = on
     with CUDA, off on CPU)."""
 
 
-@dataclass
+@dataclass(config=_FIELDS)
 class ParallelConfig:
-    sp: int = 1
+    sp: Int = Field(1, ge=1, le=MAX_INT)
     """Sequence-parallel (Ulysses) degree: ranks that share one sequence."""
 
-    dp: int = -1
+    dp: Int = Field(-1, le=MAX_INT)
     """Data-parallel degree; -1 = world_size / sp."""
 
-    timeout_s: float = 300.0
+    timeout_s: Float = Field(300.0, ge=1, le=7 * 24 * 3600)
     """Seconds a collective waits for a peer: if a rank dies (killed, out of memory), the others
     exit with an error after at most this long instead of hanging."""
 
@@ -195,22 +280,22 @@ class ParallelConfig:
     exchanging again in the backward pass (fewer exchanges, about twice the activation memory)."""
 
 
-@dataclass
+@dataclass(config=_FIELDS)
 class CheckpointConfig:
-    every: int = 0
+    every: Int = Field(0, ge=0, le=MAX_INT)
     """Save a checkpoint every N optimizer steps; 0 = only at the end."""
 
-    keep_last: int = 2
+    keep_last: Int = Field(2, ge=1, le=MAX_INT)
     """Number of complete checkpoints to keep (older ones are deleted)."""
 
-    resume: str = "auto"
+    resume: NonEmpty = "auto"
     """auto = resume from the newest complete checkpoint in output.dir if any; never = start
     fresh; otherwise a checkpoint directory to resume from."""
 
 
-@dataclass
+@dataclass(config=_FIELDS)
 class OutputConfig:
-    dir: str = "runs/longtune"
+    dir: NonEmpty = "runs/longtune"
     """Run directory: checkpoints, metrics.jsonl, train.log, config.yaml, the exported model."""
 
     tensorboard: bool = False
@@ -220,15 +305,38 @@ class OutputConfig:
     """Also log to MLflow (needs the mlflow package; uses MLflow's own environment settings)."""
 
 
-@dataclass
+class _KeyRule(ValueError):
+    """A rule between settings is broken; ``key`` is the one to change."""
+
+    def __init__(self, key: str, value: Any, rule: str) -> None:
+        super().__init__(f"{value!r} is invalid; {rule}")
+        self.key = key
+
+
+@dataclass(config=_FIELDS)
 class JobConfig:
     model: ModelConfig
     data: DataConfig
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _rules_between_keys(self) -> JobConfig:
+        """Warmup within a run counted in steps, one of batch_tokens and grad_accum, dp."""
+        t, o, p = self.train, self.optim, self.parallel
+        steps, tokens = t.duration.value, t.batch_tokens
+        if t.duration.unit == "st" and o.warmup_steps > steps:
+            rule = f"must be <= the {steps} optimizer steps of train.duration={t.duration}"
+            raise _KeyRule("optim.warmup_steps", o.warmup_steps, rule)
+        if tokens is not None and t.grad_accum != 1:
+            rule = f"train.batch_tokens={tokens} derives grad_accum; set only one of the two"
+            raise _KeyRule("train.grad_accum", t.grad_accum, rule)
+        if p.dp < 1 and p.dp != -1:
+            raise _KeyRule("parallel.dp", p.dp, "must be >= 1, or -1 for world_size/sp")
+        return self
 
 
 #: Plain CLI flags and the config keys they set (``--lr 3e-5`` == ``--optim.lr=3e-5``).
@@ -250,40 +358,38 @@ FLAG_ALIASES: dict[str, str] = {
     "sp": "parallel.sp",
 }
 
-#: Keys whose value must be one of a fixed set.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("auto", "float32", "bfloat16"),
-    "model.activation_checkpointing": ("none", "selective", "full"),
-    "model.attention": ATTENTION_BACKENDS,
-    "train.compile": ("auto", "true", "false"),
-    "data.task_type": ("chat", "instruction", "text"),
-    "data.loss_on": ("all_assistant", "last_assistant"),
-    "data.overlength": ("truncate", "drop", "split"),
-    "optim.schedule": ("cosine", "linear", "constant"),
+_ADAPTER = TypeAdapter(JobConfig)
+_SECTIONS: dict[str, Any] = {
+    name: f.annotation for name, f in JobConfig.__pydantic_fields__.items()
 }
-
-#: Keys that hold a list of paths (comma-separated on the command line, ``\,`` escapes).
-PATH_LISTS = ("data.train", "data.eval")
-
-_SECTIONS: dict[str, type] = typing.get_type_hints(JobConfig)
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-_NONE = ("none", "null", "~", "")
+SETTINGS: dict[str, FieldInfo] = {
+    f"{section}.{name}": info
+    for section, cls in _SECTIONS.items()
+    for name, info in cls.__pydantic_fields__.items()
+}
+"""Every setting: ``section.key`` -> its pydantic field (type, default, bounds, doc)."""
 
 
-def _section_fields(section: str) -> dict[str, Any]:
-    """Field name -> resolved type annotation for one section."""
-    return typing.get_type_hints(_SECTIONS[section])
+def choices(key: str) -> tuple[str, ...]:
+    """The values a choice setting takes (its ``Literal``), e.g. ``choices("data.task_type")``.
+
+    Args:
+        key: the setting, ``section.key``.
+
+    Returns:
+        The choices in order; empty for a setting that is not a choice.
+    """
+    tp = SETTINGS[key].annotation
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
-def _known_keys_message(section: str) -> str:
-    return f"known keys in {section}: {', '.join(_section_fields(section))}"
+assert choices("model.attention") == ATTENTION_BACKENDS, "model.attention: list every backend"
 
 
-def _check_key(key: str, source: str) -> tuple[str, str]:
-    """Split ``section.name`` and check both parts exist."""
-    section, dot, name = key.partition(".")
-    if not dot or not name:
+def _check_key(key: str, source: str) -> None:
+    """Refuse a key that is not ``section.name`` of a known section and name."""
+    section, dot, _ = key.partition(".")
+    if not dot:
         raise ConfigError(
             f"{source}: {key!r} is not a config key; use section.key "
             f"(sections: {', '.join(_SECTIONS)}) or one of the flags {', '.join(FLAG_ALIASES)}"
@@ -292,153 +398,111 @@ def _check_key(key: str, source: str) -> tuple[str, str]:
         raise ConfigError(
             f"{source}: unknown section {section!r} in {key!r} (known sections: {', '.join(_SECTIONS)})"
         )
-    if name not in _section_fields(section):
-        raise ConfigError(f"{source}: unknown key {key!r} ({_known_keys_message(section)})")
-    return section, name
+    if key not in SETTINGS:
+        known = ", ".join(_SECTIONS[section].__pydantic_fields__)
+        raise ConfigError(f"{source}: unknown key {key!r} (known keys in {section}: {known})")
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Convert a YAML value or a command-line string to the field's annotated type."""
-    where = f"{key} (from {source})"
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            return None
-        return _coerce(value, args[0], key, source)
-    if value is None:
-        raise ConfigError(f"{where}: value must not be empty/null (expected {_type_name(tp)})")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        items = _split_list(value) if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, key, source) for v in items]
-    if origin is tuple:
-        item_tps = typing.get_args(tp)
-        items = _split_list(value) if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or len(items) != len(item_tps):
-            raise ConfigError(
-                f"{where}: expected {len(item_tps)} comma-separated values, got {value!r}"
-            )
-        return tuple(_coerce(v, t, key, source) for v, t in zip(items, item_tps, strict=True))
-    if tp is Duration:
-        if isinstance(value, Duration):
-            return value
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a duration like '3ep' or '500st', got {value!r}")
-        return _parse(Duration.parse, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ConfigError(f"{where}: {value!r} is not a boolean; use true or false")
-    if tp is int:
-        if isinstance(value, bool) or isinstance(value, float):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        return _parse(int, str(value).strip(), where)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        return _parse(float, str(value).strip(), where)
-    if tp is str:
-        if isinstance(value, dict | list | tuple):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"config field {key} has unsupported type {tp!r}")
+_METAVARS = {str: "PATH", list: "PATH[,PATH...]", tuple: "B1,B2"}
 
 
-def _parse(fn: Any, text: str, where: str) -> Any:
-    """Call a parser, turning its ValueError into a ConfigError naming the key."""
-    try:
-        return fn(text)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: could not parse {text!r}: {exc}") from None
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        # One line, and no exit: the web form reads flags too.
+        raise ConfigError(message.replace("expected one argument", "needs a value (--flag=VALUE)"))
 
 
-def _split_list(text: str) -> list[str]:
-    """Split a command-line list on commas; ``\\,`` is a comma inside an item (a file name)."""
-    parts = re.split(r"(?<!\\),", text)
-    return [p.strip().replace("\\,", ",") for p in parts if p.strip()]
+class _AsTyped(argparse.Action):
+    """Keeps the flag as typed with the value, for the error message."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, (values, option))
 
 
-def _check_comma_paths(key: str, raw: Any, paths: list[str]) -> None:
-    """A path list split on a comma that belongs to a file name: say so and how to escape it."""
-    if not isinstance(raw, str) or "," not in raw or all(os.path.exists(p) for p in paths):
-        return
-    for i in range(len(paths)):
-        for j in range(i + 2, len(paths) + 1):
-            joined = ",".join(paths[i:j])
-            if os.path.exists(joined):
-                raise ConfigError(
-                    f"{key}: {joined!r} is one path whose name holds a comma, but commas "
-                    f"separate paths here; write it as '{joined.replace(',', chr(92) + ',')}' "
-                    "or list it in the YAML file"
-                )
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
-    """Turn command-line tokens into ``(section.key, raw string value)`` pairs.
-
-    Accepted forms: ``--optim.lr=3e-5``, ``optim.lr=3e-5``, ``--optim.lr 3e-5``, the aliases of
-    :data:`FLAG_ALIASES` (``--lr=3e-5``, ``--task-type chat``) and, for booleans, a bare
-    ``--output.tensorboard`` meaning true. Dashes in key names are read as underscores.
+def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The command line of ``longtune train``: a ``--section.key`` flag for every setting (with
+    its type or choices, default and doc, grouped by section) and the aliases.
 
     Args:
-        overrides: the tokens, in command-line order (later ones win).
+        description: text under the usage line of ``--help``.
 
     Returns:
-        ``(dotted key, value string, flag as typed)`` triples, keys checked against the config
-        sections.
+        The parser. It leaves values as typed (:func:`flag_values` reads them) and has no -h.
+    """
+    parser = _FlagParser(
+        prog="longtune train",
+        usage="%(prog)s [CONFIG.yaml] [--section.key=value ...] [--flag value ...]",
+        description=description,
+        allow_abbrev=False,  # --optim.l is not --optim.lr
+        add_help=False,
+    )
+    for section, cls in _SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings")
+        for name, info in cls.__pydantic_fields__.items():
+            key = f"{section}.{name}"
+            aliases = [f"--{flag}" for flag, k in FLAG_ALIASES.items() if k == key]
+            bare = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
+            kw = dict(dest=key, action=_AsTyped, default=argparse.SUPPRESS, **bare)
+            default = "required" if info.is_required() else f"default: {_as_flag(info)}"
+            doc = f"{' '.join(str(info.description).split())} ({default})".replace("%", "%%")
+            tp = _base(info.annotation)
+            metavar = _METAVARS.get(typing.get_origin(tp) or tp) or tp.__name__.upper()
+            if choices(key):
+                metavar = "{" + ",".join(choices(key)) + "}"
+            group.add_argument(f"--{key}", *aliases, metavar=metavar, help=doc, **kw)
+            if "_" in name:  # --train.batch-tokens works too, without a second line in --help
+                group.add_argument(f"--{key.replace('_', '-')}", help=argparse.SUPPRESS, **kw)
+    return parser
+
+
+def _base(tp: Any) -> Any:
+    """The type under ``X | None`` and ``Annotated[X, ...]``."""
+    while typing.get_origin(tp) is Annotated or type(None) in typing.get_args(tp):
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _as_flag(info: FieldInfo) -> str:
+    """A field's default as it is written on the command line."""
+    value = info.get_default(call_default_factory=True)
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) or "empty"
+    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
+
+
+def flag_values(tokens: list[str]) -> dict[str, tuple[str, str]]:
+    """Read settings from command-line tokens, as typed (the checks are :func:`load_config`'s).
+
+    Accepted: ``--optim.lr=3e-5``, ``--optim.lr 3e-5``, ``optim.lr=3e-5``, the aliases of
+    :data:`FLAG_ALIASES` (``--lr=3e-5``, ``--task-type chat``), dashes for underscores
+    (``--train.batch-tokens``) and a bare boolean flag for true (``--output.tensorboard``).
+
+    Args:
+        tokens: the tokens, in command-line order (later ones win).
+
+    Returns:
+        ``{section.key: (value as typed, flag as typed)}``.
 
     Raises:
-        ConfigError: for an unknown key, an unknown flag or a flag without a value.
+        ConfigError: for an unknown key or flag, a flag without a value, a stray argument.
     """
-    pairs: list[tuple[str, str, str]] = []
-    i = 0
-    while i < len(overrides):
-        token = overrides[i]
-        i += 1
-        body = token[2:] if token.startswith("--") else token
-        if not token.startswith("--") and "=" not in token:
-            raise ConfigError(
-                f"unexpected argument {token!r}; overrides look like --section.key=value"
-            )
-        name, eq, value = body.partition("=")
-        key = FLAG_ALIASES.get(name) or _normalize_key(name)
-        section, field_name = _check_key(key, f"--{name}")
-        if not eq:
-            is_bool = _section_fields(section)[field_name] is bool
-            has_value = i < len(overrides) and not overrides[i].startswith("--")
-            if has_value:
-                value = overrides[i]
-                i += 1
-            elif is_bool:
-                value = "true"
-            else:
-                raise ConfigError(f"--{name} needs a value: --{name}=VALUE or --{name} VALUE")
-        pairs.append((key, value, f"--{name}"))
-    return pairs
+    parser = flag_parser()
+    found, rest = parser.parse_known_args(tokens)
+    undashed = {t for t in rest if "=" in t and not t.startswith("-")}  # optim.lr=3e-5
+    if undashed:
+        found, rest = parser.parse_known_args([f"--{t}" if t in undashed else t for t in tokens])
+    if rest and rest[0].startswith("--"):
+        name = rest[0][2:].partition("=")[0]
+        _check_key(FLAG_ALIASES.get(name, name), f"--{name}")
+    if rest:
+        raise ConfigError(
+            f"unexpected argument {rest[0]!r}; overrides look like --section.key=value"
+        )
+    return vars(found)
 
 
-def _normalize_key(name: str) -> str:
-    section, dot, rest = name.partition(".")
-    return f"{section}{dot}{rest.replace('-', '_')}"
-
-
-def _read_yaml(path: str) -> dict[str, dict[str, Any]]:
+def _read_yaml(path: str) -> dict[str, tuple[Any, str]]:
+    """``{section.key: (value, "config file PATH")}`` from a YAML file."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist or is not a file")
@@ -453,23 +517,18 @@ def _read_yaml(path: str) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"config file {path}{line}: {what}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: not readable YAML ({e})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | None):
         raise ConfigError(f"config file {path}: top level must be a mapping of sections")
-    for section, body in data.items():
-        if section not in _SECTIONS:
+    source, values = f"config file {path}", {}
+    for section, body in (data or {}).items():  # unknown sections and keys: _check_key
+        if not isinstance(body, dict | None):
             raise ConfigError(
-                f"config file {path}: unknown section {section!r} "
-                f"(known sections: {', '.join(_SECTIONS)})"
+                f"{source}: section {section!r} must be a mapping of keys, got {body!r}"
             )
-        if body is None:
-            data[section] = {}
-        elif not isinstance(body, dict):
-            raise ConfigError(
-                f"config file {path}: section {section!r} must be a mapping of keys, got {body!r}"
-            )
-    return data
+        for name, value in (body or {}).items():
+            _check_key(f"{section}.{name}", source)
+            values[f"{section}.{name}"] = (value, source)
+    return values
 
 
 def load_config(path: str | None, overrides: list[str]) -> JobConfig:
@@ -487,11 +546,7 @@ def load_config(path: str | None, overrides: list[str]) -> JobConfig:
         ConfigError: naming the key, for unknown keys, missing required keys, unparsable
             values and values out of range (choices are listed).
     """
-    values = _file_values(path)
-    for key, value, flag in parse_overrides(overrides):
-        section, name = key.split(".", 1)
-        values[section][name] = (value, flag)
-    return _build(values)
+    return _build({**(_read_yaml(path) if path else {}), **flag_values(overrides)})
 
 
 def config_from_values(values: dict[str, Any], path: str | None = None) -> JobConfig:
@@ -513,118 +568,42 @@ def config_from_values(values: dict[str, Any], path: str | None = None) -> JobCo
     Raises:
         ConfigError: naming the key, exactly as :func:`load_config`.
     """
-    merged = _file_values(path)
+    merged = _read_yaml(path) if path else {}
     for key, value in values.items():
-        section, name = _check_key(key, f"argument {key}")
-        tp = _section_fields(section)[name]
-        if isinstance(value, str) and typing.get_origin(_strip_optional(tp)) is list:
-            value = [value]
-        merged[section][name] = (value, f"argument {key}")
+        _check_key(key, f"argument {key}")
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        is_list = typing.get_origin(_base(SETTINGS[key].annotation)) is list
+        merged[key] = ([value] if is_list and isinstance(value, str) else value, f"argument {key}")
     return _build(merged)
 
 
-def _strip_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
-
-
-def _file_values(path: str | None) -> dict[str, dict[str, tuple[Any, str]]]:
-    """``{section: {name: (raw value, where it came from)}}`` from a YAML file (or empty)."""
-    values: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in _SECTIONS}
-    if path is not None:
-        for section, body in _read_yaml(path).items():
-            for name, value in body.items():
-                _check_key(f"{section}.{name}", f"config file {path}")
-                values[section][name] = (value, f"config file {path}")
-    return values
-
-
-def _build(values: dict[str, dict[str, tuple[Any, str]]]) -> JobConfig:
-    """Coerce every given value to its field's type, fill defaults, validate."""
-    sections: dict[str, Any] = {}
-    for section, cls in _SECTIONS.items():
-        hints = _section_fields(section)
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            key = f"{section}.{f.name}"
-            if f.name in values[section]:
-                raw, source = values[section][f.name]
-                kwargs[f.name] = _coerce(raw, hints[f.name], key, source)
-                if key in PATH_LISTS:
-                    _check_comma_paths(key, raw, kwargs[f.name])
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                flag = next((a for a, k in FLAG_ALIASES.items() if k == key), None)
-                hint = f" or --{flag}" if flag else ""
-                raise ConfigError(
-                    f"missing required key {key!r}: set it in the config file or with --{key}=...{hint}"
-                )
-        sections[section] = cls(**kwargs)
-    cfg = JobConfig(**sections)
-    validate_config(cfg)
-    return cfg
-
-
-def _ensure(ok: bool, key: str, value: Any, requirement: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {value!r} is invalid; {requirement}")
-
-
-def validate_config(cfg: JobConfig) -> None:
-    """Check every value and cross-field constraint that does not need the world size.
-
-    Args:
-        cfg: the configuration to check (load_config already calls this).
-
-    Raises:
-        ConfigError: naming the first bad key, its value and what would be valid.
-    """
-    for key, choices in CHOICES.items():
+def _build(values: dict[str, tuple[Any, str]]) -> JobConfig:
+    """Validate ``{section.key: (value, where it came from)}`` over the defaults."""
+    sections: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    for key, (value, _) in values.items():
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    m, d, o, t, p, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.checkpoint
-    _ensure(bool(m.path.strip()), "model.path", m.path, "give the Hugging Face checkpoint folder")
-    _ensure(len(d.train) > 0, "data.train", d.train, "give at least one training data file")
-    _ensure(d.context_length >= 2, "data.context_length", d.context_length, "must be >= 2")
-    _ensure(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "must be a finite number > 0")
-    _ensure(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _ensure(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", o.betas, "each must be in [0, 1)")
-    _ensure(o.eps > 0, "optim.eps", o.eps, "must be > 0")
-    _ensure(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
-    _ensure(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
-    _ensure(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
-    if t.duration.unit == "st":
-        _ensure(
-            o.warmup_steps <= t.duration.value,
-            "optim.warmup_steps",
-            o.warmup_steps,
-            f"must be <= the {t.duration.value} optimizer steps of train.duration={t.duration}",
-        )
-    _ensure(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
-    _ensure(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
-    if t.batch_tokens is not None:
-        _ensure(t.batch_tokens > 0, "train.batch_tokens", t.batch_tokens, "must be > 0 or null")
-        _ensure(
-            t.grad_accum == 1,
-            "train.grad_accum",
-            t.grad_accum,
-            f"train.batch_tokens={t.batch_tokens} derives grad_accum; set only one of the two",
-        )
-    _ensure(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
-    _ensure(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = start and end)")
-    _ensure(t.eval_batches >= 0, "train.eval_batches", t.eval_batches, "must be >= 0 (0 = all)")
-    _ensure(p.sp >= 1, "parallel.sp", p.sp, "must be >= 1")
-    _ensure(p.dp == -1 or p.dp >= 1, "parallel.dp", p.dp, "must be >= 1, or -1 for world_size/sp")
-    _ensure(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
-    _ensure(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
-    _ensure(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
-    _ensure(
-        bool(c.resume.strip()), "checkpoint.resume", c.resume, "use auto, never or a checkpoint dir"
-    )
-    _ensure(bool(cfg.output.dir.strip()), "output.dir", cfg.output.dir, "give a run directory")
+        sections[section][name] = value
+    try:
+        return _ADAPTER.validate_python(sections)
+    except ValidationError as e:
+        raise ConfigError(_error_line(e.errors()[0], values)) from None
+
+
+def _error_line(error: ErrorDetails, values: dict[str, tuple[Any, str]]) -> str:
+    """One line for a pydantic error: ``key (from source): value is invalid; what is valid``."""
+    exc = error.get("ctx", {}).get("error")
+    key = getattr(exc, "key", None) or ".".join(map(str, error["loc"][:2]))
+    value, source = values.get(key, (error["input"], None))
+    where = f"{key} (from {source})" if source else key
+    if error["type"] == "missing":
+        alias = "".join(f" or --{flag}" for flag, k in FLAG_ALIASES.items() if k == key)
+        return f"missing required key {key!r}: set it in the config file or with --{key}=...{alias}"
+    if error["type"] == "literal_error":
+        return f"{where}: {value!r} is not one of {', '.join(choices(key))}"
+    if isinstance(exc, ValueError):  # raised by a validator above; it names the value
+        return f"{where}: {exc}"
+    rule = re.sub(r"^\w+ should", "must", error["msg"])  # Input should be greater than 0
+    return f"{where}: {value!r} is invalid; {rule.replace(' after validation', '')}"
 
 
 def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:
@@ -658,19 +637,7 @@ def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
     Returns:
         ``{section: {key: value}}`` for every field, defaults included.
     """
-    out: dict[str, dict[str, Any]] = {}
-    for section in _SECTIONS:
-        obj = getattr(cfg, section)
-        out[section] = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Duration):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+    return _ADAPTER.dump_python(cfg, mode="json")
 
 
 def save_config(cfg: JobConfig, path: str | Path) -> None:
@@ -708,31 +675,6 @@ def _absolute(value: Any) -> Any:
     if not value or value in ("auto", "never"):  # checkpoint.resume's words, an unset cache
         return value
     return os.path.abspath(value)
-
-
-@cache
-def field_docs() -> dict[str, str]:
-    """The docstring of every config field, keyed ``section.key`` (for CLI help).
-
-    Returns:
-        Mapping from dotted key to the field's docstring, whitespace collapsed.
-    """
-    tree = ast.parse(inspect.getsource(inspect.getmodule(JobConfig)))
-    by_class: dict[str, dict[str, str]] = {}
-    for node in tree.body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        docs: dict[str, str] = {}
-        for stmt, nxt in zip(node.body, node.body[1:], strict=False):
-            is_doc = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and is_doc:
-                docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
-        by_class[node.name] = docs
-    return {
-        f"{section}.{name}": doc
-        for section, cls in _SECTIONS.items()
-        for name, doc in by_class.get(cls.__name__, {}).items()
-    }
 
 
 # ---------------------------------------------------------------------------------------------

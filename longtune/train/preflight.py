@@ -31,7 +31,7 @@ from longtune.model.attention import check_backend
 from longtune.model.checks import read_model_config
 from longtune.model.convert import check_model_folder
 from longtune.model.llama import Transformer
-from longtune.parallel.dims import ParallelDims
+from longtune.parallel.dims import ParallelDims, device_type
 from longtune.run_dir import RunDir, check_run_folder
 from longtune.train.config import (
     ConfigError,
@@ -98,9 +98,8 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
         n_kv_heads=args.n_kv_heads,
     )
     check_model_folder(cfg.model.path)  # tokenizer, safetensors headers, vocabulary fit
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = compute_dtype(cfg.model.dtype, device_type)
-    check_backend(cfg.model.attention, device_type, dtype=dtype)
+    dtype = compute_dtype(cfg.model.dtype, device_type())
+    check_backend(cfg.model.attention, device_type(), dtype=dtype)
     resume_from = _check_start(cfg, dims, args)
     return Checked(dims, args, dtype, resume_from)
 

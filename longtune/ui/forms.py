@@ -2,8 +2,9 @@
 
 Every value is parsed and checked by :mod:`longtune.train.config` itself
 (:func:`~longtune.train.config.config_from_values`; the "more settings" box in command-line
-syntax through its own parser), so a bad value is refused with the config's own message. Model
-and data paths must lie, after links are resolved, inside the folders the UI was started with.
+syntax through its flag reader, :func:`~longtune.train.config.flag_values`), so a bad value is
+refused with the config's own message. Model and data paths must lie, after links are resolved,
+inside the folders the UI was started with.
 The parallel layout (SP degree against the processes and the model's heads) is the trainer's
 preflight check: a launch that breaks it ends ``failed`` with that check's message.
 """
@@ -18,13 +19,7 @@ from typing import Any
 from longtune.assets import smollm2_default_dir
 from longtune.demo import DATA_DIR, DEMO_SETTINGS, DEMO_STEPS
 from longtune.runs import check_name
-from longtune.train.config import (
-    CHOICES,
-    ConfigError,
-    JobConfig,
-    config_from_values,
-    parse_overrides,
-)
+from longtune.train.config import ConfigError, JobConfig, choices, config_from_values, flag_values
 
 #: Form field -> config key (the rest of the form: name, nproc, extra).
 FIELDS: dict[str, str] = {
@@ -92,7 +87,7 @@ def task_types() -> tuple[str, ...]:
     Returns:
         The choices, as the config module lists them.
     """
-    return CHOICES["data.task_type"]
+    return choices("data.task_type")
 
 
 def allowed_dirs(runs_dir: Path, allow_dirs: list[Path] | None) -> list[Path]:
@@ -171,7 +166,7 @@ def parse_form(form: dict[str, Any], runs_dir: Path, allowed: list[Path]) -> New
 
     values: dict[str, Any] = {}
     try:
-        for key, raw, flag in parse_overrides(str(form.get("extra", "")).split()):
+        for key, (raw, flag) in flag_values(str(form.get("extra", "")).split()).items():
             if key in RESERVED_KEYS:
                 raise FormError(422, f"{flag}: {key} cannot be set in more settings")
             values[key] = raw
