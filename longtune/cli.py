@@ -1,8 +1,9 @@
 """The ``longtune`` command: subcommands mapped to typed functions.
 
-Each subcommand is a plain function (its docstring's first line is the command's help); its
-arguments, with their help and defaults, are declared with ``argparse`` in :func:`build_parser`,
-the one place they are described. ``train`` takes a YAML file plus ``--section.key=value``
+Each subcommand runs a plain function (its docstring's first line is the command's help, unless
+given), a library function named ``"module:function"`` being imported only when the command
+runs; its arguments, with their help and defaults, are declared with ``argparse`` in
+:func:`build_parser`, the one place they are described. ``train`` takes a YAML file plus ``--section.key=value``
 overrides: its parser, and its ``--help`` listing every setting, come from
 ``longtune.train.config``.
 """
@@ -10,6 +11,7 @@ overrides: its parser, and its ``--help`` listing every setting, come from
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -37,37 +39,6 @@ def export(source: str, hf_out: str, dtype: str | None = None, overwrite: bool =
     out = export_folder(source, hf_out, dtype=dtype, overwrite=overwrite)
     print(f"wrote Hugging Face checkpoint {out}")
     return 0
-
-
-def validate(
-    data: list[str],
-    *,
-    model: str,
-    task_type: str = "chat",
-    context_length: int = 8192,
-    overlength: str = "truncate",
-    loss_on: str = "all_assistant",
-    all_errors: bool = False,
-) -> int:
-    """Check training data and print per-file statistics; exit non-zero on invalid data."""
-    from longtune.data import validate_command
-
-    return validate_command(
-        data=data,
-        model=model,
-        task_type=task_type,
-        context_length=context_length,
-        overlength=overlength,
-        loss_on=loss_on,
-        all_errors=all_errors,
-    )
-
-
-def demo(output_dir: str = "runs/demo", steps: int = 24) -> int:
-    """Fine-tune the bundled SmolLM2-135M-Instruct on the bundled long-context data and export it."""
-    from longtune.demo.run import run_demo
-
-    return run_demo(output_dir=output_dir, steps=steps)
 
 
 def runs_list(runs_dir: str = "runs", json: bool = False) -> int:
@@ -117,18 +88,6 @@ def runs_resume(name: str, runs_dir: str = "runs", nproc: int | None = None) -> 
     info = runs.resume(name, runs_dir, nproc=nproc)
     print(f"restarted run {info.name} (pid {info.pid}); its output goes to {info.path}/launch.log")
     return 0
-
-
-def ui(
-    host: str = "127.0.0.1",
-    port: int = 8600,
-    runs_dir: str = "runs",
-    allow_dir: list[str] | None = None,
-) -> int:
-    """Serve the web UI: start, watch, compare and cancel runs from a browser."""
-    from longtune.ui.server import serve
-
-    return serve(host=host, port=port, runs_dir=runs_dir, allow_dirs=allow_dir)
 
 
 def train(argv: list[str]) -> int:
@@ -199,10 +158,14 @@ def _train(argv: list[str], stop: StopSignals) -> int:
     return 0
 
 
-def _command(sub: Any, name: str, fn: Callable[..., int]) -> argparse.ArgumentParser:
-    """The subcommand ``name``, running ``fn``; the first line of its docstring is the help."""
-    summary = (fn.__doc__ or "").splitlines()[0]
-    parser = sub.add_parser(name, help=summary, description=summary)
+def _command(
+    sub: Any, name: str, fn: Callable[..., int] | str, summary: str = "", **kw: Any
+) -> argparse.ArgumentParser:
+    """The subcommand ``name``, running ``fn`` (or ``"module:function"``, imported when the
+    command runs, so ``--help`` stays light); the help is ``summary`` or the first line of
+    ``fn``'s docstring."""
+    summary = summary or str(getattr(fn, "__doc__", "")).splitlines()[0]
+    parser = sub.add_parser(name, help=summary, description=summary, **kw)
     parser.set_defaults(_fn=fn)
     return parser
 
@@ -247,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help=replace.format("hf_out"))
 
-    p = _command(sub, "validate", validate)
+    p = _command(
+        sub,
+        "validate",
+        "longtune.data:validate_command",
+        "Check training data and print per-file statistics; exit non-zero on invalid data.",
+    )
     p.add_argument("data", nargs="+", help="JSONL / text files or folders.")
     p.add_argument(
         "--model", required=True, help="HF model folder whose tokenizer and chat template are used."
@@ -275,7 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="list every error instead of stopping at the first.",
     )
 
-    p = _command(sub, "demo", demo)
+    p = _command(
+        sub,
+        "demo",
+        "longtune.demo.run:run_demo",
+        "Fine-tune the bundled SmolLM2-135M-Instruct on the bundled long-context data and export "
+        "it.",
+    )
     p.add_argument(
         "--output-dir",
         default="runs/demo",
@@ -283,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=24, help="optimizer steps." + d)
 
-    p = _command(sub, "ui", ui)
+    p = _command(
+        sub,
+        "ui",
+        "longtune.ui.server:serve",
+        "Serve the web UI: start, watch, compare and cancel runs from a browser.",
+    )
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -294,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help=runs_dir)
     p.add_argument(
         "--allow-dir",
+        dest="allow_dirs",
         action="extend",
         nargs="+",
         help="folders the UI may read models and data from; default: the current folder. The runs "
@@ -302,21 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="List, show, cancel or resume the runs of a runs folder.")
     actions = runs.add_subparsers(dest="_runs_command", required=True, metavar="ACTION")
-    p = _command(actions, "list", runs_list)
-    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    folder = argparse.ArgumentParser(add_help=False)
+    folder.add_argument("--runs-dir", default="runs", help=runs_dir)
+    named = argparse.ArgumentParser(add_help=False, parents=[folder])
+    named.add_argument("name", help="the run's folder name.")
+    p = _command(actions, "list", runs_list, parents=[folder])
     p.add_argument(
         "--json", action="store_true", help="print JSON (one object per run) instead of a table."
     )
-    p = _command(actions, "show", runs_show)
-    p.add_argument("name", help="the run's folder name.")
-    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    p = _command(actions, "show", runs_show, parents=[named])
     p.add_argument("--json", action="store_true", help="print JSON instead of text.")
-    p = _command(actions, "cancel", runs_cancel)
-    p.add_argument("name", help="the run's folder name.")
-    p.add_argument("--runs-dir", default="runs", help=runs_dir)
-    p = _command(actions, "resume", runs_resume)
-    p.add_argument("name", help="the run's folder name.")
-    p.add_argument("--runs-dir", default="runs", help=runs_dir)
+    _command(actions, "cancel", runs_cancel, parents=[named])
+    p = _command(actions, "resume", runs_resume, parents=[named])
     p.add_argument("--nproc", type=int, help="processes (default: as it was launched, else 1)." + d)
 
     sub.add_parser(
@@ -332,11 +309,10 @@ def _end_worker(code: int) -> None:
 
     torch keeps every process group it ever used reachable from its DTensor caches after
     ``destroy_process_group``, so their C++ objects (and gloo's threads) are destroyed during
-    interpreter shutdown. There a worker sometimes aborted with "terminate called without an
-    active exception" after a successful run (twice in about 115 runs of the two-rank test,
-    once in CI), and the launcher then reported the whole run as failed. Everything longtune
-    writes is closed by now; the log handlers and streams are flushed, and the process ends
-    with ``code``.
+    interpreter shutdown, where a worker can abort ("terminate called without an active
+    exception") after a successful run, and the launcher then reports the whole run as failed
+    (the incident: ``docs/benchmarks.md``). Everything longtune writes is closed by now; the log
+    handlers and streams are flushed, and the process ends with ``code``.
     """
     import logging
 
@@ -358,8 +334,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code)
     args = build_parser().parse_args(argv)
     kwargs = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("_")}
+    fn = args._fn
+    if isinstance(fn, str):
+        module, name = fn.split(":")
+        fn = getattr(importlib.import_module(module), name)
     try:
-        code = args._fn(**kwargs)
+        code = fn(**kwargs)
     except (ValueError, FileNotFoundError, RunLockedError) as e:
         # User-facing errors (bad input, bad setting, a busy run folder): one line, no traceback.
         print(f"longtune {args.command}: error: {e}", file=sys.stderr)

@@ -37,7 +37,8 @@ from longtune.api import finetune
 from longtune.checkpoint import read_rank_states
 from longtune.data import DataValidationError
 from longtune.run_dir import RunDir, delete_run, lock_run, mark_run, read_status
-from longtune.train.config import ConfigError, check_resume_config, load_config
+from longtune.train.config import ConfigError, load_config
+from longtune.train.preflight import check_resume_config
 from longtune.train.result import failure_reason
 from longtune.train.signals import RunCancelled
 

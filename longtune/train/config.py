@@ -50,7 +50,6 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from longtune.model.args import ATTENTION_BACKENDS
-from longtune.run_dir import RunDir
 
 
 class ConfigError(ValueError):
@@ -64,37 +63,23 @@ class Duration:
     value: int
     unit: str
 
-    def __post_init__(self) -> None:
-        if self.unit not in DURATION_UNITS:
-            raise ValueError(f"duration unit {self.unit!r} is not one of ep, st")
-        if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value <= 0:
-            raise ValueError(f"duration value must be a positive integer, got {self.value!r}")
-
     def __str__(self) -> str:
         return f"{self.value}{self.unit}"
 
     @classmethod
     def parse(cls, text: str) -> Duration:
-        """Parse ``"3ep"`` (epochs) or ``"500st"`` (optimizer steps).
-
-        Args:
-            text: the duration string.
-
-        Returns:
-            The parsed Duration.
+        """``"3ep"`` (epochs) or ``"500st"`` (optimizer steps) as a Duration.
 
         Raises:
-            ValueError: if the text is not of the form ``<positive int>ep`` or ``<positive int>st``.
+            ValueError: the text is not ``<positive int>ep`` or ``<positive int>st``.
         """
         match = re.fullmatch(r"\s*(\d+)\s*(ep|st)\s*", str(text))
-        if match is None or int(match.group(1)) <= 0:
+        if match is None or not 0 < int(match.group(1)) <= MAX_INT:
             raise ValueError(
                 f"{text!r} is not a duration; use e.g. '3ep' (epochs) or '500st' (optimizer steps)"
             )
         return cls(int(match.group(1)), match.group(2))
 
-
-DURATION_UNITS = ("ep", "st")
 
 MAX_INT = 2**31 - 1
 """Upper bound of the count settings (what an index or a C int holds)."""
@@ -151,8 +136,14 @@ def _paths(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_number)]
 Float = Annotated[float, BeforeValidator(_number)]
 Beta = Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)]
-Paths = Annotated[list[str], BeforeValidator(_paths)]
 NonEmpty = Annotated[str, Field(min_length=1)]
+# A path setting is written out absolute (resolved against the folder the run was started
+# from), so a saved config means the same wherever it is read (a resume from the web UI or from
+# another shell), and a resume compares paths resolved.
+PathText = Annotated[
+    NonEmpty, PlainSerializer(lambda p: p if p in ("auto", "never") else os.path.abspath(p))
+]
+Paths = Annotated[list[PathText], BeforeValidator(_paths)]
 DurationText = Annotated[Duration, PlainValidator(_duration), PlainSerializer(str)]
 
 _FIELDS = ConfigDict(
@@ -165,7 +156,7 @@ _FIELDS = ConfigDict(
 
 @dataclass(config=_FIELDS)
 class ModelConfig:
-    path: NonEmpty
+    path: PathText
     """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files)."""
 
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -203,7 +194,7 @@ class DataConfig:
     """What to do with an example longer than context_length: truncate | drop | split (into
     context-length pieces, e.g. long texts for continued pre-training)."""
 
-    cache_dir: Annotated[str | None, BeforeValidator(_none)] = None
+    cache_dir: Annotated[PathText | None, BeforeValidator(_none)] = None
     """Where to cache tokenized data; None = ~/.cache/longtune/tokens."""
 
 
@@ -288,14 +279,14 @@ class CheckpointConfig:
     keep_last: Int = Field(2, ge=1, le=MAX_INT)
     """Number of complete checkpoints to keep (older ones are deleted)."""
 
-    resume: NonEmpty = "auto"
+    resume: PathText = "auto"
     """auto = resume from the newest complete checkpoint in output.dir if any; never = start
     fresh; otherwise a checkpoint directory to resume from."""
 
 
 @dataclass(config=_FIELDS)
 class OutputConfig:
-    dir: NonEmpty = "runs/longtune"
+    dir: PathText = "runs/longtune"
     """Run directory: checkpoints, metrics.jsonl, train.log, config.yaml, the exported model."""
 
     tensorboard: bool = False
@@ -629,7 +620,8 @@ def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:
 
 
 def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
-    """Plain nested dict of the config (YAML/JSON-safe: durations as strings, tuples as lists).
+    """Plain nested dict of the config (YAML/JSON-safe: durations as strings, tuples as lists,
+    paths absolute).
 
     Args:
         cfg: the configuration.
@@ -649,114 +641,4 @@ def save_config(cfg: JobConfig, path: str | Path) -> None:
     """
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
-    values = config_to_dict(cfg)
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        values[section][name] = _absolute(values[section][name])
-    file.write_text(yaml.safe_dump(values, sort_keys=False))
-
-
-PATH_KEYS = (
-    "model.path",
-    "data.train",
-    "data.eval",
-    "data.cache_dir",
-    "output.dir",
-    "checkpoint.resume",
-)
-"""Settings holding paths. A saved config holds them absolute (resolved against the folder the
-run was started from), so the file means the same wherever it is read (a resume from the web UI
-or from another shell); resume compares them resolved."""
-
-
-def _absolute(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_absolute(v) for v in value]
-    if not value or value in ("auto", "never"):  # checkpoint.resume's words, an unset cache
-        return value
-    return os.path.abspath(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Resuming a run: what may change
-# ---------------------------------------------------------------------------------------------
-
-#: Settings a resumed run may change freely: where and how the job runs, what it writes, how
-#: often it evaluates and saves. Everything else is compared with the run's own config.yaml.
-RESUME_FREE_SECTIONS = ("parallel", "checkpoint", "output")
-RESUME_FREE_KEYS = (
-    "model.activation_checkpointing",
-    "model.attention",
-    "train.compile",
-    "data.cache_dir",
-    "train.eval_every",
-    "train.eval_batches",
-)
-#: May change as long as the global batch (sequences per optimizer step) stays the same.
-RESUME_BATCH_KEYS = ("train.grad_accum", "train.batch_tokens")
-#: Optimizer settings and the run's length: fixed for a run (refused on resume, like the data
-#: and model settings, but with another way out: a new run from the exported model).
-RESUME_TRAINING_SECTIONS = ("optim",)
-RESUME_TRAINING_KEYS = ("train.duration",)
-
-
-def check_resume_config(
-    old: JobConfig, new: JobConfig, old_batch: int, new_batch: int, run_dir: str | Path
-) -> None:
-    """Refuse to resume a run with settings that differ from the ones it was trained with.
-
-    Args:
-        old: the run's own config (its ``config.yaml``).
-        new: the config of the resuming start.
-        old_batch: sequences per optimizer step when the checkpoint was written.
-        new_batch: sequences per optimizer step now (micro-batch x grad_accum x dp).
-        run_dir: the run folder (for the message).
-
-    Raises:
-        ConfigError: one message listing every refused difference (old → new) and what to do.
-    """
-    data_model: list[str] = []
-    training: list[str] = []
-    old_d, new_d = config_to_dict(old), config_to_dict(new)
-    for section, fields in new_d.items():
-        for name, value in fields.items():
-            key, before = f"{section}.{name}", old_d[section][name]
-            if key in PATH_KEYS:
-                value, before = _absolute(value), _absolute(before)
-            if value == before or section in RESUME_FREE_SECTIONS or key in RESUME_FREE_KEYS:
-                continue
-            if key in RESUME_BATCH_KEYS:
-                continue  # judged by the global batch below
-            change = f"{key}: {_show(before)} → {_show(value)}"
-            if section in RESUME_TRAINING_SECTIONS or key in RESUME_TRAINING_KEYS:
-                training.append(change)
-            else:
-                data_model.append(change)
-    if old_batch != new_batch:
-        data_model.append(
-            f"global batch: {old_batch} → {new_batch} sequences per optimizer step "
-            "(micro_batch_size x grad_accum x data-parallel ranks; change grad_accum or "
-            "batch_tokens only together with the number of ranks)"
-        )
-    if not data_model and not training:
-        return
-    parts = []
-    if data_model:
-        parts.append(f"{', '.join(data_model)} (these change the data or the model)")
-    if training:
-        parts.append(
-            f"{', '.join(training)} (optimizer settings and the length of a run are fixed)"
-        )
-    run = RunDir(run_dir)
-    raise ConfigError(
-        f"cannot resume {run.path} with changed settings: {'; '.join(parts)}. Resume with the "
-        f"run's own settings ({run.config}), or start a new run from its exported model "
-        f"(--model {run.export}, or `longtune export` a checkpoint first) in another output "
-        "folder"
-    )
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "[]"
-    return str(value)
+    file.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ from longtune.run_dir import RunDir, check_run_folder
 from longtune.train.config import (
     ConfigError,
     JobConfig,
-    check_resume_config,
+    config_to_dict,
     load_config,
     resolve_grad_accum,
 )
@@ -147,3 +148,86 @@ def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None
     new_batch = cfg.train.micro_batch_size * resolve_grad_accum(cfg, dims.dp) * dims.dp
     old_batch = read_rank_states(ckpt)["train"]["batch_sequences"]
     check_resume_config(old, cfg, old_batch, new_batch, run.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming a run: what may change
+# ---------------------------------------------------------------------------------------------
+
+#: Settings a resumed run may change freely: where and how the job runs, what it writes, how
+#: often it evaluates and saves. Everything else is compared with the run's own config.yaml.
+RESUME_FREE_SECTIONS = ("parallel", "checkpoint", "output")
+RESUME_FREE_KEYS = (
+    "model.activation_checkpointing",
+    "model.attention",
+    "train.compile",
+    "data.cache_dir",
+    "train.eval_every",
+    "train.eval_batches",
+)
+#: May change as long as the global batch (sequences per optimizer step) stays the same.
+RESUME_BATCH_KEYS = ("train.grad_accum", "train.batch_tokens")
+#: Optimizer settings and the run's length: fixed for a run (refused on resume, like the data
+#: and model settings, but with another way out: a new run from the exported model).
+RESUME_TRAINING_SECTIONS = ("optim",)
+RESUME_TRAINING_KEYS = ("train.duration",)
+
+
+def check_resume_config(
+    old: JobConfig, new: JobConfig, old_batch: int, new_batch: int, run_dir: str | Path
+) -> None:
+    """Refuse to resume a run with settings that differ from the ones it was trained with.
+
+    Args:
+        old: the run's own config (its ``config.yaml``).
+        new: the config of the resuming start.
+        old_batch: sequences per optimizer step when the checkpoint was written.
+        new_batch: sequences per optimizer step now (micro-batch x grad_accum x dp).
+        run_dir: the run folder (for the message).
+
+    Raises:
+        ConfigError: one message listing every refused difference (old → new) and what to do.
+    """
+    data_model: list[str] = []
+    training: list[str] = []
+    old_d, new_d = config_to_dict(old), config_to_dict(new)
+    for section, fields in new_d.items():
+        for name, value in fields.items():
+            key, before = f"{section}.{name}", old_d[section][name]
+            if value == before or section in RESUME_FREE_SECTIONS or key in RESUME_FREE_KEYS:
+                continue
+            if key in RESUME_BATCH_KEYS:
+                continue  # judged by the global batch below
+            change = f"{key}: {_show(before)} → {_show(value)}"
+            if section in RESUME_TRAINING_SECTIONS or key in RESUME_TRAINING_KEYS:
+                training.append(change)
+            else:
+                data_model.append(change)
+    if old_batch != new_batch:
+        data_model.append(
+            f"global batch: {old_batch} → {new_batch} sequences per optimizer step "
+            "(micro_batch_size x grad_accum x data-parallel ranks; change grad_accum or "
+            "batch_tokens only together with the number of ranks)"
+        )
+    if not data_model and not training:
+        return
+    parts = []
+    if data_model:
+        parts.append(f"{', '.join(data_model)} (these change the data or the model)")
+    if training:
+        parts.append(
+            f"{', '.join(training)} (optimizer settings and the length of a run are fixed)"
+        )
+    run = RunDir(run_dir)
+    raise ConfigError(
+        f"cannot resume {run.path} with changed settings: {'; '.join(parts)}. Resume with the "
+        f"run's own settings ({run.config}), or start a new run from its exported model "
+        f"(--model {run.export}, or `longtune export` a checkpoint first) in another output "
+        "folder"
+    )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "[]"
+    return str(value)
