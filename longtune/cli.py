@@ -181,12 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-context fine-tuning of Llama-family models: HF checkpoint in, HF checkpoint out.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = " (default: %(default)s)"  # argparse writes the default in
+    _add_model_commands(sub)
+    _add_data_commands(sub)
+    _add_run_commands(sub)
+    sub.add_parser(
+        "train",
+        help="Fine-tune a model (YAML config + --section.key=value overrides; see `longtune train --help`).",
+        add_help=False,
+    )
+    return parser
+
+
+_DEFAULT = " (default: %(default)s)"  # argparse writes the default in
+_RUNS_DIR = "the folder holding the run folders." + _DEFAULT
+
+
+def _add_model_commands(sub: Any) -> None:
+    """``convert`` and ``export``."""
     replace = (
         "replace {} if it is an earlier longtune output (never a folder longtune did not write)."
     )
-    runs_dir = "the folder holding the run folders." + d
-
     p = _command(sub, "convert", convert)
     p.add_argument("hf_dir", help="Hugging Face checkpoint folder (config.json + safetensors).")
     p.add_argument(
@@ -206,10 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         help="write tensors in this dtype (float32, bfloat16, float16); default: as the source."
-        + d,
+        + _DEFAULT,
     )
     p.add_argument("--overwrite", action="store_true", help=replace.format("hf_out"))
 
+
+def _add_data_commands(sub: Any) -> None:
+    """``validate`` and ``demo``."""
+    d = _DEFAULT
     p = _command(
         sub,
         "validate",
@@ -257,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=24, help="optimizer steps." + d)
 
+
+def _add_run_commands(sub: Any) -> None:
+    """``ui`` and ``runs list|show|cancel|resume``."""
+    d, runs_dir = _DEFAULT, _RUNS_DIR
     p = _command(
         sub,
         "ui",
@@ -295,13 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     _command(actions, "cancel", runs_cancel, parents=[named])
     p = _command(actions, "resume", runs_resume, parents=[named])
     p.add_argument("--nproc", type=int, help="processes (default: as it was launched, else 1)." + d)
-
-    sub.add_parser(
-        "train",
-        help="Fine-tune a model (YAML config + --section.key=value overrides; see `longtune train --help`).",
-        add_help=False,
-    )
-    return parser
 
 
 def _end_worker(code: int) -> None:

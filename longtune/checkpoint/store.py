@@ -38,7 +38,7 @@ import pickle
 import re
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -304,7 +304,9 @@ def _write_failure(exc: BaseException, tmp: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_rank_states(path: str | Path, rank: int = 0) -> dict[str, Any]:
+def read_rank_states(
+    path: str | Path, rank: int = 0, require: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The registered states of one rank of a complete checkpoint, without model or optimizer.
 
     A rank the checkpoint has no file for (it was written by fewer ranks) gets rank 0's.
@@ -312,16 +314,28 @@ def read_rank_states(path: str | Path, rank: int = 0) -> dict[str, Any]:
     Args:
         path: a checkpoint folder.
         rank: whose states.
+        require: names that must be there.
 
     Returns:
         ``{name: state_dict}`` as saved.
 
     Raises:
-        ValueError: the checkpoint is incomplete or corrupted, or was written by a version of
-            longtune whose rank files this one cannot read.
+        ValueError: the checkpoint is incomplete or corrupted, lacks a required state, or was
+            written by a version of longtune whose rank files this one cannot read.
         UnsafeCheckpointError: the rank file is not plain data (possibly crafted).
     """
-    return _read_rank_file(Path(path), rank)[0]
+    states = _read_rank_file(Path(path), rank)[0]
+    _require(Path(path), states, require)
+    return states
+
+
+def _require(path: Path, states: dict[str, Any], names: Iterable[str]) -> None:
+    missing = sorted(set(names) - set(states))
+    if missing:
+        raise CheckpointLoadError(
+            f"{path} holds no {', '.join(missing)} state; it cannot be resumed (export its "
+            f"weights with `longtune export {path} OUT` instead)"
+        )
 
 
 def _read_rank_file(path: Path, rank: int) -> tuple[dict[str, Any], int]:
@@ -414,11 +428,7 @@ def load_checkpoint(
     checkpoint_info(path)
     initialized, rank, world = _dist_state()
     rank_states, file_rank = _read_rank_file(path, rank) if states else ({}, rank)
-    missing = sorted(set(states or {}) - set(rank_states))
-    if missing:
-        raise CheckpointLoadError(
-            f"{path} holds no {', '.join(missing)} state; it cannot be resumed"
-        )
+    _require(path, rank_states, states or {})
     state = _app_state(model, optimizer)
     reader = SafeReader(path)
     _check_same_model(path, reader.read_metadata(), state["model"])

@@ -146,7 +146,7 @@ def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None
     except ConfigError as e:
         raise ConfigError(f"cannot read the settings of the run being resumed: {e}") from None
     new_batch = cfg.train.micro_batch_size * resolve_grad_accum(cfg, dims.dp) * dims.dp
-    old_batch = read_rank_states(ckpt)["train"]["batch_sequences"]
+    old_batch = read_rank_states(ckpt, require=("train",))["train"]["batch_sequences"]
     check_resume_config(old, cfg, old_batch, new_batch, run.path)
 
 

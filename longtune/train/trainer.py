@@ -139,7 +139,8 @@ class Trainer:
         if self.resume_from is not None:
             # Refused here, before any weight is read, when the data position cannot carry
             # over exactly to this layout (the loader names both layouts).
-            self.loader.resume_position(read_rank_states(self.resume_from, self.rank)["data"])
+            states = read_rank_states(self.resume_from, self.rank, require=("data",))
+            self.loader.resume_position(states["data"])
         self.build_model()
         self.build_optimizer()
         self.checkpointer = Checkpointer(
