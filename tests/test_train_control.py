@@ -361,3 +361,21 @@ def test_failure_reasons():
     assert failure_reason(FileNotFoundError("data.train: x does not exist")) == "config error"
     assert failure_reason(ConfigError("optim.lr: 0 is invalid")) == "config error"
     assert failure_reason(RuntimeError("a bug")) == "error"
+
+
+def test_an_error_that_follows_a_stop_signal_ends_the_run_cancelled(setup, tmp_path, monkeypatch):
+    """A library interrupted by the signal may raise an error of its own (torch turns the
+    interruption of a tensor's shape inference into a ValueError): the run ends cancelled, not
+    failed with a config error."""
+    from longtune.train.trainer import Trainer
+
+    def interrupted(self):
+        self.stop.signum = signal.SIGINT  # what the handler records
+        raise ValueError("could not determine the shape of object type 'UntypedStorage'")
+
+    monkeypatch.setattr(Trainer, "build", interrupted)
+    out = tmp_path / "interrupted"
+    with pytest.raises(RunCancelled, match="cancelled by SIGINT"):
+        T.run_training(resume_cfg(setup, out))
+    status = read_status(RunDir(out))
+    assert status["state"] == "cancelled" and status["signal"] == "SIGINT"

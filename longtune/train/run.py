@@ -79,12 +79,13 @@ def run_training(
         except BaseException as exc:
             if (
                 stop.requested
-                and failure_reason(exc) == "error"
+                and failure_reason(exc) in ("error", "config error")
                 and not isinstance(exc, RunCancelled)
             ):
-                # A library interrupted half-way, or another rank stopped first and took the
-                # process group down with it. An error with a cause of its own (a full disk, a
-                # NaN, bad data) is reported as it is.
+                # A library interrupted half-way (torch may turn the interruption into a
+                # ValueError of its own), or another rank stopped first and took the process
+                # group down with it. An error with a cause of its own (a full disk, a NaN, bad
+                # data, out of memory) is reported as it is.
                 exc = stop.cancelled()
             state, fields = end_of_run(exc)
             keeper.end(state, **fields)
