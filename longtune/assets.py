@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from longtune.fsutil import OUTPUT_MARKER, atomic_dir
+from longtune.fsutil import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -100,9 +100,6 @@ def smollm2_checkpoint(out_dir: str | Path | None = None, dtype: str = "bfloat16
     model.tie_weights()
     del gguf_model
 
-    if marker.is_file() and not (out / OUTPUT_MARKER).exists():
-        # Built by a longtune that predates the output marker: it is ours to replace.
-        (out / OUTPUT_MARKER).write_text('{"written_by": "longtune", "kind": "asset"}\n')
     with atomic_dir(out, kind="asset", overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

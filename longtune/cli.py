@@ -69,15 +69,18 @@ def runs_show(name: str, runs_dir: str = "runs", json: bool = False) -> int:
     return 0
 
 
-def runs_cancel(name: str, runs_dir: str = "runs") -> int:
+def runs_cancel(name: str, runs_dir: str = "runs", now: bool = False) -> int:
     """Stop a running run: SIGTERM to its process group; it checkpoints and ends `cancelled`."""
     from longtune import runs
 
-    info = runs.cancel(name, runs_dir)
-    print(
-        f"sent SIGTERM to run {info.name}; it finishes its step, writes a checkpoint and ends "
-        f"with status cancelled (now: {info.status})"
-    )
+    info = runs.cancel(name, runs_dir, now=now)
+    if now:
+        print(f"sent SIGQUIT to run {info.name}; it stops at once (now: {info.status})")
+    else:
+        print(
+            f"sent SIGTERM to run {info.name}; it finishes its step, writes a checkpoint and "
+            f"ends with status cancelled (now: {info.status})"
+        )
     return 0
 
 
@@ -314,7 +317,13 @@ def _add_run_commands(sub: Any) -> None:
     )
     p = _command(actions, "show", runs_show, parents=[named])
     p.add_argument("--json", action="store_true", help="print JSON instead of text.")
-    _command(actions, "cancel", runs_cancel, parents=[named])
+    p = _command(actions, "cancel", runs_cancel, parents=[named])
+    p.add_argument(
+        "--now",
+        action="store_true",
+        help="stop at once (SIGQUIT), without a checkpoint of the current step; the newest "
+        "complete checkpoint stays.",
+    )
     p = _command(actions, "resume", runs_resume, parents=[named])
     p.add_argument("--nproc", type=int, help="processes (default: as it was launched, else 1)." + d)
 

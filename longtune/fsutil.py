@@ -9,10 +9,12 @@ Contract of :func:`atomic_dir` (used by ``longtune convert``, ``longtune export`
   Hugging Face tools ignore it; HF folders stay loadable as they are). That marker is how
   longtune knows a folder is its own.
 - An existing output folder is replaced only when it is empty, or when ``overwrite=True`` and
-  it holds the marker and nothing but the files the marker lists (a file added since, e.g. a
-  user's README, makes the overwrite refused, naming it; a marker without a list, such as a run
-  folder's, lists nothing). A non-empty folder without the marker is refused, naming what is in
-  it: longtune never deletes a file it did not write.
+  its marker says it is an output (``kind`` ``hf``, ``native`` or ``asset``: never a training
+  run, whatever state it is in) and it holds nothing but the files the marker lists, each as
+  longtune wrote it (the marker records every file's size, mtime and CRC32: a file added since,
+  e.g. a user's README, or a file edited since makes the overwrite refused, naming it; a marker
+  without that record lists nothing). A non-empty folder without the marker is refused, naming
+  what is in it: longtune never deletes a file it did not write.
 - The output may not be the current folder (or one above it), a source folder, inside a source
   or hold a source (all after resolving links).
 - Temporary siblings left by a killed writer (``NAME.tmp-PID-…``, ``NAME.old-PID-…`` of a
@@ -34,12 +36,16 @@ import stat
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 OUTPUT_MARKER = ".longtune-output"
-"""The file that marks a folder as written by longtune (JSON: ``written_by``, ``kind``, ``time``)."""
+"""The file that marks a folder as written by longtune (JSON: ``written_by``, ``kind``, ``time``
+and, for an output, ``files``: every file's ``size``, ``mtime_ns`` and ``crc32``)."""
+OUTPUT_KINDS = ("hf", "native", "asset")
+"""Marker kinds :func:`atomic_dir` writes, the only folders ``overwrite`` may replace."""
 
 _SHOW_ENTRIES = 5
 
@@ -111,33 +117,81 @@ def check_output_dir(
                 f"output folder {given} is not empty and was not written by longtune "
                 f"(it holds {_describe(entries)}); choose a new or empty folder"
             )
-        if entries and not overwrite:
-            raise OutputDirError(
-                f"output folder {given} holds an earlier longtune output; "
-                "pass --overwrite (overwrite=True) to replace it, or choose a new folder"
-            )
-        added = _added_files(out)
-        if added:
-            raise OutputDirError(
-                f"output folder {given} holds files longtune did not write there "
-                f"({_describe(added)}); move them away or choose a new folder"
-            )
+        if entries:
+            _check_replaceable(out, given, overwrite)
     return out
+
+
+def _check_replaceable(out: Path, given: Path, overwrite: bool) -> None:
+    """Refuse to replace a longtune folder that is not an output, holds files longtune did not
+    write there or files changed since, or without ``overwrite``."""
+    marker = _read_marker(out)
+    kind = marker.get("kind")
+    if kind not in OUTPUT_KINDS:
+        what = "a training run" if kind == "run" else f"a longtune folder of kind {kind!r}"
+        raise OutputDirError(
+            f"output folder {given} is {what}, not an earlier export or convert output; it is "
+            "never replaced: choose another folder"
+        )
+    if not overwrite:
+        raise OutputDirError(
+            f"output folder {given} holds an earlier longtune output; to replace it pass "
+            "--overwrite on the command line (overwrite=True in Python), or choose a new folder"
+        )
+    if kind == "asset":
+        return  # a cache only longtune reads: rebuilt whole
+    written = marker.get("files") if isinstance(marker.get("files"), dict) else {}
+    added = [f for f in _files(out) if f not in written and f != OUTPUT_MARKER]
+    if added:
+        raise OutputDirError(
+            f"output folder {given} holds files longtune did not write there "
+            f"({_describe(added)}); move them away or choose a new folder"
+        )
+    changed = [name for name, info in written.items() if _changed(out / name, info)]
+    if changed:
+        raise OutputDirError(
+            f"output folder {given} holds files changed since longtune wrote them "
+            f"({_describe(changed)}); move them away or choose a new folder"
+        )
+
+
+def _read_marker(folder: Path) -> dict:
+    try:
+        marker = json.loads((folder / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _file_record(path: Path) -> dict[str, int]:
+    """What the marker keeps of a file it lists."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "crc32": _crc32(path)}
+
+
+def _changed(path: Path, info: object) -> bool:
+    """True when a listed file was edited since longtune wrote it (a deleted one was not)."""
+    if not path.is_file():
+        return False
+    if not isinstance(info, dict):
+        return True
+    st = path.stat()
+    if st.st_size != info.get("size"):
+        return True
+    return st.st_mtime_ns != info.get("mtime_ns") and _crc32(path) != info.get("crc32")
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def _files(folder: Path) -> list[str]:
     """Every file below ``folder``, as sorted relative POSIX paths."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
-
-
-def _added_files(folder: Path) -> list[str]:
-    """Files of a longtune output that its marker does not list."""
-    try:
-        written = json.loads((folder / OUTPUT_MARKER).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        written = None
-    known = {*(written if isinstance(written, list) else []), OUTPUT_MARKER}
-    return [f for f in _files(folder) if f not in known]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -197,7 +251,8 @@ def atomic_dir(
     tmp.mkdir()
     try:
         yield tmp
-        marker = {"written_by": "longtune", "kind": kind, "time": time.time(), "files": _files(tmp)}
+        files = {name: _file_record(tmp / name) for name in _files(tmp)}
+        marker = {"written_by": "longtune", "kind": kind, "time": time.time(), "files": files}
         (tmp / OUTPUT_MARKER).write_text(json.dumps(marker) + "\n")
         os.chmod(tmp, mode)
         # Checked again: the folder may have changed while the output was being built.

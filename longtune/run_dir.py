@@ -180,11 +180,32 @@ class RunDir:
         return sorted(p.name for p in self.path.iterdir() if not _RUN_ENTRY.fullmatch(p.name))
 
 
-def mark_run(run: RunDir) -> None:
-    """Make ``run`` (an existing folder) a run folder: write its marker, if it has none."""
+def mark_run(run: RunDir, made_by: str = "train") -> None:
+    """Make ``run`` (an existing folder) a run folder: write its marker, if it has none.
+
+    Args:
+        run: the run folder.
+        made_by: what made it (``train``; ``demo`` for the demo's own folder, the only kind
+            ``longtune demo`` deletes).
+    """
     marker = run.path / OUTPUT_MARKER
     if not marker.exists():
-        _write_json(marker, {"written_by": "longtune", "kind": RUN_KIND, "time": time.time()})
+        record = {"written_by": "longtune", "kind": RUN_KIND, "made_by": made_by}
+        _write_json(marker, {**record, "time": time.time()})
+
+
+def made_by(run: RunDir) -> str | None:
+    """What made a run folder (``train``, ``demo``), from its marker; None when unknown.
+
+    A run the demo wrote before the marker said so is known by the demo's summary file, which
+    no other run writes.
+    """
+    try:
+        marker = json.loads((run.path / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    maker = marker.get("made_by") if isinstance(marker, dict) else None
+    return maker or ("demo" if run.demo_summary.is_file() else None)
 
 
 def check_run_folder(run: RunDir) -> None:
@@ -248,6 +269,7 @@ def write_status(run: RunDir, state: str, **fields: Any) -> dict[str, Any]:
             pgid=pid if os.getpgid(0) == pid else None,
             host=socket.gethostname(),
             proc_start=process_start_time(pid),
+            cmdline=process_cmdline(pid),
         )
     record.update(fields)
     record["updated_at"] = time.time()
@@ -290,30 +312,80 @@ def _alive(record: dict[str, Any]) -> bool:
 
 
 def stop_target(run: RunDir) -> tuple[int | None, int | None]:
-    """``(process group, process)`` to signal to stop a run, either None when not known.
+    """``(process group, process)`` to signal to stop a run, either None when not proven.
 
-    The launched process's group while it lives (under ``torch.distributed.run`` it forwards
-    the signal to every rank); else the group ``status.json`` records, or the process it names
-    to signal: the trainer, or its parent (torchrun) once it is checked to still be the
-    trainer's parent. A recorded pid counts only while its start time is the recorded one (a pid
-    is reused once its process is gone).
+    Only a process that provably is the run's own is ever named, since ``status.json`` and
+    ``launch.json`` are plain files anyone may write:
+
+    - the launched process (``longtune runs resume``, the web UI) while it lives: its start time
+      and command line are the recorded ones and it leads its own group (under
+      ``torch.distributed.run`` that process forwards the signal to every rank);
+    - else the trainer of ``status.json``: it holds the run's lock (``/proc/locks``), its start
+      time and command line are the recorded ones; the group is its own, or that of its parent
+      (torchrun) when that leads its own; the process to signal is the trainer, or its parent
+      when the status names it.
     """
     launch = read_launch(run)
     if launch is not None and launch.get("alive"):
-        return launch.get("pgid"), None
+        pid = launch.get("pid")
+        own = isinstance(pid, int) and process_cmdline(pid) == launch.get("argv")
+        return (pid, None) if own and _leads_group(pid) else (None, None)
     status = read_status(run) or {}
     pid = status.get("pid")
-    if not isinstance(pid, int) or process_start_time(pid) != status.get("proc_start"):
-        return status.get("pgid"), None
-    parent = status.get("signal_pid")
-    if parent is None:
-        return status.get("pgid"), pid
+    if (
+        not isinstance(pid, int)
+        or lock_holder(run) != pid
+        or process_start_time(pid) != status.get("proc_start")
+        or process_cmdline(pid) != status.get("cmdline")
+    ):
+        return None, None
+    parent = _parent(pid)
+    group = status.get("pgid")
+    if not (group == pid and _leads_group(pid)) and not (group == parent and _leads_group(group)):
+        group = None
+    signal_pid = status.get("signal_pid")
+    if signal_pid is None:
+        return group, pid
+    return group, signal_pid if signal_pid == parent else None
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    """The command line of process ``pid`` (Linux), None if it is gone or unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode(errors="replace").split("\0")[:-1] if raw else None
+
+
+def lock_holder(run: RunDir) -> int | None:
+    """The pid holding the run's ``flock`` (from ``/proc/locks``, Linux), None when unheld."""
+    try:
+        st = run.lock.stat()
+        entries = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in entries:
+        fields = line.split()
+        if "FLOCK" in fields and device in fields:
+            return int(fields[fields.index(device) - 1])
+    return None
+
+
+def _leads_group(pid: int | None) -> bool:
+    try:
+        return isinstance(pid, int) and pid > 1 and os.getpgid(pid) == pid
+    except OSError:
+        return False
+
+
+def _parent(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return status.get("pgid"), None
-    ppid = int(stat.rsplit(")", 1)[1].split()[1])
-    return status.get("pgid"), parent if ppid == parent else None
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def write_launch(run: RunDir, pid: int, **fields: Any) -> dict[str, Any]:
@@ -672,15 +744,18 @@ def lock_run(run: RunDir) -> RunLock:
     return RunLock(run, fd)
 
 
-def delete_run(run: RunDir) -> None:
+def delete_run(run: RunDir, only_made_by: str | None = None) -> None:
     """Delete a run folder that longtune wrote (nothing when it does not exist).
 
     Args:
         run: the run folder.
+        only_made_by: delete it only when this made it (``demo``: the demo replaces its own
+            folder, never a real run).
 
     Raises:
-        ValueError: when the folder is not a longtune run, holds files a run does not write, or
-            is the current folder or above it (a user's file is never deleted).
+        ValueError: when the folder is not a longtune run (or not one ``only_made_by`` made),
+            holds files a run does not write, or is the current folder or above it (a user's
+            file is never deleted).
         RunLockedError: when a run is still writing into it.
     """
     if not run.path.exists():
@@ -689,6 +764,11 @@ def delete_run(run: RunDir) -> None:
         raise ValueError(
             f"{run.path} is not a longtune run folder (no {OUTPUT_MARKER}); not deleting it: "
             "choose another output folder or remove it yourself"
+        )
+    if only_made_by is not None and made_by(run) != only_made_by:
+        raise ValueError(
+            f"{run.path} is a training run that {only_made_by} did not make; not deleting it: "
+            "choose another output folder"
         )
     where = run.path.resolve()
     if where == Path.cwd().resolve() or where in Path.cwd().resolve().parents:

@@ -169,23 +169,28 @@ def get(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
     return _readable_info(run)
 
 
-def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
-    """Ask a running run to stop: SIGTERM to its process group.
+def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, now: bool = False) -> RunInfo:
+    """Ask a running run to stop: SIGTERM to its process group (SIGQUIT with ``now``).
 
-    The trainer finishes the current step, writes a checkpoint and ends with status
-    ``cancelled``. A run launched by :func:`launch` is signalled through its launched process's
-    group (under ``torch.distributed.run`` that process forwards the signal to every rank);
-    otherwise through the group recorded in ``status.json``.
+    On SIGTERM the trainer finishes the current step, writes a checkpoint and ends with status
+    ``cancelled``; asking again changes nothing (the checkpoint it is writing is never cut
+    short). On SIGQUIT it stops at once, without a checkpoint of the current step (the newest
+    complete one stays). The process signalled is the run's own, proven as
+    :func:`longtune.run_dir.stop_target` says; a run launched by :func:`launch` is signalled
+    through its launched process's group (under ``torch.distributed.run`` that process forwards
+    the signal to every rank).
 
     Args:
         name: the run's folder name.
         runs_dir: the runs folder.
+        now: stop at once instead of after a checkpoint.
 
     Returns:
         The run as read just after the signal was sent.
 
     Raises:
-        ValueError: the run is not running, or runs on another host.
+        ValueError: the run is not running, runs on another host, or no running process is
+            provably its own.
         FileNotFoundError: no such run.
     """
     info = get(name, runs_dir)
@@ -198,13 +203,18 @@ def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
         )
     run = RunDir(info.path)
     group, pid = stop_target(run)
+    signum = signal.SIGQUIT if now else signal.SIGTERM
     try:
-        if isinstance(group, int) and group > 1 and group != os.getpgid(0):
-            os.killpg(group, signal.SIGTERM)
+        if group is not None and group != os.getpgid(0):
+            os.killpg(group, signum)
         elif pid is not None:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signum)
         else:
-            raise ValueError(f"run {name!r} has no process on record; cannot signal it")
+            raise ValueError(
+                f"run {name!r}: no running process is provably this run's own (the trainer "
+                "holding its lock, with the start time and command line it recorded); not "
+                "signalling anything"
+            )
     except ProcessLookupError:
         pass  # it ended meanwhile; the status says how
     except PermissionError:

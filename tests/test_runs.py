@@ -24,8 +24,11 @@ from longtune.run_dir import (
     end_launch,
     lock_run,
     mark_run,
+    process_cmdline,
+    process_start_time,
     read_metrics_since,
     read_status,
+    stop_target,
     write_launch,
     write_status,
 )
@@ -40,8 +43,9 @@ STATUS_THEN_EXIT = (
 # SIGTERM it writes `cancelled` and exits 143 (the child notes that it got the signal too).
 CANCELLABLE = r"""
 import pathlib, signal, subprocess, sys, time
-from longtune.run_dir import RunDir, write_status
+from longtune.run_dir import RunDir, lock_run, write_status
 run = RunDir(sys.argv[1])
+lock = lock_run(run)  # as the trainer does: the run's own process holds its lock
 child_code = (
     "import pathlib, signal, sys, time\n"
     "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path(sys.argv[1]).write_text('SIGTERM'), sys.exit(0)))\n"
@@ -159,6 +163,46 @@ def test_cancel_signals_the_whole_process_group(tmp_path):
             proc.wait()
     assert marker.read_text() == "SIGTERM"  # the child in its group got it too
     assert runs.get("live", tmp_path).status == "cancelled"
+
+
+def test_cancel_never_signals_a_process_that_is_not_provably_the_runs(tmp_path):
+    """A crafted status.json naming a live unrelated process (with its true start time and
+    command line) and its group: that process does not hold the run's lock, so nothing is
+    signalled. And with the real trainer running, a crafted group is ignored: only the trainer
+    is signalled, never the unrelated group."""
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
+    run = make_run(tmp_path, "live")
+    marker = tmp_path / "child-signal"
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", CANCELLABLE, str(run.path), str(marker)], start_new_session=True
+    )
+    try:
+        wait_for(lambda: (read_status(run) or {}).get("state") == "running", 30, "running status")
+        wait_for(lambda: process_cmdline(victim.pid) is not None, 10, "the victim")
+        real = json.loads(run.status_file.read_text())
+        crafted = {
+            **real,
+            "pid": victim.pid,
+            "pgid": victim.pid,
+            "proc_start": process_start_time(victim.pid),
+            "cmdline": process_cmdline(victim.pid),
+        }
+        run.status_file.write_text(json.dumps(crafted))
+        with pytest.raises(ValueError, match="no running process is provably this run's own"):
+            runs.cancel("live", tmp_path)
+        run.status_file.write_text(json.dumps({**real, "pgid": victim.pid}))
+        assert stop_target(run) == (None, trainer.pid)
+        runs.cancel("live", tmp_path)  # the trainer alone: its stop handler records the end
+        wait_for(lambda: read_status(run)["state"] == "cancelled", 30, "the trainer's stop")
+        time.sleep(0.2)
+        assert victim.poll() is None  # never signalled
+    finally:
+        for proc in (victim, trainer):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def test_cancel_refuses_runs_that_are_not_running_here(folder):

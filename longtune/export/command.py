@@ -29,9 +29,21 @@ def export(
     Returns:
         ``out_dir``.
     """
+    _refuse_inside_a_run(Path(out_dir))
     if is_native_dir(source):
         return export_native(source, out_dir, dtype=dtype, overwrite=overwrite)
     return export_checkpoint(source, out_dir, dtype=dtype, overwrite=overwrite)
+
+
+def _refuse_inside_a_run(out: Path) -> None:
+    """An export never goes into a training run's folder: its ``hf/`` is the run's own export,
+    which the run reports as its result."""
+    for folder in [out.resolve(), *out.resolve().parents]:
+        if RunDir(folder).is_run():
+            raise OutputDirError(
+                f"output folder {out} is inside the training run {folder}, whose hf/ is the run's "
+                "own export; write the export somewhere else"
+            )
 
 
 def export_native(
@@ -73,9 +85,8 @@ def export_checkpoint(
     """
     ckpt_dir = Path(ckpt_dir)
     run = RunDir.of_checkpoint(ckpt_dir)
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, [ckpt_dir, run.source], overwrite)
     check = out.with_name(out.name + ".export_check.json")
-    check_output_dir(out, [ckpt_dir, run.source], overwrite)
     if check.exists() and not _is_export_check(check):
         raise OutputDirError(
             f"{check} exists and was not written by longtune (the export's self-check goes "

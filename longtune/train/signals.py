@@ -8,14 +8,17 @@ Contract:
 - Inside the loop (:meth:`StopSignals.deferred`) the first signal is only recorded. The trainer
   adds the flag to a reduction it already makes every step, so every rank sees the request after
   the same step, finishes that step, writes a checkpoint and raises :class:`RunCancelled`.
-- A second signal ends the process at once (exit status ``128 + signal``, one line on stderr,
-  no traceback) — or, for the Python API (``hard_exit=False``), raises :class:`RunCancelled`
-  wherever the run is.
+- Asking again does not cut the checkpoint short: a repeated SIGTERM (``longtune runs cancel``
+  twice, the web UI's Cancel) is ignored. A hard stop is asked for explicitly: a SIGINT after
+  the first signal (Ctrl-C twice in the terminal) or a SIGQUIT (``longtune runs cancel --now``)
+  ends the process at once (exit status ``128 + signal``, one line on stderr, no traceback) —
+  or, for the Python API (``hard_exit=False``), raises :class:`RunCancelled` wherever the run
+  is.
 - Python runs signal handlers in the main thread between bytecodes, so a main thread blocked
   in a library call (waiting in ``init_process_group`` or a barrier for a rank that already
   left, a long tokenizer batch) would not see the signal at all. A watcher thread woken by the
   signal itself (``signal.set_wakeup_fd``) ends the process when, outside the loop, it is still
-  there :data:`GRACE_S` after the signal (or at once on a second signal). CLI only.
+  there :data:`GRACE_S` after the signal (or at once on a hard stop). CLI only.
 
 Under ``torchrun`` the workers run in their own sessions; torchrun forwards the signal it gets
 (from Ctrl-C or ``kill -TERM -PGID``) to each worker once, and kills workers that have not ended
@@ -36,7 +39,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 GRACE_S = 5.0
 """Outside the loop: how long the process may take to end after a signal (CLI)."""
 
@@ -71,6 +74,15 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
+def _hard_stop_name(signum: int) -> str:
+    return "second SIGINT" if signum == signal.SIGINT else signal_name(signum)
+
+
+def _is_hard_stop(signum: int, first: bool) -> bool:
+    """SIGQUIT always; SIGINT once a stop was asked for (Ctrl-C twice); never SIGTERM."""
+    return signum == signal.SIGQUIT or (signum == signal.SIGINT and not first)
+
+
 class StopSignals:
     """Catches SIGTERM and SIGINT for one run (see the module docstring).
 
@@ -78,7 +90,7 @@ class StopSignals:
     it does nothing (Python delivers signals to the main thread only).
 
     Args:
-        hard_exit: a second signal exits the process at once (the CLI); False raises
+        hard_exit: a hard stop exits the process at once (the CLI); False raises
             :class:`RunCancelled` instead (the Python API: an interrupted notebook survives).
     """
 
@@ -87,7 +99,7 @@ class StopSignals:
         self.signum: int | None = None
         self.on_hard_exit: Callable[[int, str], None] | None = None
         """Called (best effort) with the signal and a message just before the process ends at
-        once (second signal, or a main thread that did not react)."""
+        once (a hard stop, or a main thread that did not react)."""
         self._deferred = False
         self._previous: dict[int, Any] = {}
         self._wakeup: tuple[socket.socket, socket.socket] | None = None
@@ -140,10 +152,12 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal_name(signum)
-        if self.signum is not None:
+        if self.signum is not None or signum == signal.SIGQUIT:
+            if not _is_hard_stop(signum, first=self.signum is None):
+                return  # asked again: the stop under way (and its checkpoint) goes on
             if not self.hard_exit:
-                raise RunCancelled(signum, f"stopped at once by a second {name}")
-            self._exit_now(signum, f"second {name}: stopping at once")
+                raise RunCancelled(signum, f"stopped at once by {name}")
+            self._exit_now(signum, f"{_hard_stop_name(signum)}: stopping at once")
         self.signum = signum
         self._seen_in_loop = self._deferred
         if not self._deferred:
@@ -183,8 +197,9 @@ class StopSignals:
                 if signum not in SIGNALS:
                     continue
                 self._received += 1
-                if self._received >= 2 and self.hard_exit:
-                    self._exit_now(signum, f"second {signal_name(signum)}: stopping at once")
+                hard = _is_hard_stop(signum, first=self._received == 1)
+                if hard and self.hard_exit:
+                    self._exit_now(signum, f"{_hard_stop_name(signum)}: stopping at once")
                 if self._received == 1:
                     first, deadline = signum, time.monotonic() + GRACE_S
 
