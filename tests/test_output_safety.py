@@ -176,3 +176,88 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(folders, tm
         (d / "f").write_text("x")
     longtune.save_model(longtune.load_model(folders["hf"]), tmp_path / "out")
     assert not stale.exists() and live.exists() and user.exists()
+
+
+def training_run(path: Path) -> Path:
+    """A run folder as a training run leaves it (marker, config, metrics, a checkpoint)."""
+    from longtune.run_dir import RunDir, mark_run
+
+    run = RunDir(path)
+    run.path.mkdir(parents=True)
+    mark_run(run)
+    run.config.write_text("model: {path: /m}\n")
+    run.metrics.write_text('{"step": 1, "loss": 2.0}\n')
+    (run.checkpoints / "step-1").mkdir(parents=True)
+    (run.checkpoints / "step-1" / "COMPLETE").write_text("{}")
+    return run.path
+
+
+def test_overwrite_never_replaces_a_training_run_finished_or_live(folders, tmp_path, cli_server):
+    """`export` / `convert --overwrite` onto a run folder: refused in one line, the run (its
+    checkpoints, config, metrics, lock) as it was — also while a trainer holds its lock."""
+    from longtune.run_dir import RunDir, lock_run
+
+    run = training_run(tmp_path / "run")
+    before = snapshot(run)
+    lock = lock_run(RunDir(run))  # a live run
+    try:
+        for argv in (
+            ["export", folders["native"], run, "--overwrite"],
+            ["convert", folders["hf"], run, "--overwrite"],
+        ):
+            r = cli_server.run(argv, tmp_path)
+            assert r.rc == 2 and "is a training run, not an earlier export or convert output" in (
+                r.error_line()
+            )
+    finally:
+        lock.release()
+    r = cli_server.run(["export", folders["native"], run, "--overwrite"], tmp_path)  # finished
+    assert r.rc == 2 and "is a training run" in r.error_line()
+    after = snapshot(run)
+    after.pop("run.lock")
+    assert after == before
+
+
+def test_overwrite_refuses_a_file_edited_since_the_export(folders, tmp_path, cli_server):
+    out = tmp_path / "out"
+    assert cli_server.run(["export", folders["native"], out], tmp_path).rc == 0
+    config = out / "config.json"
+    edited = config.read_text().replace('"llama"', '"llama" ')  # same size: a real edit
+    assert len(edited) == len(config.read_text()) + 1
+    config.write_text(edited)
+    r = cli_server.run(["export", folders["native"], out, "--overwrite"], tmp_path)
+    assert r.rc == 2 and "holds files changed since longtune wrote them (config.json)" in (
+        r.error_line()
+    )
+    assert config.read_text() == edited
+
+
+def test_export_never_writes_into_a_run_folder(folders, tmp_path, cli_server):
+    """A run's hf/ is the run's own export (what the run reports); `longtune export` of a
+    checkpoint or native folder into it is refused."""
+    run = training_run(tmp_path / "run")
+    r = cli_server.run(["export", folders["native"], run / "hf", "--overwrite"], tmp_path)
+    assert r.rc == 2 and f"is inside the training run {run}" in r.error_line()
+    assert not (run / "hf").exists()
+
+
+def test_the_demo_deletes_only_a_folder_an_earlier_demo_wrote(tmp_path):
+    from longtune.demo.run import run_demo
+    from longtune.run_dir import RunDir, mark_run
+
+    run = training_run(tmp_path / "real")
+    before = snapshot(run)
+    with pytest.raises(ValueError, match="is a training run that demo did not make; not deleting"):
+        run_demo(output_dir=str(run))
+    assert snapshot(run) == before
+    with pytest.raises(ValueError, match="needs at least 1 optimizer step"):
+        run_demo(output_dir=str(tmp_path / "new"), steps=0)
+    assert not (tmp_path / "new").exists()
+    demo = RunDir(tmp_path / "demo")
+    demo.path.mkdir()
+    mark_run(demo, made_by="demo")
+    (demo.path / "metrics.jsonl").write_text("")
+    from longtune.run_dir import delete_run
+
+    delete_run(demo, only_made_by="demo")
+    assert not demo.path.exists()

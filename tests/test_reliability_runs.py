@@ -168,7 +168,7 @@ def test_export_of_a_checkpoint_refuses_the_run_folder_and_user_folders(server, 
     assert f"{sidecar} exists and was not written by longtune" in lines.pop(0)
     assert sidecar.read_text() == "my notes" and not (tmp_path / "new").exists()
     assert "holds the source" in lines[0]
-    assert "inside the source" in lines[1]
+    assert f"is inside the training run {baseline['run']}" in lines[1]
     assert "was not written by longtune (it holds todo.txt)" in lines[2]
     assert "is the source" in lines[3]
     assert (user / "todo.txt").read_text() == "keep me"

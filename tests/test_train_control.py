@@ -9,6 +9,7 @@ test_train_run; its module-scoped baseline (8 steps, grad_accum 2) is the uninte
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -239,7 +240,7 @@ def test_resume_refuses_changed_data_model_and_optimizer_settings(setup, baselin
     ):
         assert diff in msg
     assert "these change the data or the model" in msg and "optim" not in msg
-    assert read_status(RunDir(out))["reason"] == "config error"
+    assert read_status(RunDir(out)) == read_status(RunDir(baseline))  # a refusal writes nothing
 
     with pytest.raises(ConfigError) as e:
         T.run_training(
@@ -254,17 +255,19 @@ def test_resume_refuses_changed_data_model_and_optimizer_settings(setup, baselin
     assert checkpoints(out) == ["step-7", "step-8"]
 
 
-def test_a_refused_start_is_recorded_only_in_an_existing_run(setup, baseline, tmp_path):
+def test_a_refused_start_writes_nothing(setup, baseline, tmp_path):
+    """Refused by the preflight: an existing run's status (here a finished run's) stays as it
+    was, and no new folder is made."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     args = ["--grad-accum", "2", "--data", str(bad)]
     out = tmp_path / "copy"
     shutil.copytree(baseline, out)
+    before = out / "status.json"
+    snapshot = before.read_bytes()
     with pytest.raises(DataValidationError):
         T.run_training(resume_cfg(setup, out, *args))
-    status = read_status(RunDir(out))
-    assert status["state"] == "failed" and status["reason"] == "data error"
-    assert status["error"].startswith(f"{bad}:1: ")
+    assert before.read_bytes() == snapshot
     with pytest.raises(DataValidationError):
         T.run_training(resume_cfg(setup, tmp_path / "new", *args))
     assert not (tmp_path / "new").exists()
@@ -409,3 +412,32 @@ def test_a_repeated_sigterm_does_not_cut_the_checkpoint_short_and_sigquit_stops_
     status = read_status(RunDir(out))
     assert status["state"] == "cancelled" and status["signal"] == "SIGQUIT"
     assert checkpoints(out) == [f"step-{first['step']}"]  # the newest complete one, as it was
+
+
+def test_data_edited_in_place_between_cancel_and_resume_is_refused(setup, tmp_path):
+    """Same path, same number of packed sequences, other content: the resume is refused in one
+    line naming the file, and the cancelled run's status (its checkpoint) stays as it was."""
+    data = tmp_path / "train.jsonl"
+    shutil.copy(setup["train"], data)
+
+    def stop_at_2(step, loss_sum):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_sum
+
+    out = tmp_path / "edited"
+    cfg = resume_cfg(setup, out, "--data", str(data))
+    with pytest.raises(RunCancelled):
+        T.run_training(cfg, _fault=stop_at_2)
+    status = (out / "status.json").read_bytes()
+    lines = data.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["messages"][-1]["content"] += " Indeed."  # the first example's last answer, longer
+    lines[0] = json.dumps(first)
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        T.run_training(cfg)
+    assert f"data file {data} (its content changed)" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert (out / "status.json").read_bytes() == status
+    assert checkpoints(out) == ["step-2"]

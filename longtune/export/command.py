@@ -38,7 +38,7 @@ def export(
 def _refuse_inside_a_run(out: Path) -> None:
     """An export never goes into a training run's folder: its ``hf/`` is the run's own export,
     which the run reports as its result."""
-    for folder in [out.resolve(), *out.resolve().parents]:
+    for folder in out.resolve().parents:  # a run folder itself: refused as one by the output check
         if RunDir(folder).is_run():
             raise OutputDirError(
                 f"output folder {out} is inside the training run {folder}, whose hf/ is the run's "

@@ -2,10 +2,12 @@
 
 Contract:
 
-- Nothing is created just to record a status: a run refused before its folder exists leaves
-  nothing behind. A folder that already is a longtune run is locked before the preflight
-  checks read it (:meth:`RunKeeper.claim_existing`), so their failure is recorded there; a new
-  folder is created and locked only once the checks passed (:meth:`RunKeeper.claim`).
+- A refusal writes nothing: a run refused by the preflight checks leaves no new folder and
+  does not touch an existing run's status (a cancelled run stays cancelled, with its
+  checkpoint). A folder that already is a longtune run is locked before the preflight checks
+  read it (:meth:`RunKeeper.claim_existing`), so no other run changes it meanwhile; a new
+  folder is created and locked only once the checks passed (:meth:`RunKeeper.claim`), which
+  also records the run as ``running``.
 - One writer per folder: the lock (``run_dir.lock_run``) is held until the process ends. A run
   refused by the lock writes nothing into the folder.
 - The folder gets the run marker when it is claimed; a folder that holds other files and no
@@ -87,9 +89,10 @@ class RunKeeper:
 
     def end(self, state: str, **fields: Any) -> None:
         """Record the end of the run (``succeeded``, ``failed`` or ``cancelled``); the first
-        end recorded stays."""
+        end recorded stays. Nothing is written for a run refused before it was claimed (the
+        folder's earlier status, e.g. ``cancelled`` with its checkpoint, stays as it was)."""
         with self._writing:
-            if not self._holds() or self._ended:
+            if not self._holds() or self._ended or not self._running:
                 return
             self._ended = True
             record = {

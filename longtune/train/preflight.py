@@ -12,6 +12,8 @@ on a resume are :func:`check_resume_config`'s).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from longtune.checkpoint import (
     read_rank_states,
 )
 from longtune.data import validate_files
+from longtune.data.tokenize import file_fingerprint
+from longtune.data.validation import expand_paths
 from longtune.fsutil import check_writable
 from longtune.model.args import ModelArgs
 from longtune.model.attention import check_backend
@@ -56,6 +60,8 @@ class Checked:
     resume_from: Path | None
     """The checkpoint named by ``checkpoint.resume`` (``auto``: found again by the trainer,
     whose ranks must agree on one)."""
+    data_files: dict[str, str]
+    """Every train and eval data file (absolute) -> the SHA-256 of its content."""
 
 
 def compute_dtype(setting: str, device_type: str) -> torch.dtype:
@@ -101,11 +107,24 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
     check_model_folder(cfg.model.path)  # tokenizer, safetensors headers, vocabulary fit
     dtype = compute_dtype(cfg.model.dtype, device_type())
     check_backend(cfg.model.attention, device_type(), dtype=dtype)
-    resume_from = _check_start(cfg, dims, args)
-    return Checked(dims, args, dtype, resume_from)
+    data_files = data_fingerprints(cfg)
+    resume_from = _check_start(cfg, dims, args, data_files)
+    return Checked(dims, args, dtype, resume_from, data_files)
 
 
-def _check_start(cfg: JobConfig, dims: ParallelDims, args: ModelArgs) -> Path | None:
+def data_fingerprints(cfg: JobConfig) -> dict[str, str]:
+    """Every train and eval data file (absolute, folders expanded) -> the SHA-256 of its
+    content: what a resume compares, so that data edited in place is never trained on as if it
+    were the run's own."""
+    files = expand_paths(cfg.data.train, cfg.data.task_type)
+    if cfg.data.eval:
+        files += expand_paths(cfg.data.eval, cfg.data.task_type)
+    return {os.path.abspath(f): file_fingerprint(f) for f in files}
+
+
+def _check_start(
+    cfg: JobConfig, dims: ParallelDims, args: ModelArgs, data_files: dict[str, str]
+) -> Path | None:
     """Refuse a start that would mix a new run with the checkpoints of an older one, or resume
     a run with settings it was not trained with; returns an explicitly named checkpoint."""
     run = RunDir(cfg.output.dir)
@@ -128,15 +147,18 @@ def _check_start(cfg: JobConfig, dims: ParallelDims, args: ModelArgs) -> Path | 
                 "resume into another output.dir or move the newer checkpoints away"
             )
     if ckpt is not None:
-        _check_same_settings(cfg, ckpt, dims)
+        _check_same_settings(cfg, ckpt, dims, data_files)
         with torch.device("meta"):
             model = Transformer(args)
         check_checkpoint_model(ckpt, model)  # another model: refused before anything starts
     return None if resume in ("auto", "never") else ckpt
 
 
-def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None:
-    """Compare the new settings with those of the run that wrote ``ckpt`` (its config.yaml)."""
+def _check_same_settings(
+    cfg: JobConfig, ckpt: Path, dims: ParallelDims, data_files: dict[str, str]
+) -> None:
+    """Compare the new settings and data with those of the run that wrote ``ckpt`` (its
+    config.yaml, and the data its checkpoint recorded)."""
     run = RunDir.of_checkpoint(ckpt)
     if not run.config.is_file():
         logger.warning("%s has no %s: resuming without comparing settings", run.path, run.config)
@@ -146,8 +168,22 @@ def _check_same_settings(cfg: JobConfig, ckpt: Path, dims: ParallelDims) -> None
     except ConfigError as e:
         raise ConfigError(f"cannot read the settings of the run being resumed: {e}") from None
     new_batch = cfg.train.micro_batch_size * resolve_grad_accum(cfg, dims.dp) * dims.dp
-    old_batch = read_rank_states(ckpt, require=("train",))["train"]["batch_sequences"]
-    check_resume_config(old, cfg, old_batch, new_batch, run.path)
+    state = read_rank_states(ckpt, require=("train",))["train"]
+    changes = data_changes(state["data_files"], data_files)
+    check_resume_config(old, cfg, state["batch_sequences"], new_batch, run.path, changes)
+
+
+def data_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """What differs between two :func:`data_fingerprints`, one phrase per file."""
+    changes = []
+    for file in sorted(old.keys() | new.keys()):
+        if file not in new:
+            changes.append(f"{file} (no longer in the data)")
+        elif file not in old:
+            changes.append(f"{file} (new in the data)")
+        elif old[file] != new[file]:
+            changes.append(f"{file} (its content changed)")
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +210,15 @@ RESUME_TRAINING_KEYS = ("train.duration",)
 
 
 def check_resume_config(
-    old: JobConfig, new: JobConfig, old_batch: int, new_batch: int, run_dir: str | Path
+    old: JobConfig,
+    new: JobConfig,
+    old_batch: int,
+    new_batch: int,
+    run_dir: str | Path,
+    changed_data: Sequence[str] = (),
 ) -> None:
-    """Refuse to resume a run with settings that differ from the ones it was trained with.
+    """Refuse to resume a run with settings or data that differ from the ones it was trained
+    with.
 
     Args:
         old: the run's own config (its ``config.yaml``).
@@ -184,6 +226,8 @@ def check_resume_config(
         old_batch: sequences per optimizer step when the checkpoint was written.
         new_batch: sequences per optimizer step now (micro-batch x grad_accum x dp).
         run_dir: the run folder (for the message).
+        changed_data: data files whose content changed, added or gone since the checkpoint
+            (:func:`data_changes`).
 
     Raises:
         ConfigError: one message listing every refused difference (old → new) and what to do.
@@ -203,6 +247,7 @@ def check_resume_config(
                 training.append(change)
             else:
                 data_model.append(change)
+    data_model += [f"data file {change}" for change in changed_data]
     if old_batch != new_batch:
         data_model.append(
             f"global batch: {old_batch} → {new_batch} sequences per optimizer step "

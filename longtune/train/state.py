@@ -72,10 +72,13 @@ class TrainState:
             them: another rank's would make two ranks draw the same numbers).
         batch_sequences: sequences per optimizer step (micro-batch x grad_accum x dp); a
             resume may change the layout, not this.
+        data_files: the data the run trains on (file -> content hash).
     """
 
     rank: int = 0
     batch_sequences: int = 0
+    data_files: dict[str, str] = field(default_factory=dict)
+    """The run's data files and the SHA-256 of each: a resume with other data is refused."""
     step: int = 0
     """Optimizer steps done."""
     tokens_seen: int = 0
@@ -100,6 +103,7 @@ class TrainState:
             "elapsed_s": self.elapsed_s,
             "eval_pending": self.eval_pending,
             "batch_sequences": self.batch_sequences,
+            "data_files": self.data_files,
             "rank": self.rank,
             "rng": capture_rng_state(),
         }
@@ -107,7 +111,8 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved state (RNG states only when this rank saved them).
 
-        ``batch_sequences`` stays this run's: the preflight refused a resume that changes it.
+        ``batch_sequences`` and ``data_files`` stay this run's: the preflight refused a resume
+        that changes them.
         """
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]

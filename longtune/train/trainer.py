@@ -105,7 +105,11 @@ class Trainer:
         self.stop, self.keeper, self.fault = stop, keeper, fault
         self.mbs = cfg.train.micro_batch_size
         self.accum = resolve_grad_accum(cfg, self.dims.dp)
-        self.state = TrainState(rank=rank, batch_sequences=self.mbs * self.accum * self.dims.dp)
+        self.state = TrainState(
+            rank=rank,
+            batch_sequences=self.mbs * self.accum * self.dims.dp,
+            data_files=checked.data_files,
+        )
         self.resume_from = checked.resume_from
         """The checkpoint this run resumes from (``checkpoint.resume=auto``: found in build)."""
         # Built by build(): data, then model, optimizer and schedule, then the checkpointer.
