@@ -120,9 +120,16 @@ def train(argv: list[str]) -> int:
                     raise stop.cancelled() from None
                 raise
     except RunCancelled as e:
-        if not e.logged:
+        if not e.logged and _reports():
             print(f"longtune train: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def _reports() -> bool:
+    """Whether this process says why a run did not start or stopped: global rank 0 does, the
+    other ranks of a job (the same refusal, or torchrun stopping them after it) exit quietly
+    with the same code."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _train(argv: list[str], stop: StopSignals) -> int:
@@ -149,7 +156,8 @@ def _train(argv: list[str], stop: StopSignals) -> int:
             keeper.release()
     except (ValueError, FileNotFoundError, NotImplementedError, RunLockedError) as e:
         # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
-        print(f"longtune train: error: {e}", file=sys.stderr)
+        if _reports():
+            print(f"longtune train: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only folder, ...: the folder and the cause
         from longtune.fsutil import describe_os_error

@@ -372,5 +372,7 @@ def describe_os_error(exc: OSError, what: str) -> str:
     else:
         cause = exc.strerror or type(exc).__name__
         fix = "check the folder"
+    if exc.filename is None:
+        return f"cannot write {what}: {cause}; {fix}"
     folder = where if os.path.isdir(where) else os.path.dirname(where) or where
     return f"cannot write {what} in {folder}: {cause}; {fix}"

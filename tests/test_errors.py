@@ -23,6 +23,7 @@ from longtune.model.args import ModelArgs
 from longtune.model.llama import Transformer
 from longtune.run_dir import RunDir, mark_run
 from longtune.train.config import load_config, save_config
+from longtune.train.preflight import data_fingerprints
 from longtune.train.schedule import build_lr_scheduler
 from longtune.train.state import TrainState
 
@@ -222,6 +223,20 @@ def _model_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: 
         root,
         f"the tokenizer in {small_vocab} has ids up to 101, but config.json says vocab_size=64",
     )
+
+    def shard_outside(d: Path) -> None:
+        (d / "model.safetensors").rename(root / "outside.safetensors")
+        keys = list(load_file(root / "outside.safetensors"))
+        index = {"weight_map": dict.fromkeys(keys, "../outside.safetensors")}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    outside = variant(model, root / "model-outside", shard_outside)
+    cases["index naming a file outside the model folder"] = (
+        train(good, model_dir=outside),
+        root,
+        f"{outside}/model.safetensors.index.json: weight_map names '../outside.safetensors', "
+        f"which is not a file of {outside} (shards are plain file names inside the model folder)",
+    )
     return cases
 
 
@@ -254,6 +269,17 @@ def _run_folder_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
 def _config_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
     """Bad settings and config files."""
     cases: Cases = {}
+    cases["a micro-batch larger than the data"] = (
+        train(good, "--micro-batch-size", "64"),
+        root,
+        "train.micro_batch_size=64 on 1 data-parallel rank(s) takes 64 packed sequences per "
+        "micro-step, but the training data packs into 1 sequences of 64 tokens",
+    )
+    cases["the demo with no steps"] = (
+        ["demo", "--steps", "0", "--output-dir", str(root / "demo")],
+        root,
+        "--steps 0 is invalid; the demo needs at least 1 optimizer step",
+    )
     cases["negative seed"] = (
         train(good, "--seed", "-1"),
         root,
@@ -281,15 +307,16 @@ def _config_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
 def other_model_checkpoint(run: Path, train_args: list[str]) -> Path:
     """A run folder with the settings of ``train_args`` (its config.yaml) and a complete
     checkpoint of a model with another width than the test model."""
-    save_config(load_config(None, train_args), RunDir(run).config)
+    cfg = load_config(None, train_args)
+    save_config(cfg, RunDir(run).config)
     mark_run(RunDir(run))
     args = ModelArgs.from_hf_config(json.loads(make_config_json(hidden_size=32)))
     model = Transformer(args)
     model.init_buffers(device="cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = build_lr_scheduler(opt, "cosine", 0, 10, 0.0)
-    # The run's own global batch (one sequence per step), so only the model differs.
-    state = TrainState(batch_sequences=1)
+    # The run's own global batch (one sequence per step) and data, so only the model differs.
+    state = TrainState(batch_sequences=1, data_files=data_fingerprints(cfg))
     return save_checkpoint(
         RunDir(run).checkpoints,
         1,
@@ -330,9 +357,12 @@ ITEMS = [
     "truncated safetensors",
     "non-finite weights",
     "tokenizer larger than the vocabulary",
+    "index naming a file outside the model folder",
     "checkpoint of another model",
     "output folder holding a user's files",
     "negative seed",
+    "a micro-batch larger than the data",
+    "the demo with no steps",
     "YAML syntax error",
     "YAML Python tag",
 ]

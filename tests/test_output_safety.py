@@ -261,3 +261,30 @@ def test_the_demo_deletes_only_a_folder_an_earlier_demo_wrote(tmp_path):
 
     delete_run(demo, only_made_by="demo")
     assert not demo.path.exists()
+
+
+def test_a_full_disk_during_an_export_is_one_line(folders, tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error: it becomes one OutputDirError line
+    naming the folder (status reason ``output error`` in a run)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import longtune.model.hf as hf_mod
+    from longtune.train.result import failure_reason
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, ... })")
+
+    monkeypatch.setattr(hf_mod, "save_file", full)
+    monkeypatch.setattr(
+        hf_mod, "probe_write", lambda folder: OSError(errno.ENOSPC, "No space left", str(folder))
+    )
+    with pytest.raises(OutputDirError) as e:
+        longtune.save_model(longtune.load_model(folders["hf"]), tmp_path / "out")
+    assert str(e.value) == (
+        f"cannot write the export in {tmp_path}: No space left on device; free space there or "
+        "choose another folder"
+    )
+    assert failure_reason(e.value) == "output error"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -293,3 +293,21 @@ def test_invalid_layout_is_refused_before_any_weight_is_read(
     assert problem in r.stderr
     assert f"Valid parallel.sp on {world} ranks for this model: {valid};" in r.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_refusal_is_said_once(setup, tmp_path):
+    """Every rank refuses the same layout in its preflight; rank 0 says why in one line, the
+    other ranks exit quietly with the same code (no second copy, no "cancelled by SIGTERM")."""
+    out = tmp_path / "run"
+    r = subprocess.run(
+        launch(2, train_args(setup, out, "--sp", "3")),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode != 0
+    said = [line for line in r.stderr.splitlines() if "longtune train" in line]
+    assert len(said) == 1 and "parallel.sp=3 does not divide the world size 2" in said[0], said
+    assert not out.exists()

@@ -169,7 +169,9 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def find_latest_checkpoint(root: str | Path) -> Path | None:
+def find_latest_checkpoint(
+    root: str | Path, skipped: list[tuple[Path, str]] | None = None
+) -> Path | None:
     """The newest complete checkpoint in a checkpoints folder.
 
     Incomplete or corrupted ``step-N`` folders (no manifest, missing or truncated files,
@@ -177,6 +179,7 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
 
     Args:
         root: the folder holding the ``step-N`` checkpoints (a run's ``checkpoints/``).
+        skipped: collects ``(folder, why)`` of the skipped ones instead of warning.
 
     Returns:
         The checkpoint folder, or None when there is no complete checkpoint.
@@ -185,7 +188,10 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
         reason = verify(path)
         if reason is None:
             return path
-        logger.warning("skipping incomplete or corrupted checkpoint %s: %s", path, reason)
+        if skipped is None:
+            logger.warning("skipping incomplete or corrupted checkpoint %s: %s", path, reason)
+        else:
+            skipped.append((path, reason))
     return None
 
 

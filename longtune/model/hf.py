@@ -27,9 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from longtune.fsutil import atomic_dir, check_output_dir
+from longtune.fsutil import (
+    OutputDirError,
+    atomic_dir,
+    check_output_dir,
+    describe_os_error,
+    probe_write,
+)
 from longtune.model.args import ModelArgs
 from longtune.model.checks import (
     ModelFolderError,
@@ -224,6 +231,12 @@ def read_hf_source(hf_dir: str | Path) -> tuple[ModelArgs, HFSource]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelFolderError(f"{index}: missing key 'weight_map'")
+        outside = [f for f in weight_map.values() if not _plain_file_name(f)]
+        if outside:
+            raise ModelFolderError(
+                f"{index}: weight_map names {outside[0]!r}, which is not a file of {hf_dir} "
+                "(shards are plain file names inside the model folder)"
+            )
         sharded = True
     elif (hf_dir / HF_SINGLE).is_file():
         with open_safetensors(hf_dir / HF_SINGLE) as f:
@@ -263,6 +276,11 @@ def read_hf_source(hf_dir: str | Path) -> tuple[ModelArgs, HFSource]:
         )
     _check_key_sets(args, set(weight_map), hf_dir)
     return args, HFSource(config_text, weight_map, dtypes, hf_dir, sharded)
+
+
+def _plain_file_name(name: object) -> bool:
+    """A file name without a folder part (no ``/``, ``..`` or absolute path)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
 def _safetensors_dtype_name(code: str) -> str:
@@ -452,7 +470,7 @@ def save_model(
                 # clone: split views share storage, which safetensors refuses to write.
                 shard[key] = t.to(device="cpu", dtype=target).clone().contiguous()
                 total += shard[key].numel() * shard[key].element_size()
-            save_file(shard, tmp / fname, metadata={"format": "pt"})
+            _write_shard(shard, tmp / fname, out_dir)
             del shard
         if len(by_file) > 1 or src.sharded:
             index = {
@@ -463,6 +481,19 @@ def save_model(
         copy_meta_files(src.meta_dir, tmp)
         (tmp / "config.json").write_text(_config_text(src.config_text, want))
     return out_dir
+
+
+def _write_shard(shard: dict[str, torch.Tensor], file: Path, out_dir: Path) -> None:
+    """``save_file``, with a full disk or a read-only folder said in one line
+    (:class:`~longtune.fsutil.OutputDirError`): safetensors reports them as its own error."""
+    try:
+        save_file(shard, file, metadata={"format": "pt"})
+    except (SafetensorError, OSError) as exc:
+        found = exc if isinstance(exc, OSError) else probe_write(file.parent)
+        if found is None:
+            raise
+        found.filename = str(Path(out_dir).absolute().parent)  # where the space is missing
+        raise OutputDirError(describe_os_error(found, "the export")) from None
 
 
 def _config_text(config_text: str, dtype: torch.dtype | None) -> str:

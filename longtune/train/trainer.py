@@ -173,6 +173,15 @@ class Trainer:
                 datasets["train"] = self._dataset(cfg.data.train)
                 datasets["eval"] = self._dataset(cfg.data.eval) if cfg.data.eval else None
             dist.barrier()
+        per_micro_step = self.mbs * self.dims.dp
+        if len(datasets["train"]) < per_micro_step:
+            raise ConfigError(
+                f"train.micro_batch_size={self.mbs} on {self.dims.dp} data-parallel rank(s) takes "
+                f"{per_micro_step} packed sequences per micro-step, but the training data packs "
+                f"into {len(datasets['train'])} sequences of {cfg.data.context_length} tokens; "
+                "lower train.micro_batch_size or add data (a micro-batch never repeats a "
+                "sequence to fill itself)"
+            )
         self.loader = self._loader(datasets["train"])
         self.eval_loader = self._loader(datasets["eval"]) if datasets["eval"] else None
         logger.info("training data: %s", overlength_summary(datasets["train"].stats))
