@@ -85,3 +85,24 @@ def test_setup_logging_writes_train_log(tmp_path, restore_longtune_logger):
     assert not (tmp_path / "other" / "train.log").exists()
     setup_logging(RunDir(tmp_path), rank=0)
     assert sum(isinstance(h, logging.FileHandler) for h in logger.handlers) == 1
+
+
+def test_progress_lines_reach_the_log_now_and_then_and_the_console_once(
+    tmp_path, restore_longtune_logger, capsys
+):
+    """train.log keeps the progress line on the first and last step and about 200 times in a
+    run (its tail moves during a long run); the console prints it once per step, not twice."""
+    logger = setup_logging(RunDir(tmp_path), rank=0)
+    now = [0.0]
+    console = io.StringIO()
+    progress = ProgressLine(400, rank=0, stream=console, clock=lambda: now[0])
+    progress.start()
+    for step in range(1, 401):
+        now[0] += 1.0
+        progress.update(step, 1.0, tokens=10)
+    for handler in logger.handlers:
+        handler.flush()
+    logged = [line for line in (tmp_path / "train.log").read_text().splitlines() if "| loss" in line]
+    assert len(logged) == 201 and "step 1/400" in logged[0] and "step 400/400" in logged[-1]
+    assert len(console.getvalue().splitlines()) == 400
+    assert "| loss" not in capsys.readouterr().out  # the log's copy is not echoed

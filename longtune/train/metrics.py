@@ -16,6 +16,8 @@ from longtune.run_dir import RunDir
 logger = logging.getLogger(__name__)
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+PROGRESS_LOGGER = "longtune.train.progress"
+"""The logger of the progress lines kept in ``train.log`` (not echoed on the console)."""
 
 
 def setup_logging(run: RunDir, rank: int, level: int = logging.INFO) -> logging.Logger:
@@ -41,7 +43,11 @@ def setup_logging(run: RunDir, rank: int, level: int = logging.INFO) -> logging.
     if rank == 0:
         run.path.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run.log, encoding="utf-8"))
-        handlers.append(logging.StreamHandler(sys.stdout))
+        console = logging.StreamHandler(sys.stdout)
+        # The progress line is printed on the console every step; the log file keeps it now
+        # and then (ProgressLine), so a log's tail moves during a long run too.
+        console.addFilter(lambda record: record.name != PROGRESS_LOGGER)
+        handlers.append(console)
         formatter = logging.Formatter(_LOG_FORMAT)
         root.setLevel(level)
     else:
@@ -215,6 +221,7 @@ class ProgressLine:
         clock: Any = time.monotonic,
     ) -> None:
         self.total_steps = total_steps
+        self.log_every = max(1, round(total_steps / 200))  # about 200 lines in a run's log
         self.enabled = rank == 0
         self.stream = stream
         self.clock = clock
@@ -260,8 +267,11 @@ class ProgressLine:
         return " | ".join(parts)
 
     def update(self, step: int, loss: float, tokens: int, **extra: float) -> None:
-        """Print the progress line (rank 0 only); see :meth:`format` for the arguments."""
+        """Print the progress line (rank 0 only), and keep it in the run's log on the first
+        and last step and every ``log_every`` steps; see :meth:`format` for the arguments."""
         if not self.enabled:
             return
         line = self.format(step, loss, tokens, **extra)
         print(line, file=self.stream or sys.stdout, flush=True)
+        if step % self.log_every == 0 or step in (1, self.total_steps):
+            logging.getLogger(PROGRESS_LOGGER).info(line)

@@ -167,6 +167,15 @@ class Trainer:
         """Tokenize and pack (rank 0 first: it fills the cache the others read), the loaders,
         and the run's length in optimizer steps."""
         cfg = self.cfg
+        files = len(self.state.data_files)
+        size_mb = sum(Path(f).stat().st_size for f in self.state.data_files) / 2**20
+        logger.info(
+            "tokenizing and packing %d data file(s), %.1f MB, with %s's tokenizer (cached: a "
+            "rerun with the same data and tokenizer reads the tokens back)",
+            files,
+            size_mb,
+            cfg.model.path,
+        )
         datasets: dict[str, PackedDataset | None] = {}
         for turn in (0, 1):
             if (self.rank == 0) == (turn == 0):
@@ -446,9 +455,7 @@ class Trainer:
         if self.eval_loader is None:
             return None
         self.model.eval()
-        n = len(self.eval_loader)
-        if self.cfg.train.eval_batches > 0:
-            n = min(n, self.cfg.train.eval_batches)
+        n = self._eval_batches()
         n_seq = len(self.eval_loader.dataset)
         loss_sum, count = 0.0, 0
         with torch.no_grad():
@@ -467,8 +474,22 @@ class Trainer:
         loss = loss_sum / max(count, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
+    def _eval_batches(self) -> int:
+        """Micro-batches per evaluation: the eval set, or ``train.eval_batches`` of it."""
+        n = len(self.eval_loader)
+        return min(n, self.cfg.train.eval_batches) if self.cfg.train.eval_batches > 0 else n
+
     def log_eval(self, at: int) -> None:
         """Evaluate and record the result at step ``at``."""
+        if self.eval_loader is not None:
+            logger.info(
+                "evaluating at step %d: %d micro-batch(es) of %d x %d tokens per rank, forward "
+                "passes only",
+                at,
+                self._eval_batches(),
+                self.mbs,
+                self.cfg.data.context_length,
+            )
         result = self.evaluate()
         self.evaluated_step = at
         if result is not None:
