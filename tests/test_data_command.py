@@ -3,6 +3,7 @@ data preview) against the chat template's own rendering."""
 
 from __future__ import annotations
 
+import pytest
 from data_fixtures import tiny_tokenizer_dir, write_jsonl
 from transformers import AutoTokenizer
 
@@ -61,10 +62,43 @@ def test_printer_is_the_validate_command(tmp_path, capsys):
     tok_dir = tiny_tokenizer_dir(tmp_path / "tok")
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATION}, "{broken"])
     args = ([str(data)], str(tok_dir), "chat", 512)
-    assert validate_command(*args, all_errors=True) == 1
+    assert validate_command(*args, all_errors=True) == 2  # bad input, as for `longtune train`
     printed = capsys.readouterr()
     report = check_data(*args, all_errors=True)
     assert report.stage == "lines" and len(report.errors) == 1
     assert report.errors[0].startswith(f"{data}:2: invalid-json: ")
-    assert print_report(report) == 1
+    assert print_report(report) == 2
     assert capsys.readouterr() == printed
+
+
+def test_no_usable_example_names_the_setting_that_keeps_them(tmp_path):
+    """Every example dropped (overlength=drop), or cut before its answer (truncate): the message
+    says which setting keeps them."""
+    tok_dir = tiny_tokenizer_dir(tmp_path / "tok")
+    long_prompt = [
+        {"role": "user", "content": "q" * 300},
+        {"role": "assistant", "content": "an answer after a long question"},
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": long_prompt}] * 3)
+    kw = dict(context_length=128, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as dropped:
+        check_data([str(data)], str(tok_dir), overlength="drop", **kw)
+    with pytest.raises(ValueError) as truncated:
+        check_data([str(data)], str(tok_dir), overlength="truncate", **kw)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    rendered = tok.apply_chat_template(long_prompt, tokenize=False)
+    longest = len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert str(dropped.value) == (
+        "no usable document: overlength=drop dropped the 3 of 3 example(s) longer than the "
+        "128-token context; overlength=truncate keeps their first 128 tokens, overlength=split "
+        "keeps them as context-length pieces (every target kept), or raise context_length to "
+        f"{longest} (the longest example)"
+    )
+    assert str(truncated.value) == (
+        "no usable document: truncating the 3 of 3 example(s) longer than the 128-token context "
+        "to their first tokens cut off every supervised (assistant) token; overlength=split keeps "
+        "them as context-length pieces (every target kept), or raise context_length to "
+        f"{longest} (the longest example)"
+    )
+    report = check_data([str(data)], str(tok_dir), overlength="split", **kw)
+    assert report.ok and report.stats.files[0].split == 3

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from data_fixtures import chat_rows, tiny_tokenizer_dir, write_jsonl
@@ -15,7 +21,10 @@ from longtune.data import (
     pack_lengths,
     pack_sequence,
     pad_to_multiple,
+    tokenize_files,
 )
+from longtune.data.validation import expand_paths
+from longtune.fsutil import is_longtune_output
 
 
 @st.composite
@@ -85,6 +94,11 @@ def test_best_fit_decreasing_beats_concatenation_order():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return tiny_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+def stores_in(cache: Path) -> list[str]:
+    """The token stores of a cache folder (not its marker)."""
+    return sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
 
 
 def test_chat_dataset_shapes_and_stats(tmp_path, tiny_model):
@@ -191,13 +205,13 @@ def test_cache_reused_and_invalidated(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr(tokenize_mod, "load_tokenizer", lambda d: loads.append(d) or real(d))
     # Same file, tokenizer and settings (another context length is a packing setting): reused.
     again = build_packed_dataset([str(path)], tiny_model, "chat", 128, cache_dir=cache)
-    assert loads == [] and len(list(cache.iterdir())) == 1
+    assert loads == [] and len(stores_in(cache)) == 1
     assert again.stores[0].path == first.stores[0].path
     # Another loss_on setting, then a changed file: new stores, tokenizer loaded.
     build_packed_dataset(
         [str(path)], tiny_model, "chat", 256, loss_on="last_assistant", cache_dir=cache
     )
-    assert len(loads) == 1 and len(list(cache.iterdir())) == 2
+    assert len(loads) == 1 and len(stores_in(cache)) == 2
     write_jsonl(path, chat_rows(21, seed=2))
     changed = build_packed_dataset([str(path)], tiny_model, "chat", 256, cache_dir=cache)
     assert len(loads) == 2 and changed.stats.files[0].examples == 21
@@ -228,7 +242,7 @@ def test_template_without_end_of_turn_token_and_multibyte_edges(tmp_path):
 
 def test_concurrent_store_builds_keep_one_copy(tmp_path, tiny_model):
     """Two ranks tokenizing the same file at once: the second finds the first's store."""
-    from longtune.data.tokenize import Encoder, build_store, load_tokenizer
+    from longtune.data.tokenize import STORE_FILES, Encoder, build_store, load_tokenizer
 
     path = write_jsonl(tmp_path / "c.jsonl", chat_rows(5, seed=4))
     encoder = Encoder(load_tokenizer(tiny_model), "chat")
@@ -236,6 +250,7 @@ def test_concurrent_store_builds_keep_one_copy(tmp_path, tiny_model):
     b = build_store(str(path), encoder, tmp_path / "cache" / "key")
     assert a.path == b.path and np.array_equal(a.ids, b.ids)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["key"]
+    assert sorted(p.name for p in a.path.iterdir()) == sorted(STORE_FILES)
 
 
 @settings(max_examples=200, deadline=None)
@@ -273,3 +288,116 @@ def test_split_pieces_cover_every_target_exactly_once(context_length, docs):
     )
     want = sorted((d, t) for d, m in enumerate(masks) for t in range(1, len(m)) if m[t])
     assert got == want
+
+
+def test_a_cache_inside_the_data_folder_is_never_read_as_data(tmp_path, tiny_model):
+    """The documented resume command with ``data.cache_dir`` inside the data folder: the second
+    run sees the same files as the first, and reuses their stores."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", chat_rows(3, seed=5))
+    write_jsonl(data / "b.json", chat_rows(2, seed=6))
+    cache = data / "cache"
+    files = expand_paths([str(data)], "chat")
+    first = build_packed_dataset([str(data)], tiny_model, "chat", 256, cache_dir=cache)
+    assert is_longtune_output(cache) and all(is_longtune_output(s.path) for s in first.stores)
+    assert expand_paths([str(data)], "chat") == files
+    second = build_packed_dataset([str(data)], tiny_model, "chat", 256, cache_dir=cache)
+    assert [s.file for s in second.stores] == files == [str(data / "a.jsonl"), str(data / "b.json")]
+    assert [s.path for s in second.stores] == [s.path for s in first.stores]
+
+
+def test_a_cache_folder_of_the_users_is_not_marked(tmp_path, tiny_model):
+    """A cache folder holding other files is not claimed as longtune's; its stores are."""
+    cache = tmp_path / "mine"
+    cache.mkdir()
+    (cache / "notes.txt").write_text("mine\n")
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(2, seed=7))
+    (store,) = tokenize_files([str(path)], tiny_model, "chat", cache_dir=cache)
+    assert not is_longtune_output(cache) and is_longtune_output(store.path)
+
+
+def flip_byte(file: Path, offset_from_end: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def set_id(file: Path, value: int) -> None:
+    ids = np.load(file, mmap_mode="r+")
+    ids[len(ids) // 2] = value
+    ids.flush()
+    del ids
+
+
+DAMAGES = {
+    # in range: the low bit of a byte-level id (every id of a ChatML template's text is < 256)
+    "flipped id byte": lambda store: flip_byte(store / "ids.npy", 4 * 7),
+    "out-of-range id": lambda store: set_id(store / "ids.npy", 10**6),
+    "flipped mask byte": lambda store: flip_byte(store / "mask.npy", 3),
+    "cut ids file": lambda store: (store / "ids.npy").write_bytes(
+        (store / "ids.npy").read_bytes()[:100]
+    ),
+    "missing lines file": lambda store: (store / "lines.npy").unlink(),
+    "torn meta.json": lambda store: (store / "meta.json").write_text('{"pad_id": '),
+    "meta.json without checksums": lambda store: (store / "meta.json").write_text(
+        '{"pad_id": 0, "file": "x"}'
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_cache_entry_is_rebuilt_never_used(tmp_path, tiny_model, caplog, damage):
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(20, seed=8))
+    (fresh,) = tokenize_files([str(path)], tiny_model, "chat", cache_dir=tmp_path / "fresh")
+    cache = tmp_path / "cache"
+    (store,) = tokenize_files([str(path)], tiny_model, "chat", cache_dir=cache)
+    store_path = store.path
+    del store
+    DAMAGES[damage](store_path)
+    with caplog.at_level(logging.WARNING, logger="longtune.data.tokenize"):
+        (again,) = tokenize_files([str(path)], tiny_model, "chat", cache_dir=cache)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "\n" not in warning
+    assert warning.startswith(
+        f"token cache of {path} is damaged, tokenizing it again: {store_path}"
+    )
+    assert again.path == store_path and stores_in(cache) == [store_path.name]
+    for name in ("ids", "mask", "offsets", "lines"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(fresh, name))
+    # The rebuilt store is whole: read again without a warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="longtune.data.tokenize"):
+        tokenize_files([str(path)], tiny_model, "chat", cache_dir=cache)
+    assert caplog.records == []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_a_killed_tokenization_are_removed_when_a_store_is_written(
+    tmp_path, tiny_model
+):
+    import longtune.data.tokenize as tok
+
+    cache = tmp_path / "cache"
+    key = "0123456789abcdef0123456789abcdef"
+    names = {
+        "dead": f"{key}.tmp-{tok._HOST}-{dead_pid()}-0badcafe",
+        "dead, moved aside": f"{key}.old-{tok._HOST}-{dead_pid()}-0badcafe",
+        "alive": f"{key}.tmp-{tok._HOST}-{os.getppid()}-0badcafe",
+        "another host": f"{key}.tmp-ffffffff-{dead_pid()}-0badcafe",
+        "older naming, no pid": f"{key}.tmpq8_x2zlk",
+    }
+    for name in names.values():
+        (cache / name).mkdir(parents=True)
+        np.save(cache / name / "ids.npy", np.arange(3))
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(2, seed=9))
+    (store,) = tokenize_files([str(path)], tiny_model, "chat", cache_dir=cache)
+    left = {what for what, name in names.items() if (cache / name).exists()}
+    assert left == {"alive", "another host", "older naming, no pid"}
+    assert stores_in(cache) == sorted([store.path.name, *(names[w] for w in left)])

@@ -16,6 +16,7 @@ from longtune.data import (
     validate_command,
     validate_files,
 )
+from longtune.data.validation import expand_paths
 
 GOOD_CHAT = {
     "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
@@ -115,8 +116,10 @@ def test_file_level_rules(tmp_path, no_tokenizer):
     empty.write_text("\n\n")
     (err,) = validate_files([str(empty)], "chat")
     assert (err.line, err.rule) == (0, "empty-file")
+    # A whole-file problem has no line: "FILE: rule: detail", never "FILE:0:".
+    assert str(err) == f"{empty}: empty-file: the file holds no example"
     (err,) = validate_files([str(tmp_path / "missing.jsonl")], "chat")
-    assert err.rule == "file-not-found" and "missing.jsonl" in str(err)
+    assert str(err) == f"{tmp_path / 'missing.jsonl'}: file-not-found: no such file or folder"
     csv = tmp_path / "data.csv"
     csv.write_text("a,b\n")
     (err,) = validate_files([str(csv)], "chat")
@@ -214,10 +217,11 @@ def test_tool_role_unsupported_by_template(tmp_path):
 def test_validate_command(tmp_path, capsys):
     model = tiny_tokenizer_dir(tmp_path / "tok")
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD_CHAT, "{x", chat(("user", "q"))])
-    assert validate_command([str(bad)], str(model), context_length=64) == 1
+    assert validate_command([str(bad)], str(model), context_length=64) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: invalid-json" in err and ":3:" not in err
-    assert validate_command([str(bad)], str(model), context_length=64, all_errors=True) == 1
+    assert len(err.splitlines()) == 1  # one error, one line
+    assert validate_command([str(bad)], str(model), context_length=64, all_errors=True) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: invalid-json" in err and f"{bad}:3: last-not-assistant" in err
 
@@ -236,3 +240,75 @@ def test_validate_command(tmp_path, capsys):
     assert "over 128" in out and "1 (truncate: 1 truncated" in out
     assert validate_command([str(good)], str(model), overlength="drop", **args) == 0
     assert "1 (drop: 1 dropped)" in capsys.readouterr().out
+
+
+def test_links_in_a_data_folder_are_followed(tmp_path):
+    """A linked sub-folder and a linked file are data like the real ones, in sorted order."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_jsonl(elsewhere / "b.jsonl", [GOOD_CHAT])
+    write_jsonl(tmp_path / "c.jsonl", [GOOD_CHAT])
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [GOOD_CHAT])
+    (data / "linked").symlink_to(elsewhere)
+    (data / "z.jsonl").symlink_to(tmp_path / "c.jsonl")
+    want = [str(data / "a.jsonl"), str(data / "linked" / "b.jsonl"), str(data / "z.jsonl")]
+    assert expand_paths([str(data)], "chat") == want
+    assert validate_files([str(data)], "chat") == []
+
+
+def test_link_loops_and_folders_reached_twice_are_read_once(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    write_jsonl(data / "a.jsonl", [GOOD_CHAT])
+    write_jsonl(data / "sub" / "b.jsonl", [GOOD_CHAT])
+    (data / "sub" / "up").symlink_to(data)  # back to an ancestor: a loop
+    (data / "again").symlink_to(data / "sub")  # a folder also reached without the link
+    (data / "sub" / "same.jsonl").symlink_to(data / "a.jsonl")  # a file reached twice
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_jsonl(outside / "e.jsonl", [GOOD_CHAT])
+    (outside / "self").symlink_to(outside)  # a loop inside a linked folder
+    (data / "x").symlink_to(outside)
+    (data / "y").symlink_to(outside)  # the same linked folder twice
+    (data / "b").mkdir()  # a link to a file that comes before the file in sorted order
+    (data / "b" / "first.jsonl").symlink_to(data / "c" / "real.jsonl")
+    (data / "c").mkdir()
+    write_jsonl(data / "c" / "real.jsonl", [GOOD_CHAT])
+    # Each file once, under its path without links where it has one, else the first link's.
+    assert expand_paths([str(data)], "chat") == [
+        str(data / "a.jsonl"),
+        str(data / "c" / "real.jsonl"),
+        str(data / "sub" / "b.jsonl"),
+        str(data / "x" / "e.jsonl"),
+    ]
+
+
+def test_a_broken_link_in_a_data_folder_is_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [GOOD_CHAT])
+    (data / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    (err,) = validate_files([str(data)], "chat")
+    assert str(err) == (
+        f"{data / 'gone.jsonl'}: file-not-found: a link to {tmp_path / 'deleted.jsonl'}, "
+        "which does not exist; fix or remove the link"
+    )
+
+
+def test_hidden_entries_of_a_data_folder_are_skipped(tmp_path):
+    data = tmp_path / "data"
+    for hidden in (".ipynb_checkpoints", ".git", ".cache"):
+        (data / hidden).mkdir(parents=True)
+        write_jsonl(data / hidden / "notes.jsonl", ["not data"])
+    write_jsonl(data / ".hidden.jsonl", ["{not data"])
+    write_jsonl(data / "a.jsonl", [GOOD_CHAT])
+    (data / ".linked").symlink_to(data / ".git")
+    assert expand_paths([str(data)], "chat") == [str(data / "a.jsonl")]
+    assert validate_files([str(data)], "chat") == []
+    # Named explicitly, a hidden file is read.
+    hidden = str(data / ".hidden.jsonl")
+    assert expand_paths([hidden], "chat") == [hidden]
+    (err,) = validate_files([hidden], "chat")
+    assert (err.file, err.line, err.rule) == (hidden, 1, "invalid-json")

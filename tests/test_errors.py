@@ -131,6 +131,15 @@ def _data_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: A
         f"{f}:2: chat-template-error: the model's chat template refused this conversation: "
         "System role not supported",
     )
+    # Whole-file problems: no line number in the message.
+    f = write(root / "empty.jsonl", "\n\n")
+    cases["empty data file"] = (train(f), root, f"{f}: empty-file: the file holds no example")
+    missing = root / "missing.jsonl"
+    cases["missing data file (validate)"] = (
+        ["validate", str(missing), "--model", str(model)],
+        root,
+        f"error: {missing}: file-not-found: no such file or folder",
+    )
     comma = write(root / "a,b.jsonl", json.dumps(GOOD) + "\n")
     cases["comma in a data path"] = (
         train(comma),
@@ -347,6 +356,8 @@ ITEMS = [
     "JSON cut short",
     "50 MB line",
     "chat template raises",
+    "empty data file",
+    "missing data file (validate)",
     "comma in a data path",
     "missing model folder (train)",
     "missing model folder (validate)",

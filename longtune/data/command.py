@@ -49,7 +49,8 @@ class DataReport:
     """What :func:`check_data` found."""
 
     errors: list[str] = field(default_factory=list)
-    """One line per problem; ``file:line: rule: detail`` for data errors."""
+    """One line per problem; ``file:line: rule: detail`` for data errors (``file: rule: detail``
+    for a problem of the whole file)."""
     stage: str | None = None
     """Where checking stopped: ``settings``, ``lines`` (line validation; nothing tokenized) or
     ``template`` (found while rendering); None when the data is usable."""
@@ -146,14 +147,15 @@ def print_report(report: DataReport) -> int:
         report: from :func:`check_data`.
 
     Returns:
-        0 when the data is valid and usable, 1 otherwise (the command's exit code).
+        The command's exit code: 0 when the data is valid and usable, 2 otherwise (bad input,
+        as for ``longtune train``).
     """
     for e in report.errors:
         print(f"error: {e}", file=sys.stderr)
-    if report.stage == "lines":
-        print(f"{len(report.errors)} error(s); nothing was tokenized", file=sys.stderr)
+    if report.stage == "lines" and len(report.errors) > 1:  # one error stays one line
+        print(f"{len(report.errors)} errors; nothing was tokenized", file=sys.stderr)
     if not report.ok or report.stats is None:
-        return 1
+        return 2
     s = report.stats
     action = {
         "truncate": "truncated to the context",
@@ -208,7 +210,9 @@ def validate_command(
         cache_dir: token store folder (default ``~/.cache/longtune/tokens``).
 
     Returns:
-        0 when the data is valid and usable, 1 otherwise.
+        0 when the data is valid and usable; 2 when it is not (an invalid line, a file that
+        cannot be used, a template that refuses an example, or no usable document: the code
+        ``longtune train`` gives bad data too).
     """
     report = check_data(
         data, model, task_type, context_length, overlength, loss_on, all_errors, cache_dir

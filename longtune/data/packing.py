@@ -219,6 +219,38 @@ def overlength_summary(stats: DatasetStats) -> str:
     )
 
 
+def _nothing_usable(files: list[FileStats], context_length: int, overlength: str) -> str:
+    """Why no document is usable, and the setting that would keep them (one line)."""
+    examples = sum(f.examples for f in files)
+    over = sum(f.overlength for f in files)
+    unsupervised = sum(f.dropped_unsupervised for f in files)
+    longest = max((f.token_max for f in files), default=0)
+    keep = (
+        "overlength=split keeps them as context-length pieces (every target kept), or raise "
+        f"context_length to {longest} (the longest example)"
+    )
+    if over and overlength == "drop":
+        why = (
+            f"overlength=drop dropped the {over} of {examples} example(s) longer than the "
+            f"{context_length}-token context"
+        )
+        keep = f"overlength=truncate keeps their first {context_length} tokens, " + keep
+    elif over and overlength == "truncate":
+        why = (
+            f"truncating the {over} of {examples} example(s) longer than the {context_length}-"
+            "token context to their first tokens cut off every supervised (assistant) token"
+        )
+        unsupervised -= over  # counted in both
+    else:
+        return (
+            f"no usable document: none of the {examples} example(s) has a supervised token "
+            f"(context_length={context_length}, overlength={overlength}); check loss_on "
+            "and the chat template"
+        )
+    others = f"; {unsupervised} other(s) had no supervised token" if unsupervised else ""
+    return f"no usable document: {why}{others}; {keep}"
+
+
 class PackedDataset:
     """Packed sequences over cached token stores; ``ds[i]`` builds sequence ``i``.
 
@@ -262,10 +294,7 @@ class PackedDataset:
         self.doc_start = np.concatenate(starts) if stores else np.zeros(0, np.int64)
         self.doc_length = np.concatenate(lengths) if stores else np.zeros(0, np.int64)
         if len(self.doc_length) == 0:
-            raise ValueError(
-                f"no usable document: all were dropped (overlength={overlength!r}, "
-                f"context_length={context_length}) or had no supervised token"
-            )
+            raise ValueError(_nothing_usable(file_stats, context_length, overlength))
         self.bins = pack_lengths(self.doc_length, context_length)
         total = int(self.doc_length.sum())
         self.stats = DatasetStats(

@@ -14,16 +14,28 @@ character-to-token map, so the ids are exactly ``apply_chat_template``'s.
 
 The token store of one data file is a folder of ``.npy`` arrays read with ``numpy`` memory
 mapping; its name hashes the file content, the tokenizer files and the settings, so a second
-run with nothing changed loads it instead of tokenizing.
+run with nothing changed loads it instead of tokenizing. Its ``meta.json`` records each array's
+dtype, shape and CRC32, checked every time the store is opened: a damaged store (a flipped
+byte, a missing or cut file) is tokenized again, with one warning naming it, and never used.
+
+The cache folder and each store carry the ``.longtune-output`` marker (kind ``cache``), so a
+cache kept inside a data folder is skipped when that folder is expanded. A store is written to
+a temporary sibling (``KEY.tmp-HOST-PID-XXXXXXXX``) and renamed into place; the temporaries of
+a tokenization that was killed (a process of this host that no longer exists) are removed when
+the next store is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
+import re
+import socket
+import time
+import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +45,24 @@ import numpy as np
 from jinja2 import TemplateError
 
 from longtune.data.validation import MAX_EXAMPLE_BYTES, DataValidationError, Record, iter_records
+from longtune.fsutil import OUTPUT_MARKER, _pid_alive, atomic_write_text, is_longtune_output
 from longtune.model.checks import check_model_dir
 
+logger = logging.getLogger(__name__)
+
 LOSS_ON = ("all_assistant", "last_assistant")
-STORE_VERSION = 1
+STORE_VERSION = 2
+"""Part of every store key: stores of another version are never opened (2: checksummed)."""
+STORE_ARRAYS = ("ids", "mask", "offsets", "lines")
+STORE_FILES = tuple(f"{name}.npy" for name in STORE_ARRAYS) + ("meta.json", OUTPUT_MARKER)
+"""Every file a store folder holds: what removing a store may delete, and nothing else."""
+CACHE_KIND = "cache"
+"""The ``kind`` in the marker of the cache folder and of each store."""
+# The cache may be shared by several machines (a home folder on NFS): a temporary names its
+# host, so a process is looked up only on the host that started it.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_CACHE_ENTRY = re.compile(r"[0-9a-f]{32}(\..+)?")
+_TEMPORARY = re.compile(r"[0-9a-f]{32}\.(tmp|old)-([0-9a-f]{8})-(\d+)-[0-9a-f]{8}")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -265,14 +291,54 @@ class TokenStore:
         return np.diff(self.offsets)
 
     @classmethod
-    def open(cls, file: str, path: Path) -> TokenStore:
-        """Memory-map an existing store folder."""
-        arrays = {
-            name: np.load(path / f"{name}.npy", mmap_mode="r")
-            for name in ("ids", "mask", "offsets", "lines")
-        }
-        meta = json.loads((path / "meta.json").read_text())
-        return cls(file=file, path=path, pad_id=int(meta["pad_id"]), **arrays)
+    def open(cls, file: str, path: Path, verify: bool = True) -> TokenStore:
+        """Memory-map an existing store folder, checking it against its ``meta.json``.
+
+        Args:
+            file: the data file the store was made from.
+            path: the store folder.
+            verify: check every array's dtype, shape and CRC32 (one read of the store);
+                False only for a store this process has just written.
+
+        Returns:
+            The store.
+
+        Raises:
+            DamagedStoreError: a file is missing or unreadable, or an array is not what was
+                written.
+        """
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            arrays = {
+                name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                for name in STORE_ARRAYS
+            }
+            pad_id = int(meta["pad_id"])
+            recorded = dict(meta["arrays"])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, cut or torn files
+            reason = " ".join(str(e).split())  # one line, whatever numpy's message holds
+            raise DamagedStoreError(f"{path}: unreadable ({type(e).__name__}: {reason})") from None
+        if verify:
+            for name, array in arrays.items():
+                if recorded.get(name) != _describe_array(array):
+                    raise DamagedStoreError(
+                        f"{path}: {name}.npy does not match the dtype, shape and CRC32 written "
+                        "in meta.json"
+                    )
+        return cls(file=file, path=path, pad_id=pad_id, **arrays)
+
+
+class DamagedStoreError(ValueError):
+    """A token store whose files are not what was written (tokenize the file again)."""
+
+
+def _describe_array(array: np.ndarray) -> dict[str, Any]:
+    """What ``meta.json`` records of a store array: dtype, shape and CRC32 of its bytes."""
+    return {
+        "dtype": array.dtype.str,
+        "shape": list(array.shape),
+        "crc32": zlib.crc32(np.ascontiguousarray(array)),
+    }
 
 
 def _chars(record: Record) -> int:
@@ -312,6 +378,54 @@ def store_key(file: str, tokenizer_dir: str | os.PathLike, task_type: str, loss_
     return hashlib.sha256(settings.encode()).hexdigest()[:32]
 
 
+def _marker_text() -> str:
+    return json.dumps({"written_by": "longtune", "kind": CACHE_KIND, "time": time.time()}) + "\n"
+
+
+def _temporary(path: Path, what: str) -> Path:
+    """A new name beside the store ``path``: ``KEY.WHAT-HOST-PID-XXXXXXXX``."""
+    return path.with_name(f"{path.name}.{what}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_store_folder(folder: Path) -> None:
+    """Remove a store folder (or a temporary one): only the files a store holds, then the
+    folder if that left it empty; a file longtune did not write keeps it in place."""
+    for name in STORE_FILES:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # not empty: someone else's file is in it
+        pass
+
+
+def _remove_stale_temporaries(cache: Path) -> None:
+    """Remove the temporary stores (``KEY.tmp-HOST-PID-…``, ``KEY.old-HOST-PID-…``) that a
+    killed tokenization left in ``cache``: only those names, only of this host's processes that
+    no longer exist."""
+    for entry in cache.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and match.group(2) == _HOST and not _pid_alive(int(match.group(3))):
+            _remove_store_folder(entry)
+
+
+def _mark_cache(cache: Path) -> None:
+    """Give the cache folder the ``.longtune-output`` marker, unless it has one or holds
+    something else than stores (a folder of the user's is never marked as longtune's)."""
+    if is_longtune_output(cache):
+        return
+    names = [p.name for p in cache.iterdir() if p.name != OUTPUT_MARKER]
+    if all(_CACHE_ENTRY.fullmatch(name) for name in names):
+        atomic_write_text(cache / OUTPUT_MARKER, _marker_text())
+
+
+def _prepare_cache(cache: Path) -> None:
+    """Before stores are written into ``cache``: create it, mark it, clean its stale
+    temporaries."""
+    cache.mkdir(parents=True, exist_ok=True)
+    _mark_cache(cache)
+    _remove_stale_temporaries(cache)
+
+
 def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
     """Tokenize one (already validated) file into a store folder at ``path``, atomically.
 
@@ -324,11 +438,14 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
         The memory-mapped store.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp", dir=path.parent))
+    tmp = _temporary(path, "tmp")
+    tmp.mkdir()
     try:
+        # The marker first: a data folder holding the cache skips even a half-written store.
+        (tmp / OUTPUT_MARKER).write_text(_marker_text())
         _write_store(file, encoder, tmp)
     except BaseException:  # a bad example, a full disk: leave no half-written store behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_store_folder(tmp)
         raise
     # Ranks of one job may build the same store at once: the first rename wins, the others
     # find a complete store in place and drop their copy.
@@ -337,8 +454,20 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
     except OSError:
         if not (path / "meta.json").is_file():
             raise
-        shutil.rmtree(tmp)
-    return TokenStore.open(file, path)
+        _remove_store_folder(tmp)
+        return TokenStore.open(file, path)
+    return TokenStore.open(file, path, verify=False)
+
+
+def _discard_damaged(path: Path) -> None:
+    """Move a damaged store out of the way (atomically, so a concurrent reader sees it whole or
+    not at all) and remove it."""
+    aside = _temporary(path, "old")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another process moved it already
+        return
+    _remove_store_folder(aside)
 
 
 def _write_store(file: str, encoder: Encoder, tmp: Path) -> None:
@@ -352,13 +481,22 @@ def _write_store(file: str, encoder: Encoder, tmp: Path) -> None:
             lines.append(r.line)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    np.save(tmp / "ids.npy", np.concatenate(ids_parts).astype(np.uint32, copy=False))
-    np.save(tmp / "mask.npy", np.concatenate(mask_parts).astype(np.uint8, copy=False))
-    np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "lines.npy", np.asarray(lines, dtype=np.int64))
+    arrays = {
+        "ids": np.concatenate(ids_parts).astype(np.uint32, copy=False),
+        "mask": np.concatenate(mask_parts).astype(np.uint8, copy=False),
+        "offsets": offsets,
+        "lines": np.asarray(lines, dtype=np.int64),
+    }
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
     tok = encoder.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    meta = {"file": os.path.abspath(file), "pad_id": int(pad_id or 0)}
+    meta = {
+        "file": os.path.abspath(file),
+        "pad_id": int(pad_id or 0),
+        "arrays": {name: _describe_array(array) for name, array in arrays.items()},
+    }
+    # Last: a store without meta.json is incomplete.
     (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -372,7 +510,10 @@ def tokenize_files(
 ) -> list[TokenStore]:
     """Tokenize validated files into cached token stores, reusing stores that are up to date.
 
-    The tokenizer is loaded only if some file has no store yet.
+    The tokenizer is loaded only if some file has no store yet. A store that fails its check
+    (see :meth:`TokenStore.open`) is removed and built again, with one warning naming it. Before
+    the first store is written, the cache folder is marked as longtune's (when it holds nothing
+    but stores) and the temporaries of killed tokenizations are removed.
 
     Args:
         files: validated data files.
@@ -395,10 +536,15 @@ def tokenize_files(
     encoder: Encoder | None = None
     for file in files:
         path = Path(cache_dir) / store_key(file, tokenizer_dir, task_type, loss_on)
-        if (path / "meta.json").is_file():
-            stores.append(TokenStore.open(file, path))
-            continue
-        if encoder is None:
+        if path.exists():
+            try:
+                stores.append(TokenStore.open(file, path))
+                continue
+            except DamagedStoreError as e:
+                logger.warning("token cache of %s is damaged, tokenizing it again: %s", file, e)
+                _discard_damaged(path)
+        if encoder is None:  # the first store to write
+            _prepare_cache(Path(cache_dir))
             tok = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
             encoder = Encoder(tok, task_type, loss_on)
         stores.append(build_store(file, encoder, path))

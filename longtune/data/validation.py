@@ -1,8 +1,9 @@
 """Structural validation of training data, before any tokenizer, process group or tensor exists.
 
 Every error names the file, the (1-based) line and the rule broken:
-``"{file}:{line}: {rule}: {detail}"``. Validation is pure Python (json + UTF-8 decoding), so
-the trainer can call it first and fail in seconds on a bad line 2,000,000.
+``"{file}:{line}: {rule}: {detail}"``, or ``"{file}: {rule}: {detail}"`` for a problem of the
+whole file (missing, empty, of an unknown type). Validation is pure Python (json + UTF-8
+decoding), so the trainer can call it first and fail in seconds on a bad line 2,000,000.
 
 Input formats (``task_type``):
 
@@ -14,9 +15,13 @@ Input formats (``task_type``):
 - ``text``: ``.txt`` files (one document each) or JSONL with a ``text`` field.
 
 A folder expands to its files with a known suffix (``.jsonl``, ``.json``, and ``.txt`` for
-``text``), sorted by path; sub-folders that longtune wrote (a run folder, a converted or exported
-model) are skipped, so a run kept inside a data folder is never read as data. Blank lines in
-JSONL files are skipped (their line numbers still count).
+``text``), sorted by path. Links to files and folders are followed; a folder or file reached
+twice (through links, or a link back to a folder above it) is read once, under its path without
+links where it has one. Hidden entries (a name starting with
+``.``: ``.git``, ``.ipynb_checkpoints``) are skipped, and so are sub-folders that longtune wrote
+(a run folder, a converted or exported model, the token cache), so a run or a cache kept inside a
+data folder is never read as data; a file named explicitly is read whatever its name. Blank lines
+in JSONL files are skipped (their line numbers still count).
 
 An example (one JSONL line, one ``.txt`` file) may be at most :data:`MAX_EXAMPLE_BYTES`; a longer
 one is refused as ``example-too-large`` without being read whole (a tokenizer needs about 150
@@ -55,6 +60,8 @@ _NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
 class DataValidationError(ValueError):
     """One broken rule in one line of one data file.
 
+    Reads ``file:line: rule: detail``, or ``file: rule: detail`` for a whole-file problem.
+
     Attributes:
         file: the file (as given or expanded from a folder).
         line: 1-based line number (0 for a whole-file problem).
@@ -67,7 +74,8 @@ class DataValidationError(ValueError):
         self.line = line
         self.rule = rule
         self.detail = detail
-        super().__init__(f"{self.file}:{line}: {rule}: {detail}")
+        where = f"{self.file}:{line}" if line > 0 else self.file
+        super().__init__(f"{where}: {rule}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,8 @@ def expand_paths(paths: list[str], task_type: str) -> list[str]:
         The data files, folders expanded in sorted order.
 
     Raises:
-        DataValidationError: a path does not exist, a file has an unknown suffix, or a folder
-            holds no data file.
+        DataValidationError: a path does not exist, a file has an unknown suffix, a folder
+            holds no data file, or a link in a folder leads nowhere.
     """
     check_task_type(task_type)
     suffixes = JSONL_SUFFIXES + (TEXT_SUFFIXES if task_type == "text" else ())
@@ -135,13 +143,65 @@ def _written_by_longtune(folder: Path) -> bool:
     return run.is_run() or run.lock.exists() or is_longtune_output(folder)
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of what ``path`` leads to after links; None for a broken link."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
-    """Files of ``folder`` with a data suffix, sorted; folders longtune wrote are skipped."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not _written_by_longtune(Path(root) / d)]
-        found.extend(os.path.join(root, f) for f in files if Path(f).suffix in suffixes)
-    return sorted(found)
+    """Files of ``folder`` with a data suffix, sorted; links followed, each folder and file read
+    once; hidden entries and folders longtune wrote skipped.
+
+    The real tree of ``folder`` is walked first (sorted), then the folders that links lead to,
+    in the order they were found; a folder already walked (a link back to an ancestor, a folder
+    reached twice) is not walked again. A file reached twice keeps its path without links if it
+    has one, else the first in sorted order.
+
+    Raises:
+        DataValidationError: a link with a data suffix leads nowhere.
+    """
+    seen_dirs: set[tuple[int, int] | None] = set()
+    candidates: list[tuple[bool, str, tuple[int, int]]] = []  # (through a link, path, identity)
+    roots = [(str(folder), False)]
+    while roots:
+        top, linked = roots.pop(0)
+        if _identity(top) in seen_dirs:
+            continue
+        seen_dirs.add(_identity(top))
+        for root, dirs, files in os.walk(top):
+            walked = []
+            for d in sorted(dirs):
+                path = os.path.join(root, d)
+                if d.startswith(".") or _written_by_longtune(Path(path)):
+                    continue
+                if os.path.islink(path):  # walked after the real tree, if not walked by then
+                    roots.append((path, True))
+                elif _identity(path) not in seen_dirs:
+                    seen_dirs.add(_identity(path))
+                    walked.append(d)
+            dirs[:] = walked
+            for f in files:
+                path = os.path.join(root, f)
+                if f.startswith(".") or Path(f).suffix not in suffixes:
+                    continue
+                identity = _identity(path)
+                if identity is None:  # a link to nothing (or a file gone since the listing)
+                    target = os.readlink(path) if os.path.islink(path) else path
+                    raise DataValidationError(
+                        path,
+                        0,
+                        "file-not-found",
+                        f"a link to {target}, which does not exist; fix or remove the link",
+                    )
+                candidates.append((linked or os.path.islink(path), path, identity))
+    found: dict[tuple[int, int], str] = {}
+    for _, path, identity in sorted(candidates):
+        found.setdefault(identity, path)
+    return sorted(found.values())
 
 
 def check_task_type(task_type: str) -> None:
