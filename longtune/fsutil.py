@@ -194,7 +194,8 @@ def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -211,7 +212,7 @@ def _remove_stale(final: Path) -> None:
     pattern = re.compile(re.escape(final.name) + r"\.(tmp|old)-(\d+)-[0-9a-f]{8}")
     for sibling in final.parent.iterdir():
         match = pattern.fullmatch(sibling.name)
-        if match and sibling.is_dir() and not _pid_alive(int(match.group(2))):
+        if match and sibling.is_dir() and not pid_alive(int(match.group(2))):
             shutil.rmtree(sibling, ignore_errors=True)
 
 

@@ -43,7 +43,7 @@ def test_validate_exit_codes(tmp_path, capsys):
     assert "packed sequences" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": msgs[:1]}) + "\n")
-    assert run(["validate", str(bad), "--model", str(ckpt)]) == 1
+    assert run(["validate", str(bad), "--model", str(ckpt)]) == 2
     assert f"{bad}:1" in capsys.readouterr().err
 
 

@@ -102,7 +102,9 @@ def test_progress_lines_reach_the_log_now_and_then_and_the_console_once(
         progress.update(step, 1.0, tokens=10)
     for handler in logger.handlers:
         handler.flush()
-    logged = [line for line in (tmp_path / "train.log").read_text().splitlines() if "| loss" in line]
+    logged = [
+        line for line in (tmp_path / "train.log").read_text().splitlines() if "| loss" in line
+    ]
     assert len(logged) == 201 and "step 1/400" in logged[0] and "step 400/400" in logged[-1]
     assert len(console.getvalue().splitlines()) == 400
     assert "| loss" not in capsys.readouterr().out  # the log's copy is not echoed

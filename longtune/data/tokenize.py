@@ -45,7 +45,7 @@ import numpy as np
 from jinja2 import TemplateError
 
 from longtune.data.validation import MAX_EXAMPLE_BYTES, DataValidationError, Record, iter_records
-from longtune.fsutil import OUTPUT_MARKER, _pid_alive, atomic_write_text, is_longtune_output
+from longtune.fsutil import OUTPUT_MARKER, atomic_write_text, is_longtune_output, pid_alive
 from longtune.model.checks import check_model_dir
 
 logger = logging.getLogger(__name__)
@@ -404,7 +404,7 @@ def _remove_stale_temporaries(cache: Path) -> None:
     no longer exist."""
     for entry in cache.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
-        if match and match.group(2) == _HOST and not _pid_alive(int(match.group(3))):
+        if match and match.group(2) == _HOST and not pid_alive(int(match.group(3))):
             _remove_store_folder(entry)
 
 
