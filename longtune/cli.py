@@ -125,6 +125,11 @@ def train(argv: list[str]) -> int:
         return e.exit_code
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _reports() -> bool:
     """Whether this process says why a run did not start or stopped: global rank 0 does, the
     other ranks of a job (the same refusal, or torchrun stopping them after it) exit quietly
@@ -141,7 +146,7 @@ def _train(argv: list[str], stop: StopSignals) -> int:
         keeper.claim_existing()  # a folder another run writes into: refused before torch loads
         # torch and the trainer are imported only once the config is known to be good.
         from longtune.parallel.dims import PeerLostError
-        from longtune.train.result import TrainingDivergedError
+        from longtune.train.result import TrainingDivergedError, failure_reason
         from longtune.train.run import run_training
 
         try:
@@ -151,6 +156,16 @@ def _train(argv: list[str], stop: StopSignals) -> int:
             return 3
         except PeerLostError as e:
             print(f"longtune train: stopped: {e}", file=sys.stderr)
+            return 1
+        except (MemoryError, RuntimeError) as e:
+            if failure_reason(e) != "oom":
+                raise
+            print(
+                f"longtune train: stopped: out of memory ({_first_line(e)}); the newest complete "
+                "checkpoint is intact: lower data.context_length or train.micro_batch_size, or "
+                "spread the sequence over more ranks (parallel.sp)",
+                file=sys.stderr,
+            )
             return 1
         finally:
             keeper.release()

@@ -79,3 +79,17 @@ def test_help_does_not_import_torch():
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    import longtune.train.run as run_module
+    from longtune.cli import train
+
+    def out_of_memory(cfg, **kw):
+        raise MemoryError("Unable to allocate 16.0 GiB for an array")
+
+    monkeypatch.setattr(run_module, "run_training", out_of_memory)
+    code = train(["--model", "m", "--data", "d.jsonl", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "stopped: out of memory (Unable to allocate 16.0 GiB for an array)" in err
