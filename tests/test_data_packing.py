@@ -401,3 +401,27 @@ def test_temporaries_of_a_killed_tokenization_are_removed_when_a_store_is_writte
     left = {what for what, name in names.items() if (cache / name).exists()}
     assert left == {"alive", "another host", "older naming, no pid"}
     assert stores_in(cache) == sorted([store.path.name, *(names[w] for w in left)])
+
+
+def test_a_full_disk_under_the_token_cache_is_one_line_naming_it(
+    tmp_path, tiny_model, monkeypatch
+):
+    import errno
+
+    from longtune.fsutil import OutputDirError
+
+    real = np.save
+
+    def full(file, array):
+        if str(file).endswith("ids.npy"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # a write: no file name
+        real(file, array)
+
+    monkeypatch.setattr(tokenize_mod.np, "save", full)
+    data = write_jsonl(tmp_path / "c.jsonl", chat_rows(2, seed=7))
+    cache = tmp_path / "cache"
+    with pytest.raises(OutputDirError) as e:
+        tokenize_files([str(data)], tiny_model, "chat", cache_dir=cache)
+    assert str(e.value).startswith(f"cannot write the token cache in {cache}")
+    assert "No space left on device" in str(e.value)
+    assert not [p for p in cache.rglob("*.npy")]  # no half-written store left

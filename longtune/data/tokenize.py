@@ -45,7 +45,14 @@ import numpy as np
 from jinja2 import TemplateError
 
 from longtune.data.validation import MAX_EXAMPLE_BYTES, DataValidationError, Record, iter_records
-from longtune.fsutil import OUTPUT_MARKER, atomic_write_text, is_longtune_output, pid_alive
+from longtune.fsutil import (
+    OUTPUT_MARKER,
+    OutputDirError,
+    atomic_write_text,
+    describe_os_error,
+    is_longtune_output,
+    pid_alive,
+)
 from longtune.model.checks import check_model_dir
 
 logger = logging.getLogger(__name__)
@@ -444,7 +451,14 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
         # The marker first: a data folder holding the cache skips even a half-written store.
         (tmp / OUTPUT_MARKER).write_text(_marker_text())
         _write_store(file, encoder, tmp)
-    except BaseException:  # a bad example, a full disk: leave no half-written store behind
+    except OSError as exc:
+        _remove_store_folder(tmp)
+        if exc.filename is not None and not str(exc.filename).startswith(str(tmp)):
+            raise  # reading the data, not writing the store
+        # A full disk, a read-only cache: one line naming the cache folder.
+        exc.filename = str(path.parent)
+        raise OutputDirError(describe_os_error(exc, "the token cache")) from None
+    except BaseException:  # a bad example, an interrupt: leave no half-written store behind
         _remove_store_folder(tmp)
         raise
     # Ranks of one job may build the same store at once: the first rename wins, the others
