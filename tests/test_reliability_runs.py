@@ -163,6 +163,7 @@ def test_export_of_a_checkpoint_refuses_the_run_folder_and_user_folders(server, 
         server.run(["export", step, step / "hf"], tmp_path),
         server.run(["export", step, user], tmp_path),
         server.run(["export", step, baseline["run"] / "source", "--overwrite"], tmp_path),
+        server.run(["export", step, "."], tmp_path),
     ]
     lines = [r.error_line() for r in results]
     assert f"{sidecar} exists and was not written by longtune" in lines.pop(0)
@@ -170,7 +171,8 @@ def test_export_of_a_checkpoint_refuses_the_run_folder_and_user_folders(server, 
     assert "holds the source" in lines[0]
     assert f"is inside the training run {baseline['run']}" in lines[1]
     assert "was not written by longtune (it holds todo.txt)" in lines[2]
-    assert "is the source" in lines[3]
+    assert f"is inside the training run {baseline['run']}" in lines[3]
+    assert "output folder '.' is the current folder or holds it" in lines[4]
     assert (user / "todo.txt").read_text() == "keep me"
     assert find_latest_checkpoint(baseline["run"] / "checkpoints") == step
 
