@@ -93,6 +93,15 @@ def runs_resume(name: str, runs_dir: str = "runs", nproc: int | None = None) -> 
     return 0
 
 
+def runs_delete(name: str, runs_dir: str = "runs") -> int:
+    """Delete a run that is not running: its folder, checkpoints and export included."""
+    from longtune import runs
+
+    info = runs.delete(name, runs_dir)
+    print(f"deleted run {info.name} ({info.path})")
+    return 0
+
+
 def train(argv: list[str]) -> int:
     """``longtune train``: parse, validate, run. Returns the exit code.
 
@@ -303,7 +312,7 @@ def _add_data_commands(sub: Any) -> None:
 
 
 def _add_run_commands(sub: Any) -> None:
-    """``ui`` and ``runs list|show|cancel|resume``."""
+    """``ui`` and ``runs list|show|cancel|resume|delete``."""
     d, runs_dir = _DEFAULT, _RUNS_DIR
     p = _command(
         sub,
@@ -328,7 +337,9 @@ def _add_run_commands(sub: Any) -> None:
         "folder and the demo's data and model are always allowed.",
     )
 
-    runs = sub.add_parser("runs", help="List, show, cancel or resume the runs of a runs folder.")
+    runs = sub.add_parser(
+        "runs", help="List, show, cancel, resume or delete the runs of a runs folder."
+    )
     actions = runs.add_subparsers(dest="_runs_command", required=True, metavar="ACTION")
     folder = argparse.ArgumentParser(add_help=False)
     folder.add_argument("--runs-dir", default="runs", help=runs_dir)
@@ -349,6 +360,7 @@ def _add_run_commands(sub: Any) -> None:
     )
     p = _command(actions, "resume", runs_resume, parents=[named])
     p.add_argument("--nproc", type=int, help="processes (default: as it was launched, else 1)." + d)
+    _command(actions, "delete", runs_delete, parents=[named])
 
 
 def _end_worker(code: int) -> None:

@@ -1,7 +1,7 @@
-"""The runs of a runs folder: list, inspect, launch, cancel and resume them.
+"""The runs of a runs folder: list, inspect, launch, cancel, resume and delete them.
 
-``longtune runs list|show|cancel|resume``, ``longtune.runs.list() / get(name) / cancel(name) /
-resume(name)`` and the web UI all use this module, and it reads runs only from their folders through
+``longtune runs list|show|cancel|resume|delete``, ``longtune.runs.list() / get(name) /
+cancel(name) / resume(name) / delete(name)`` and the web UI all use this module, and it reads runs only from their folders through
 :mod:`longtune.run_dir` (``status.json``, ``config.yaml``, ``metrics.jsonl``, the launch record):
 nothing is kept in memory, so runs started from the CLI, the Python API or the UI appear in all
 three, and a restarted UI finds its runs again.
@@ -15,9 +15,16 @@ error.
 
 :func:`launch` starts ``python -m longtune train RUN/config.yaml`` (or the same under
 ``torch.distributed.run`` for several processes) with an argument list, never a shell, as the
-leader of a new session, its output going to ``RUN/launch.log``. :func:`cancel` sends SIGTERM to
-the run's process group, which the trainer answers by finishing its step, writing a checkpoint
-and ending with status ``cancelled``.
+leader of a new session, its output going to ``RUN/launch.log``, once the trainer's own
+preflight checks passed (nothing is created for a launch they refuse). :func:`cancel` sends
+SIGTERM to the run's process group, which the trainer answers by finishing its step, writing a
+checkpoint and ending with status ``cancelled``. :func:`delete` removes a run folder that is not
+running (only a marked one, under its lock).
+
+Times: ``started_at`` is the run's first start (a resumed run keeps it), ``duration_s`` the wall
+time since then, ``train_time_s`` the training time of all its processes together (the
+metrics records' ``elapsed_s``), ``eta_s`` the time a running run still needs at its average
+step time.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ import yaml
 from longtune.run_dir import (
     RunDir,
     RunLockedError,
+    delete_run,
     end_launch,
     latest_metrics,
     lock_run,
     mark_run,
     read_launch,
     read_run_state,
+    read_status,
     stop_target,
     tail_lines,
     write_launch,
@@ -58,6 +67,10 @@ DEFAULT_RUNS_DIR = "runs"
 _RESUMING = threading.Lock()  # resumes in this process (the web UI's threads), one at a time
 #: A run name: a plain folder name (letters, digits, ``.``, ``_``, ``-``; not starting with ``.``).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+#: Failure reasons a resume with the same settings meets again at once (found before training).
+SAME_AGAIN_REASONS = ("config error", "data error")
+#: Bytes read from the start of ``metrics.jsonl`` for the first train record (the ETA's origin).
+_HEAD_BYTES = 64 * 1024
 
 
 @dataclass
@@ -77,9 +90,16 @@ class RunInfo:
     train_loss: float | None = None
     eval_loss: float | None = None
     started_at: float | None = None
-    """Unix time the run (or its launch) started."""
+    """Unix time the run (or its launch) first started; a resumed run keeps its first start."""
     duration_s: float | None = None
-    """From the start to the end (or to now, while it runs)."""
+    """Wall time from the first start to the end (or to now, while it runs)."""
+    train_time_s: float | None = None
+    """Training time of all the run's processes together (its last metrics record's
+    ``elapsed_s``)."""
+    eta_s: float | None = None
+    """Time a running run still needs: its average step time so far times the steps left."""
+    reason: str | None = None
+    """Why a failed run failed (``config error``, ``process gone``, ``exit code 2``, ...)."""
     error: str | None = None
     """The one-line reason of a failed run."""
     message: str | None = None
@@ -90,6 +110,22 @@ class RunInfo:
     export_dir: Path | None = None
     """The exported Hugging Face folder, once written."""
     export_check: dict[str, Any] | None = None
+
+    @property
+    def resume_refusal(self) -> str | None:
+        """Why a Resume with the run's own settings would stop again at once, or None.
+
+        A run that failed on its settings or its data (``config error``, ``data error``) meets
+        the same error when started again with the same ``config.yaml``.
+        """
+        if self.state != "failed" or self.reason not in SAME_AGAIN_REASONS:
+            return None
+        return (
+            f"run {self.name!r} stopped on a {self.reason}: a Resume with the same settings "
+            "would stop the same way; fix the settings or the data and start a new run, or "
+            "resume it from the command line with corrected settings: "
+            f"longtune train {RunDir(self.path).config} --section.key=value"
+        )
 
     @property
     def progress(self) -> float | None:
@@ -104,6 +140,7 @@ class RunInfo:
         out["path"] = str(self.path)
         out["export_dir"] = str(self.export_dir) if self.export_dir else None
         out["progress"] = self.progress
+        out["resume_refusal"] = self.resume_refusal
         return out
 
 
@@ -227,9 +264,13 @@ def cancel(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, now: bool = False
 def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
     """Start a training run in a new folder as a background process.
 
-    The folder ``cfg.output.dir`` is created (it must not exist) and the config written to it
-    first, so the folder is a run from the start and a launch that fails in preflight ends with
-    a ``failed`` status (or, if the trainer never got that far, its output's last line).
+    First the checks ``longtune train`` makes before it starts anything
+    (:func:`longtune.train.preflight.preflight` for ``nproc`` processes: the model folder, every
+    data file and line, the output and cache folders, the parallel layout): a launch they refuse
+    creates nothing. Then the folder ``cfg.output.dir`` is created (it must not exist) and the
+    config written to it, so the folder is a run from the start and a launch that still fails
+    in the trainer ends with a ``failed`` status (or, if the trainer never got that far, its
+    output's last line).
 
     Args:
         cfg: the validated job config; ``output.dir`` is the new run folder.
@@ -240,22 +281,34 @@ def launch(cfg: JobConfig, nproc: int = 1) -> RunInfo:
 
     Raises:
         FileExistsError: the run folder exists already.
-        ValueError: ``nproc`` is below 1.
+        ValueError, FileNotFoundError, NotImplementedError: the preflight's one-line refusal
+            (naming the setting, file or line), or ``nproc`` below 1.
+        OSError: a folder the checks had to read could not be read.
     """
     if nproc < 1:
         raise ValueError(f"nproc={nproc} must be >= 1")
     run = RunDir(Path(cfg.output.dir))
+    if run.path.exists():
+        raise FileExistsError(_exists_message(run))
+    # Imports torch: only when a run is launched (listing runs stays light).
+    from longtune.train.preflight import preflight
+
+    preflight(cfg, world_size=nproc)
     run.path.parent.mkdir(parents=True, exist_ok=True)
     try:
         run.path.mkdir()
     except FileExistsError:
-        raise FileExistsError(
-            f"{run.path} exists already; choose another run name (longtune never writes into a "
-            "folder it did not create for this run)"
-        ) from None
+        raise FileExistsError(_exists_message(run)) from None
     mark_run(run)
     save_config(cfg, run.config)
     return _start(run, nproc)
+
+
+def _exists_message(run: RunDir) -> str:
+    return (
+        f"{run.path} exists already; choose another run name (longtune never writes into a "
+        "folder it did not create for this run)"
+    )
 
 
 def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None = None) -> RunInfo:
@@ -287,7 +340,7 @@ def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None
             raise FileNotFoundError(
                 f"run {name!r} has no {run.config.name}; it cannot be restarted"
             )
-        _check_ended(run, name)
+        _check_ended(run, name, "resume")
         if nproc is None:
             nproc = int((read_launch(run) or {}).get("nproc", 1))
         # The folder as it is now (it may have been moved since the run was written).
@@ -295,17 +348,58 @@ def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None
         return _start(run, nproc, extra)
 
 
-def _check_ended(run: RunDir, name: str) -> None:
-    """Refuse to resume a run whose earlier process has not ended yet (it may still be writing
-    its last checkpoint after recording its end)."""
+def delete(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> RunInfo:
+    """Delete a run's folder: its checkpoints, export, metrics and logs.
+
+    Only a longtune run folder (it holds the run marker, and nothing a run does not write) that
+    is not running, starting or still stopping; the folder's lock is held while it is deleted,
+    so a run that starts meanwhile is refused by the lock (or refuses the delete).
+
+    Args:
+        name: the run's folder name.
+        runs_dir: the runs folder.
+
+    Returns:
+        The run as it was just before it was deleted.
+
+    Raises:
+        ValueError: the run is running or starting or still stopping, or the folder is not a
+            longtune run folder, or holds files a run does not write (nothing is deleted).
+        FileNotFoundError: no such folder.
+    """
+    run = RunDir(Path(runs_dir) / check_name(name))
+    if run.path.exists() and not run.is_run():
+        raise ValueError(
+            f"{run.path} is not a longtune run folder (it has no run marker); not deleting it: "
+            "remove it yourself if you mean to"
+        )
+    with _RESUMING:  # not while this process resumes it
+        info = get(name, runs_dir)
+        if info.state in ("running", "starting"):
+            raise ValueError(
+                f"run {name!r} is {info.status}; cancel it and wait for it to end before "
+                "deleting it"
+            )
+        try:
+            _check_ended(run, name, "delete")
+            delete_run(run)
+        except RunLockedError:
+            raise ValueError(
+                f"run {name!r} is in use by a process that started meanwhile; not deleting it"
+            ) from None
+    return info
+
+
+def _check_ended(run: RunDir, name: str, action: str) -> None:
+    """Refuse to resume or delete a run whose earlier process has not ended yet (it may still
+    be writing its last checkpoint after recording its end)."""
+    message = f"run {name!r} is still stopping; {action} it once its process has ended"
     if (read_launch(run) or {}).get("alive"):
-        raise ValueError(f"run {name!r} is still stopping; resume it once its process has ended")
+        raise ValueError(message)
     try:
         lock_run(run).release()
     except RunLockedError:
-        raise ValueError(
-            f"run {name!r} is still stopping; resume it once its process has ended"
-        ) from None
+        raise ValueError(message) from None
 
 
 def _start(run: RunDir, nproc: int, extra: builtins.list[str] | None = None) -> RunInfo:
@@ -402,11 +496,19 @@ def _info(run: RunDir) -> RunInfo:
         pgid=state.pgid,
         host=state.host,
     )
-    if state.started_at is not None:
+    if state.state == "failed" and state.status.startswith("failed ("):
+        info.reason = state.status[len("failed (") : -1]
+    # The first start: a resumed run's status carries it over, and until the resumed process
+    # writes its own status, the earlier one still tells it.
+    earlier = read_status(run) or {}
+    starts = [state.started_at, earlier.get("first_started_at"), earlier.get("started_at")]
+    known = [t for t in starts if t is not None]
+    info.started_at = min(known) if known else None
+    if info.started_at is not None:
         running = state.state in ("running", "starting")
         ended_at = time.time() if running else state.ended_at
         if ended_at is not None:
-            info.duration_s = max(0.0, ended_at - state.started_at)
+            info.duration_s = max(0.0, ended_at - info.started_at)
     model, data = _section(cfg, "model"), _section(cfg, "data")
     info.model = model.get("path") if isinstance(model.get("path"), str) else None
     train_files = data.get("train")
@@ -416,6 +518,7 @@ def _info(run: RunDir) -> RunInfo:
     train, eval_, last_step = latest_metrics(run, want_eval=has_eval)
     info.train_loss = train["loss"] if train else None
     info.eval_loss = eval_["eval_loss"] if eval_ else None
+    info.train_time_s = train.get("elapsed_s") if train else None
     if last_step is not None:
         info.step = max(info.step or 0, last_step)
     if info.total_steps is None:
@@ -424,6 +527,8 @@ def _info(run: RunDir) -> RunInfo:
         except ValueError:
             duration = None
         info.total_steps = duration.value if duration and duration.unit == "st" else None
+    if info.state == "running" and train is not None and info.total_steps:
+        info.eta_s = _eta(_first_train_record(run), train, info.total_steps)
     if run.export_check.is_file():
         try:
             info.export_check = json.loads(run.export_check.read_text())
@@ -432,6 +537,40 @@ def _info(run: RunDir) -> RunInfo:
     if run.export.is_dir():
         info.export_dir = run.export
     return info
+
+
+def _first_train_record(run: RunDir) -> dict[str, Any] | None:
+    """The first train record of ``metrics.jsonl`` (read from the file's head only)."""
+    try:
+        with open(run.metrics, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except FileNotFoundError:
+        return None
+    for line in head.split(b"\n"):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # empty, or cut at the end of the head
+            continue
+        if isinstance(rec, dict) and rec.get("kind", "train") == "train" and "loss" in rec:
+            return rec
+    return None
+
+
+def _eta(first: dict[str, Any] | None, last: dict[str, Any], total_steps: int) -> float | None:
+    """Seconds until ``total_steps`` at the average step time from ``first`` to ``last`` (as
+    the training log's progress line computes it: training time, so the pauses between a run's
+    processes and the first step's start-up do not count). None when it cannot be told."""
+    step, elapsed = last.get("step"), last.get("elapsed_s")
+    if not isinstance(step, int) or not isinstance(elapsed, (int, float)):
+        return None
+    if first is not None and isinstance(first.get("elapsed_s"), (int, float)):
+        first_step = first.get("step")
+        if isinstance(first_step, int) and step > first_step:
+            per_step = (elapsed - first["elapsed_s"]) / (step - first_step)
+            return max(0.0, per_step * (total_steps - step))
+    if step > 0:
+        return max(0.0, elapsed / step * (total_steps - step))
+    return None
 
 
 def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -497,7 +636,17 @@ def format_table(runs: builtins.list[RunInfo]) -> str:
     Returns:
         One header line and one line per run.
     """
-    header = ("NAME", "STATUS", "STEP", "TRAIN LOSS", "EVAL LOSS", "STARTED", "DURATION", "MODEL")
+    header = (
+        "NAME",
+        "STATUS",
+        "STEP",
+        "TRAIN LOSS",
+        "EVAL LOSS",
+        "STARTED",
+        "WALL",
+        "TRAINING",
+        "MODEL",
+    )
     rows = [header] + [
         (
             r.name,
@@ -506,7 +655,8 @@ def format_table(runs: builtins.list[RunInfo]) -> str:
             format_loss(r.train_loss),
             format_loss(r.eval_loss),
             format_time(r.started_at),
-            "-" if r.duration_s is None else format_duration(r.duration_s),
+            _seconds(r.duration_s),
+            _seconds(r.train_time_s),
             r.model or "-",
         )
         for r in runs
@@ -516,6 +666,10 @@ def format_table(runs: builtins.list[RunInfo]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
         for row in rows
     )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else format_duration(value)
 
 
 def format_details(info: RunInfo) -> str:
@@ -540,7 +694,9 @@ def format_details(info: RunInfo) -> str:
         ("train loss", format_loss(info.train_loss)),
         ("eval loss", format_loss(info.eval_loss)),
         ("started", format_time(info.started_at)),
-        ("duration", None if info.duration_s is None else format_duration(info.duration_s)),
+        ("wall time", None if info.duration_s is None else _seconds(info.duration_s)),
+        ("training", None if info.train_time_s is None else _seconds(info.train_time_s)),
+        ("eta", None if info.eta_s is None else _seconds(info.eta_s)),
         ("process", f"pid {info.pid}, group {info.pgid} on {info.host}" if info.pid else None),
         ("export", str(info.export_dir) if info.export_dir else None),
         ("self-check", None if check is None else ("passed" if check.get("passed") else "FAILED")),

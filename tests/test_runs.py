@@ -343,3 +343,105 @@ def test_resume_waits_for_the_earlier_process_and_names_the_folder_as_it_is(tmp_
     assert started == [
         ["--checkpoint.resume=auto", f"--output.dir={(moved / 'stopping').resolve()}"]
     ]
+
+
+# A process that records a run as `running` (itself) and stays alive.
+RUNNING = (
+    "import sys, time; from longtune.run_dir import RunDir, write_status; "
+    "write_status(RunDir(sys.argv[1]), 'running', step=1, total_steps=10, started_at=time.time()); "
+    "time.sleep(120)"
+)
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "longtune", "runs", *args], capture_output=True, text=True
+    )
+
+
+def test_delete_removes_only_runs_that_have_ended(folder):
+    live = make_run(folder, "live")
+    proc = subprocess.Popen([sys.executable, "-c", RUNNING, str(live.path)])
+    try:
+        wait_for(lambda: (read_status(live) or {}).get("state") == "running", 30, "running")
+        with pytest.raises(ValueError, match="'live' is running; cancel it and wait"):
+            runs.delete("live", folder)
+        out = cli("delete", "live", "--runs-dir", str(folder))
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+            "longtune runs: error: run 'live' is running; cancel it and wait for it to end "
+            "before deleting it"
+        ]
+        assert live.config.is_file()
+    finally:
+        proc.kill()
+        proc.wait()
+    # A run that recorded its end but whose process still holds the folder (writing its last
+    # checkpoint): not yet.
+    stopping = make_run(folder, "stopping")
+    write_status(stopping, "cancelled", step=2, total_steps=10)
+    lock = lock_run(stopping)
+    try:
+        with pytest.raises(ValueError, match="'stopping' is still stopping; delete it once"):
+            runs.delete("stopping", folder)
+    finally:
+        lock.release()
+    # Folders that are not runs stay as they are.
+    with pytest.raises(ValueError, match="not-a-run is not a longtune run folder"):
+        runs.delete("not-a-run", folder)
+    out = cli("delete", "user-project", "--runs-dir", str(folder))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "user-project is not a longtune run folder" in out.stderr
+    assert (folder / "not-a-run" / "notes.txt").read_text() == "hello"
+    assert (folder / "user-project" / "config.yaml").is_file()
+    with pytest.raises(FileNotFoundError, match="no run 'nope'"):
+        runs.delete("nope", folder)
+    # Ended runs go, through the API and the command line.
+    assert runs.delete("done", folder).name == "done" and not (folder / "done").exists()
+    out = cli("delete", "nan", "--runs-dir", str(folder))
+    assert out.returncode == 0 and out.stdout.startswith("deleted run nan")
+    assert not (folder / "nan").exists()
+    assert {r.name for r in runs.list(folder)} == {"gone", "live", "stopping"}
+
+
+def test_a_resumed_run_keeps_its_first_start_and_sums_its_training_time(tmp_path):
+    from longtune.train.keeper import RunKeeper
+
+    run = make_run(tmp_path, "resumed", duration="10st")
+    first = RunKeeper(run, rank=0)
+    first.started_at = time.time() - 1000  # the first process started long ago
+    first.claim_existing()
+    first.claim()
+    first.progress(4, total_steps=10)
+    first.end("cancelled", signal="SIGTERM")
+    first.release()
+    # Its records carry the training time of the whole run (the resumed process continues it).
+    records = [
+        {"step": s, "kind": "train", "loss": 1.0, "elapsed_s": 30.0 * s} for s in range(1, 7)
+    ]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    second = RunKeeper(run, rank=0)
+    second.claim_existing()
+    second.claim()  # the resumed process (this one): running
+    try:
+        status = read_status(run)
+        assert status["first_started_at"] == first.started_at
+        assert status["started_at"] == second.started_at > first.started_at
+        info = runs.get("resumed", tmp_path)
+        assert info.state == "running" and info.started_at == first.started_at
+        assert 1000 <= info.duration_s < 1100  # wall time since the first start
+        assert info.train_time_s == 180.0
+        assert info.eta_s == pytest.approx(30.0 * (10 - 6))
+        details = runs.format_details(info)
+        assert "training:    3m00s" in details and "eta:         2m00s" in details
+        assert "wall time:   16m" in details
+        assert runs.format_time(first.started_at) in details
+        second.end("succeeded")
+    finally:
+        second.release()
+    info = runs.get("resumed", tmp_path)
+    assert info.started_at == first.started_at and info.eta_s is None
+    assert read_status(run)["first_started_at"] == first.started_at
+    table = runs.format_table([info]).splitlines()
+    assert table[0].split()[-4:] == ["STARTED", "WALL", "TRAINING", "MODEL"]
+    assert "3m00s" in table[1] and "16m" in table[1]

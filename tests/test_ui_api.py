@@ -1,13 +1,18 @@
 """The web UI's API against the real `longtune ui` process: its guard (token, Host, origin),
-path limits, the config's own errors, the data preview, and runs launched through it that fail
-in preflight or are killed with SIGKILL."""
+path limits (links resolved, every file of a data folder), the config's own errors, the
+trainer's preflight before a launch creates anything, the data preview, deleting runs, what a
+run page offers and says (no Resume that would fail again, the UI's words, the ETA), error
+pages, and a run launched through it that is killed with SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from urllib.parse import quote
 
 import pytest
@@ -15,8 +20,17 @@ import yaml
 from ui_server import DEMO_DATA, UIServer, kill_runs, runs_list_cli, tiny_run_form, wait_for
 
 from longtune.data import check_data
-from longtune.run_dir import RunDir, mark_run, write_status
+from longtune.run_dir import RunDir, mark_run, read_status, write_status
 from longtune.train.config import ConfigError, config_from_values
+from longtune.train.preflight import preflight
+from longtune.ui.forms import parse_form
+
+# A process that records a run as `running` (itself) and stays alive: a live run for the UI.
+RUNNING = (
+    "import sys, time; from longtune.run_dir import RunDir, write_status; "
+    "write_status(RunDir(sys.argv[1]), 'running', step=int(sys.argv[2]), total_steps=10, "
+    "started_at=time.time()); time.sleep(120)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +50,30 @@ def env(tmp_path_factory, ui_assets):
     yield {"server": server, "model": model, "models": models, "outside": outside, "cache": cache}
     server.stop()
     kill_runs(server.runs_dir)
+
+
+def fake_run(runs_dir, name: str, state: str, **status) -> RunDir:
+    """A marked run folder with a config and a status, as the trainer leaves them."""
+    run = RunDir(runs_dir / name)
+    run.path.mkdir(parents=True)
+    mark_run(run)
+    config = {"model": {"path": "/models/m"}, "data": {"train": ["/data/a.jsonl"]}}
+    run.config.write_text(yaml.safe_dump(config))
+    write_status(run, state, **status)
+    return run
+
+
+@contextlib.contextmanager
+def live_run(runs_dir, name: str, step: int = 4):
+    """A run whose status is `running`, written by a live process (ended on exit)."""
+    run = fake_run(runs_dir, name, "cancelled")
+    proc = subprocess.Popen([sys.executable, "-c", RUNNING, str(run.path), str(step)])
+    try:
+        wait_for(lambda: (read_status(run) or {}).get("state") == "running", 30, "running")
+        yield run
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def config_error(key: str, value: str) -> str:
@@ -176,23 +214,157 @@ def test_preview_reports_statistics_and_loss_masks(env):
     assert body["errors"][0].startswith(f"{bad}:2: invalid-json")
 
 
-def test_launch_failing_in_preflight_shows_its_one_line_error(env):
-    ui, model = env["server"], env["model"]
-    bad = env["models"] / "bad-launch.jsonl"
+def test_a_launch_runs_the_trainers_preflight_and_creates_nothing_it_refuses(env):
+    """Each of these once made a run folder and a process that failed seconds later."""
+    ui, model, models = env["server"], env["model"], env["models"]
+    (models / "notes.csv").write_text("a,b\n1,2\n")
+    bad = models / "bad-launch.jsonl"
     good_line = (DEMO_DATA / "eval.jsonl").read_text().splitlines()[0]
-    bad.write_text(
-        good_line + "\n" + json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n"
+    last_user = json.dumps({"messages": [{"role": "user", "content": "q"}]})
+    bad.write_text(good_line + "\n" + last_user + "\n")
+    cases = {
+        "no-data": ({"train": str(models / "nope.jsonl")}, "nope.jsonl does not exist"),
+        "no-model": ({"model": str(models / "no-such-model")}, "no-such-model"),
+        "sp-too-big": ({"sp": "2"}, "world"),  # SP 2 does not fit 1 process
+        "not-data": ({"train": str(models / "notes.csv")}, "unsupported-file-type"),
+        "bad-line": ({"train": str(bad), "eval": ""}, f"{bad}:2: last-not-assistant"),
+    }
+    for name, (fields, words) in cases.items():
+        form = tiny_run_form(name, model, "2st", **fields)
+        status, _, body = ui.request("POST", "/api/runs", body=form)
+        assert status == 422, (name, body)
+        assert words in body["detail"] and "\n" not in body["detail"], (name, body)
+        # The very message `longtune train` prints for these settings (its preflight).
+        new = parse_form(form, ui.runs_dir, [*(d.resolve() for d in ui.allow), DEMO_DATA])
+        with pytest.raises((ValueError, FileNotFoundError)) as e:
+            preflight(new.cfg, world_size=new.nproc)
+        assert body["detail"] == str(e.value), name
+        assert not (ui.runs_dir / name).exists(), name
+    assert not set(cases) & set(runs_list_cli(ui.runs_dir))
+
+
+def test_every_file_of_a_data_folder_must_lie_in_the_allowed_folders(env):
+    """A link inside an allowed data folder to a file outside it is refused by name, for the
+    preview (which would show its text) and the launch (which would train on it)."""
+    ui, model, models, outside = env["server"], env["model"], env["models"], env["outside"]
+    folder = models / "linked-data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text((DEMO_DATA / "eval.jsonl").read_text())
+    (folder / "b.jsonl").symlink_to(outside / "secret.jsonl")
+    for field in ("train", "eval"):
+        form = tiny_run_form("linked", model, "2st", **{field: str(folder)})
+        for path in ("/api/preview", "/api/runs"):
+            status, _, body = ui.request("POST", path, body=form)
+            assert status == 400, (field, path, body)
+            detail = body["detail"]
+            assert f"{folder / 'b.jsonl'} leads to {(outside / 'secret.jsonl').resolve()}" in detail
+            assert "outside the folders this UI may read" in detail and "{}" not in detail
+    assert not (ui.runs_dir / "linked").exists()
+    # Without the link the same folder is previewed.
+    (folder / "b.jsonl").unlink()
+    form = tiny_run_form("linked", model, "2st", train=str(folder), eval="")
+    status, _, body = ui.request("POST", "/api/preview", body=form)
+    assert status == 200 and body["ok"], body
+
+
+def test_delete_removes_a_finished_run_and_refuses_a_running_one(env):
+    ui = env["server"]
+    fake_run(ui.runs_dir, "to-delete", "succeeded", step=2, total_steps=2)
+    page = ui.request("GET", "/runs/to-delete")[2]
+    assert re.search(r'<button id="delete"[^>]*>', page) and "hidden" not in re.search(
+        r'<button id="delete"[^>]*>', page
+    ).group(0)
+    status, _, body = ui.request("POST", "/api/runs/to-delete/delete", body={})
+    assert status == 200 and body["deleted"] == "to-delete", body
+    assert not (ui.runs_dir / "to-delete").exists()
+    assert ui.request("POST", "/api/runs/to-delete/delete", body={})[0] == 404
+    with live_run(ui.runs_dir, "busy"):
+        status, _, body = ui.request("POST", "/api/runs/busy/delete", body={})
+        assert status == 409 and "'busy' is running; cancel it" in body["detail"], body
+        assert (ui.runs_dir / "busy" / "config.yaml").is_file()
+    (ui.runs_dir / "mine").mkdir()
+    (ui.runs_dir / "mine" / "notes.txt").write_text("keep me")
+    assert ui.request("POST", "/api/runs/mine/delete", body={})[0] == 404  # not a run
+    assert (ui.runs_dir / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_no_resume_is_offered_for_a_run_that_would_fail_again(env):
+    ui = env["server"]
+    for reason in ("config error", "data error"):
+        name = f"failed-{reason.split()[0]}"
+        fake_run(ui.runs_dir, name, "failed", reason=reason, error="data.train: x does not exist")
+        run = ui.run(name)
+        assert f"stopped on a {reason}" in run["resume_refusal"]
+        assert "start a new run" in run["resume_refusal"]
+        assert f"longtune train {ui.runs_dir / name / 'config.yaml'}" in run["resume_refusal"]
+        page = ui.request("GET", f"/runs/{name}")[2]
+        assert re.search(r'<button id="resume"[^>]*hidden', page), name
+        assert re.search(r'<div id="no-resume" class="note" >', page), name  # shown
+        status, _, body = ui.request("POST", f"/api/runs/{name}/resume", body={})
+        assert status == 409 and body["detail"] == run["resume_refusal"]
+    fake_run(ui.runs_dir, "failed-nan", "failed", reason="nan", error="non-finite loss")
+    assert ui.run("failed-nan")["resume_refusal"] is None
+    page = ui.request("GET", "/runs/failed-nan")[2]
+    assert not re.search(r'<button id="resume"[^>]*hidden', page)
+
+
+def test_the_run_page_says_resume_in_the_uis_words(env):
+    ui = env["server"]
+    message = (
+        "cancelled by SIGTERM after step 3 of 9; checkpoint /r/checkpoints/step-3; "
+        "rerun the same command to resume"
     )
-    status, _, run = ui.request(
-        "POST", "/api/runs", body=tiny_run_form("bad", model, "2st", train=str(bad), eval="")
+    fake_run(ui.runs_dir, "stopped", "cancelled", step=3, total_steps=9, message=message)
+    run = ui.run("stopped")
+    assert run["message"] == message  # the record as the trainer wrote it
+    assert run["display"]["message"] == (
+        "cancelled by SIGTERM after step 3 of 9; checkpoint /r/checkpoints/step-3; "
+        "press Resume to continue"
     )
-    assert status == 201 and run["name"] == "bad", run
-    assert ui.request("POST", "/api/runs", body=tiny_run_form("bad", model, "2st"))[0] == 409
-    info = wait_for(
-        lambda: (r := ui.run("bad"))["state"] == "failed" and r, 90, "the launch to fail"
-    )
-    assert f"{bad}:2: last-not-assistant" in info["error"] and "\n" not in info["error"]
-    assert runs_list_cli(ui.runs_dir)["bad"]["status"] == "failed (data error)"
+    page = ui.request("GET", "/runs/stopped")[2]
+    assert "press Resume to continue" in page and "rerun the same command" not in page
+
+
+def test_a_running_run_has_an_eta_from_its_average_step_time(env):
+    ui = env["server"]
+    with live_run(ui.runs_dir, "eta", step=4) as run:
+        # 2 s a step after a slow first step (start-up), as the trainer's records say.
+        records = [
+            {"step": s, "kind": "train", "loss": 1.0, "elapsed_s": 8.0 + 2 * s}
+            for s in (1, 2, 3, 4)
+        ]
+        run.metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+        got = ui.run("eta")
+        assert got["state"] == "running" and got["total_steps"] == 10
+        assert got["eta_s"] == pytest.approx(2.0 * (10 - 4))
+        assert got["display"]["eta"] == "12s"
+        assert got["train_time_s"] == 16.0 and got["display"]["train_time"] == "16s"
+    assert ui.run("eta")["eta_s"] is None  # not running any more
+
+
+def test_pages_answer_html_and_the_api_json(env):
+    ui = env["server"]
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    # No token, from a browser: a page that says how to log in (and gives no token away).
+    status, headers, page = ui.request("GET", "/", token=False, headers=html)
+    assert status == 401 and headers["content-type"].startswith("text/html")
+    assert "Log in to longtune" in page and "login link" in page and "longtune ui" in page
+    assert "works" in page and "until that UI stops" in page
+    assert '<form method="get" action="/login">' in page and ui.token not in page
+    status, _, page = ui.request("GET", "/login?token=wrong", token=False, headers=html)
+    assert status == 401 and "not this UI" in page and ui.token not in page
+    # The API, and clients that do not ask for HTML: JSON.
+    for path, headers in (("/api/runs", html), ("/", {}), ("/api/runs", {})):
+        status, out, body = ui.request("GET", path, token=False, headers=headers)
+        assert status == 401 and out["content-type"] == "application/json", path
+        assert "login link" in body["detail"]
+    # A run that does not exist: a page that says so and links to the runs list.
+    status, headers, page = ui.request("GET", "/runs/nosuch", headers=html)
+    assert status == 404 and headers["content-type"].startswith("text/html")
+    assert "No such run" in page and "There is no run &#39;nosuch&#39;" in page
+    assert '<a href="/">See the runs list</a>' in page
+    status, headers, body = ui.request("GET", "/api/runs/nosuch")
+    assert status == 404 and "no run 'nosuch'" in body["detail"]
 
 
 def test_kill9_of_a_run_shows_failed_process_gone_then_it_resumes(env):
@@ -200,8 +372,10 @@ def test_kill9_of_a_run_shows_failed_process_gone_then_it_resumes(env):
     form = tiny_run_form("killed", model, "5000st")
     form["extra"] += " --checkpoint.every=2"
     assert ui.request("POST", "/api/runs", body=form)[0] == 201
+    status, _, body = ui.request("POST", "/api/runs", body=tiny_run_form("killed", model, "2st"))
+    assert status == 409 and "exists already" in body["detail"]
     wait_for(lambda: (ui.run("killed")["step"] or 0) >= 3, 120, "the run's third step")
-    pgid = ui.run("killed")["pgid"]
+    pgid, first_start = ui.run("killed")["pgid"], ui.run("killed")["started_at"]
     os.killpg(pgid, signal.SIGKILL)
     status = wait_for(
         lambda: (s := runs_list_cli(ui.runs_dir)["killed"]["status"]).startswith("failed") and s,
@@ -223,6 +397,9 @@ def test_kill9_of_a_run_shows_failed_process_gone_then_it_resumes(env):
     status, _, body = ui.request("POST", "/api/runs/killed/resume", body={})
     assert status == 409 and "only a cancelled or failed run can be resumed" in body["detail"]
     wait_for(lambda: ui.run("killed")["state"] == "running", 60, "the resumed run to run")
+    resumed_run = ui.run("killed")
+    assert resumed_run["started_at"] == first_start  # the run's first start, kept
+    assert read_status(RunDir(ui.runs_dir / "killed"))["started_at"] > first_start
     assert ui.request("POST", "/api/runs/killed/cancel", body={})[0] == 200
     wait_for(lambda: ui.run("killed")["status"] == "cancelled", 60, "the cancel")
 

@@ -1,10 +1,12 @@
 """The web UI end to end in real headless Chromium (Debian's package, driven by Playwright).
 
-Log in through the printed link, preview the demo data and start a run of a tiny model from the
-form, watch its loss chart gain points until it succeeds, start a second run, restart the UI
-while it goes (it still shows as running and its charts continue), cancel it from its page,
-resume it and cancel it again, compare the two runs, and read both statuses back through
-`longtune runs list`.
+Log in through the printed link, be refused a run whose data path does not exist (the form
+shows the preflight's error; no run folder), preview the demo data and start a run of a tiny
+model from the form, watch its loss chart gain points until it succeeds, start a second run,
+restart the UI while it goes (it still shows as running and its charts continue), cancel it
+from its page (the button stays disabled until the run has ended), resume it and cancel it
+again, compare the two runs, see the runs table fit the page at 1024 and 1440 px, delete a
+run, and read the statuses back through `longtune runs list`.
 
 Set LONGTUNE_UPDATE_DOCS=1 to refresh the screenshot in docs/ (the run page of the first run).
 """
@@ -13,10 +15,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 from ui_server import ROOT, UIServer, kill_runs, runs_list_cli
+
+from longtune.run_dir import RunDir, mark_run, write_status
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -56,6 +62,32 @@ def wait_points(page, at_least: int, timeout_s: float) -> int:
     return points(page)
 
 
+# Records, from the moment it is installed, the cancel button's state with the run's status
+# each time either changes.
+WATCH_CANCEL = """() => {
+  window.cancelLog = [];
+  const button = document.querySelector('#cancel'), status = document.querySelector('#status');
+  const note = () => window.cancelLog.push([status.textContent, button.disabled, button.hidden]);
+  const watch = new MutationObserver(note);
+  watch.observe(button, { attributes: true });
+  watch.observe(status, { childList: true, characterData: true, subtree: true });
+}"""
+
+
+def old_run_with_a_default_name(runs_dir: Path) -> str:
+    """A run as the form names them by default, with long paths, that died long ago."""
+    name = "run-20251127-082602"
+    run = RunDir(runs_dir / name)
+    run.path.mkdir(parents=True)
+    mark_run(run)
+    model = "/home/someone/.cache/longtune/smollm2-135m-instruct-bfloat16"
+    data = ["/srv/data/long-context/train-part-0001.jsonl", "/srv/data/long-context/x.jsonl"]
+    run.config.write_text(yaml.safe_dump({"model": {"path": model}, "data": {"train": data}}))
+    started = time.time() - 86400
+    write_status(run, "failed", reason="process gone", step=7, total_steps=24, started_at=started)
+    return name
+
+
 def fill_new_run(page, name: str, model: Path, duration: str) -> None:
     page.click("nav >> text=New run")
     page.fill("input[name=name]", name)
@@ -93,6 +125,17 @@ def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
             page.goto(ui.login_url)
             expect(page).to_have_url(f"{ui.base}/")
             expect(page.locator("#runs-body")).to_contain_text("No runs yet")
+
+            # A data path that does not exist: the preflight's line in the form, no run folder.
+            fill_new_run(page, "ghost", model, "20st")
+            missing = ui_assets["models"] / "missing.jsonl"
+            page.fill("textarea[name=train]", str(missing))
+            page.click("#launch")
+            expect(page.locator("#form-error")).to_have_text(
+                f"data.train: {missing} does not exist"
+            )
+            expect(page).to_have_url(f"{ui.base}/new")
+            assert not (runs_dir / "ghost").exists()
 
             # A run from the form, on the bundled demo data, after the data preview.
             fill_new_run(page, "first", model, "20st")
@@ -135,10 +178,17 @@ def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
             after_restart = wait_points(page, before_restart, 30)  # the metrics written so far
             wait_points(page, after_restart + 2, 60)  # and it goes on
 
+            page.evaluate(WATCH_CANCEL)
             page.click("#cancel")
+            expect(page.locator("#cancel")).to_be_disabled()
             expect(page.locator("#status")).to_have_text("cancelled", timeout=60_000)
             expect(page.locator("#cancel")).to_be_hidden()
             expect(page.locator("#message")).to_contain_text("checkpoint")  # where to resume from
+            expect(page.locator("#message")).to_contain_text("press Resume to continue")
+            # Never clickable again while the run still showed as running: one signal only.
+            log = page.evaluate("window.cancelLog")
+            assert log and log[0][1], log
+            assert not [e for e in log if e[0] == "running" and not e[1] and not e[2]], log
 
             # Resume it from that checkpoint, see it go on, and cancel it again.
             at_cancel = points(page)
@@ -154,6 +204,23 @@ def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
             expect(chart).to_have_attribute("data-series", "2")
             expect(chart.locator(".u-legend")).to_contain_text("first")
             expect(chart.locator(".u-legend")).to_contain_text("second")
+
+            # The runs table fits the page, long default names and paths included.
+            old = old_run_with_a_default_name(runs_dir)
+            for width in (1024, 1440):
+                page.set_viewport_size({"width": width, "height": 900})
+                page.goto(f"{ui.base}/")
+                expect(page.locator("#runs-body tr")).to_have_count(3)
+                page.screenshot(path=str(tmp_path / f"runs-{width}.png"), full_page=True)
+                box = page.locator("table.runs").bounding_box()
+                assert box["x"] >= 0 and box["x"] + box["width"] <= width, (width, box)
+
+            # Delete that old run from its page (after the confirm dialog).
+            page.goto(f"{ui.base}/runs/{old}")
+            page.click("#delete")
+            expect(page).to_have_url(f"{ui.base}/")
+            expect(page.locator("#runs-body tr")).to_have_count(2)
+            assert not (runs_dir / old).exists()
             browser.close()
     finally:
         ui.stop()

@@ -12,9 +12,11 @@ Contract:
   refused by the lock writes nothing into the folder.
 - The folder gets the run marker when it is claimed; a folder that holds other files and no
   marker is refused by the preflight (``run_dir.check_run_folder``).
-- ``running`` (pid, host, the process group or process to signal, ``started_at``, ``step``,
-  ``total_steps``) is rewritten after every optimizer step; the end is ``succeeded``,
-  ``failed`` (``reason``, ``error``) or ``cancelled``.
+- ``running`` (pid, host, the process group or process to signal, ``started_at``,
+  ``first_started_at``, ``step``, ``total_steps``) is rewritten after every optimizer step; the
+  end is ``succeeded``, ``failed`` (``reason``, ``error``) or ``cancelled``. ``started_at`` is
+  this process's start; ``first_started_at`` the run folder's first start, carried over from
+  the status an earlier process of the run left (a resumed run keeps it).
 - Other ranks keep nothing: every method is a no-op there.
 """
 
@@ -25,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from longtune.run_dir import RunDir, RunLock, lock_run, mark_run, write_status
+from longtune.run_dir import RunDir, RunLock, lock_run, mark_run, read_status, write_status
 
 
 class RunKeeper:
@@ -41,6 +43,8 @@ class RunKeeper:
         self.active = rank == 0
         self.lock: RunLock | None = None
         self.started_at = time.time()
+        self.first_started_at: float | None = None
+        """The run's first start, when an earlier process of it left a status (see claim)."""
         self._running: dict[str, Any] = {}
         self._ended = False
         # end() may come from the signal watcher thread (a hard exit) while the main thread
@@ -56,6 +60,7 @@ class RunKeeper:
         """Lock the folder now if it already is a longtune run (before reading it)."""
         if self.active and self.lock is None and self.run.is_run():
             self.lock = lock_run(self.run)
+            self.first_started_at = _first_start(self.run)
 
     def claim(self) -> None:
         """Create and lock the folder (if not yet locked) and record the run as ``running``."""
@@ -64,8 +69,14 @@ class RunKeeper:
         if self.lock is None:
             self.run.path.mkdir(parents=True, exist_ok=True)
             self.lock = lock_run(self.run)
+            self.first_started_at = _first_start(self.run)
         mark_run(self.run)
-        self._running = {"started_at": self.started_at, "step": 0, "total_steps": None}
+        self._running = {
+            "started_at": self.started_at,
+            "first_started_at": min(self.started_at, self.first_started_at or self.started_at),
+            "step": 0,
+            "total_steps": None,
+        }
         if "TORCHELASTIC_RUN_ID" in os.environ:
             # Under torchrun each worker has its own session: stopping the run means signalling
             # torchrun, which forwards the signal to every worker; its group when it leads one,
@@ -95,9 +106,8 @@ class RunKeeper:
             if not self._holds() or self._ended or not self._running:
                 return
             self._ended = True
-            record = {
-                k: v for k, v in self._running.items() if k in ("started_at", "step", "total_steps")
-            }
+            kept = ("started_at", "first_started_at", "step", "total_steps")
+            record = {k: v for k, v in self._running.items() if k in kept}
             self._write(state, **record, **fields, ended_at=time.time())
 
     def release(self) -> None:
@@ -111,3 +121,13 @@ class RunKeeper:
 
     def _write(self, state: str, **fields: Any) -> None:
         write_status(self.run, state, **fields)
+
+
+def _first_start(run: RunDir) -> float | None:
+    """The first start recorded by an earlier process of the run (None when there is none)."""
+    status = read_status(run) or {}
+    for key in ("first_started_at", "started_at"):
+        value = status.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None

@@ -4,9 +4,10 @@ Every value is parsed and checked by :mod:`longtune.train.config` itself
 (:func:`~longtune.train.config.config_from_values`; the "more settings" box in command-line
 syntax through its flag reader, :func:`~longtune.train.config.flag_values`), so a bad value is
 refused with the config's own message. Model and data paths must lie, after links are resolved,
-inside the folders the UI was started with.
-The parallel layout (SP degree against the processes and the model's heads) is the trainer's
-preflight check: a launch that breaks it ends ``failed`` with that check's message.
+inside the folders the UI was started with, and so must every file a data folder holds
+(:func:`check_data_files`). What only the data and the model can tell (files that exist and
+parse, the parallel layout against the processes and the model's heads) is the trainer's
+preflight, which :func:`longtune.runs.launch` runs before it creates anything.
 """
 
 from __future__ import annotations
@@ -132,6 +133,41 @@ def check_path(text: str, allowed: list[Path], what: str) -> Path:
             "start `longtune ui --allow-dir DIR` to allow another",
         )
     return path
+
+
+def check_data_files(cfg: JobConfig, allowed: list[Path]) -> None:
+    """Require every file the data paths expand to inside ``allowed``, links resolved.
+
+    A folder inside an allowed folder may hold a link to a file elsewhere: the file, not the
+    folder, is what would be read (previewed, trained on). Paths that do not exist or hold no
+    data are left to the data check that follows (it names them with its own rule).
+
+    Args:
+        cfg: the run config (its data paths already passed :func:`check_path`).
+        allowed: resolved folders.
+
+    Raises:
+        FormError: 400, naming the file, where it leads and the allowed folders.
+    """
+    # Imports torch (the data package): only in a request's worker thread.
+    from longtune.data.validation import expand_paths
+
+    for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for given in paths:
+            try:
+                files = expand_paths([given], cfg.data.task_type)
+            except ValueError:
+                continue  # missing, empty or of an unknown type: the data check says which
+            for file in files:
+                resolved = Path(file).resolve()
+                if not any(resolved.is_relative_to(root) for root in allowed):
+                    folders = ", ".join(str(p) for p in allowed)
+                    raise FormError(
+                        400,
+                        f"{key}: {file} leads to {resolved}, outside the folders this UI may "
+                        f"read ({folders}); remove the link or start `longtune ui --allow-dir "
+                        "DIR` to allow its folder",
+                    )
 
 
 def parse_form(form: dict[str, Any], runs_dir: Path, allowed: list[Path]) -> NewRun:

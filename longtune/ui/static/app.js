@@ -108,20 +108,23 @@ function runsPage() {
       const box = el("input", { type: "checkbox", class: "pick", value: r.name, checked: picked.has(r.name) });
       box.addEventListener("change", () => (box.checked ? picked.add(r.name) : picked.delete(r.name)));
       const bar = el("progress", { max: 1, value: r.progress || 0 });
+      // Wall time since the first start, and under it the training time of all the run's processes.
+      const times = el("td", { class: "times", title: "wall time since the first start; training time" }, r.display.duration);
+      if (r.train_time_s != null) times.append(el("span", { class: "muted sub", text: `train ${r.display.train_time}` }));
       body.append(
         el(
           "tr",
           { "data-name": r.name, "data-state": r.state },
           el("td", {}, box),
-          el("td", {}, el("a", { href: `/runs/${encodeURIComponent(r.name)}`, text: r.name })),
+          el("td", { class: "name" }, el("a", { href: `/runs/${encodeURIComponent(r.name)}`, text: r.name })),
           el("td", {}, el("span", { class: `badge ${r.state}`, text: r.status, title: r.error || "" })),
-          el("td", {}, `${r.display.progress} `, bar),
+          el("td", { class: "progress" }, r.display.progress, bar),
           el("td", { class: "num", text: r.display.train_loss }),
           el("td", { class: "num", text: r.display.eval_loss }),
           el("td", { class: "clip", title: r.model || "", text: basename(r.model) }),
           el("td", { class: "clip", title: r.data.join("\n"), text: r.data.map(basename).join(", ") || "-" }),
-          el("td", { text: r.display.started }),
-          el("td", { text: r.display.duration }),
+          el("td", { class: "when", title: r.display.started, text: r.display.started_short }),
+          times,
           el("td", { text: r.display.check }),
         ),
       );
@@ -237,6 +240,9 @@ function runPage() {
   let byStep = new Map();
   let cursor = null;
   let state = null;
+  // Set once a cancel was sent: the button stays disabled until the run has ended (a second
+  // click would send a second signal, which stops the run at once without its checkpoint).
+  let cancelSent = false;
 
   function redraw() {
     const steps = [...byStep.keys()].sort((a, b) => a - b);
@@ -278,12 +284,21 @@ function runPage() {
     $("#started").textContent = run.display.started_short;
     $("#started").title = run.display.started;
     $("#duration").textContent = run.display.duration;
-    $("#error").textContent = run.error || "";
+    $("#train-time").textContent = run.display.train_time;
+    $("#eta").textContent = run.display.eta;
+    $("#error").textContent = run.display.error || "";
     $("#error").hidden = !run.error;
-    $("#message").textContent = run.message || "";
+    $("#message").textContent = run.display.message || "";
     $("#message").hidden = Boolean(run.error) || !run.message;
-    $("#cancel").hidden = !["running", "starting"].includes(run.state);
-    $("#resume").hidden = !["cancelled", "failed"].includes(run.state);
+    $("#no-resume").textContent = run.resume_refusal || "";
+    $("#no-resume").hidden = !run.resume_refusal;
+    const live = ["running", "starting"].includes(run.state);
+    if (!live) cancelSent = false;
+    $("#cancel").hidden = !live;
+    $("#cancel").disabled = cancelSent;
+    $("#cancel").textContent = cancelSent ? "Cancelling…" : "Cancel run";
+    $("#resume").hidden = !["cancelled", "failed"].includes(run.state) || Boolean(run.resume_refusal);
+    $("#delete").hidden = live;
     const log = $("#log");
     const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     log.textContent = run.log_tail || run.launch_output || "(no log yet)";
@@ -309,15 +324,31 @@ function runPage() {
   }
 
   $("#cancel").addEventListener("click", async () => {
+    if (cancelSent) return;
     if (!window.confirm(`Cancel run ${name}? It finishes its step, writes a checkpoint and stops.`)) return;
+    cancelSent = true;
     $("#cancel").disabled = true;
+    $("#cancel").textContent = "Cancelling…";
     const r = await api(`/api/runs/${enc}/cancel`, {});
     if (!r.ok) {
+      cancelSent = false; // nothing was sent: it may be tried again
       $("#error").textContent = r.data.detail;
       $("#error").hidden = false;
     }
-    $("#cancel").disabled = false;
     await pollRun();
+  });
+  $("#delete").addEventListener("click", async () => {
+    const question = `Delete run ${name}? Its folder goes with everything in it: checkpoints, the exported model, metrics and logs. This cannot be undone.`;
+    if (!window.confirm(question)) return;
+    $("#delete").disabled = true;
+    const r = await api(`/api/runs/${enc}/delete`, {});
+    if (r.ok) {
+      window.location = "/";
+      return;
+    }
+    $("#error").textContent = r.data.detail;
+    $("#error").hidden = false;
+    $("#delete").disabled = false;
   });
   $("#resume").addEventListener("click", async () => {
     $("#resume").disabled = true;
