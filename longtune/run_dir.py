@@ -18,6 +18,8 @@ runs through this module and nothing else. Layout of ``RUN/``::
                          ``longtune runs resume``): the launched process (pid, pgid, host, start
                          time, argv, exit code)
     launch.log           that process's stdout and stderr
+    launch.lock          held (``flock``) while a process is being launched for the run, so
+                         that two resumes at once start one process
     demo_summary.json    the demo's before/after record (``longtune demo`` only)
     tensorboard/         TensorBoard event files (``output.tensorboard=true`` only)
 
@@ -46,7 +48,8 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ EXPORT = "hf"
 EXPORT_CHECK = "export_check.json"
 LAUNCH = "launch.json"
 LAUNCH_LOG = "launch.log"
+LAUNCH_LOCK = "launch.lock"
 DEMO_SUMMARY = "demo_summary.json"
 TENSORBOARD = "tensorboard"
 
@@ -84,6 +88,7 @@ _ENTRIES = (
     EXPORT_CHECK,
     LAUNCH,
     LAUNCH_LOG,
+    LAUNCH_LOCK,
     DEMO_SUMMARY,
     TENSORBOARD,
 )
@@ -688,6 +693,19 @@ def _mtime(path: Path) -> float | None:
         return path.stat().st_mtime
     except FileNotFoundError:
         return None
+
+
+@contextmanager
+def launching(run: RunDir) -> Iterator[None]:
+    """Hold the run's launch lock (``launch.lock``, ``flock``, waiting for another holder): one
+    launch of a process for the run at a time, across processes. A second resume waits, then
+    finds the first one's process in the launch record."""
+    fd = os.open(run.path / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
 
 
 class RunLockedError(RuntimeError):

@@ -51,6 +51,7 @@ from longtune.run_dir import (
     delete_run,
     end_launch,
     latest_metrics,
+    launching,
     lock_run,
     mark_run,
     read_launch,
@@ -329,7 +330,9 @@ def resume(name: str, runs_dir: str | Path = DEFAULT_RUNS_DIR, nproc: int | None
         ValueError: the run is running or finished.
         FileNotFoundError: no such run, or it has no ``config.yaml``.
     """
-    with _RESUMING:  # a double-clicked Resume starts one process
+    run = RunDir(get(name, runs_dir).path)
+    # A double-clicked Resume, or two `longtune runs resume` at once: one process.
+    with _RESUMING, launching(run):
         info = get(name, runs_dir)
         if info.state not in ("cancelled", "failed"):
             raise ValueError(

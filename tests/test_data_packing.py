@@ -403,9 +403,7 @@ def test_temporaries_of_a_killed_tokenization_are_removed_when_a_store_is_writte
     assert stores_in(cache) == sorted([store.path.name, *(names[w] for w in left)])
 
 
-def test_a_full_disk_under_the_token_cache_is_one_line_naming_it(
-    tmp_path, tiny_model, monkeypatch
-):
+def test_a_full_disk_under_the_token_cache_is_one_line_naming_it(tmp_path, tiny_model, monkeypatch):
     import errno
 
     from longtune.fsutil import OutputDirError

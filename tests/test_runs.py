@@ -445,3 +445,43 @@ def test_a_resumed_run_keeps_its_first_start_and_sums_its_training_time(tmp_path
     table = runs.format_table([info]).splitlines()
     assert table[0].split()[-4:] == ["STARTED", "WALL", "TRAINING", "MODEL"]
     assert "3m00s" in table[1] and "16m" in table[1]
+
+
+def _resume_at_the_barrier(name, runs_dir, executable, barrier, results):
+    """A `longtune runs resume` of its own process, started at the same moment as another,
+    slow to record its launch (the window in which a second resume could start a second
+    process)."""
+    sys.executable = executable  # the launched "trainer" only sleeps, so it is still starting
+    record = runs.write_launch
+    runs.write_launch = lambda *a, **kw: (time.sleep(1.0), record(*a, **kw))[1]
+    barrier.wait()
+    try:
+        runs.resume(name, runs_dir)
+        results.put("started")
+    except ValueError as e:
+        results.put(str(e))
+
+
+def test_two_resumes_at_once_start_one_process(tmp_path):
+    import multiprocessing
+
+    run = make_run(tmp_path, "twice")
+    write_status(run, "cancelled", step=2, total_steps=10)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 59.25\n")  # a duration no other process sleeps
+    fake.chmod(0o755)
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    args = ("twice", tmp_path, str(fake), barrier, results)
+    procs = [ctx.Process(target=_resume_at_the_barrier, args=args) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    outcomes = sorted(results.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+    sleepers = subprocess.run(["pgrep", "-fx", "sleep 59.25"], capture_output=True)
+    for pid in sleepers.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    assert len(sleepers.stdout.split()) == 1, outcomes  # one process started
+    assert outcomes[1] == "started", outcomes
+    assert "'twice' is starting; only a cancelled or failed run can be resumed" in outcomes[0]
