@@ -42,8 +42,7 @@ def export(source: str, hf_out: str, dtype: str | None = None, overwrite: bool =
 
 
 def runs_list(runs_dir: str = "runs", json: bool = False) -> int:
-    """List the runs of a runs folder: status, progress, latest losses, start, wall and
-    training time."""
+    """List the runs of a runs folder: status, progress, losses, start, wall and training time."""
     from longtune import runs
 
     found = runs.list(runs_dir)
