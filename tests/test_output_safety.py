@@ -148,7 +148,7 @@ def test_a_failed_write_leaves_the_old_output_and_no_temporary(folders, tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(hf_mod, "save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputDirError, match="No space left on device"):
         longtune.save_model(model, out, overwrite=True)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

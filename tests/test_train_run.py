@@ -337,18 +337,20 @@ def test_corrupted_newest_checkpoint_falls_back_to_previous(setup, baseline, tmp
     assert "resumed from" in log and "step-7" in log
     assert_losses_equal(train_losses(out), train_losses(baseline), rel=1e-6)
 
-    # Every checkpoint damaged: refused in one line, not a silent start over from step 0.
+    # Every checkpoint damaged: one line says the run starts over (the same command recovers).
     for step in (out / "checkpoints").iterdir():
         (step / "COMPLETE").unlink()
-    status = (out / "status.json").read_bytes()
     r = run_cli(
         train_args(
             setup, out, "--grad-accum", "2", "--checkpoint.every=1", "--checkpoint.keep_last=3"
         )
     )
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
-    assert f"no usable checkpoint in {out / 'checkpoints'}: every one is incomplete" in r.stderr
-    assert (out / "status.json").read_bytes() == status
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [line for line in r.stdout.splitlines() if "WARNING" in line]
+    assert len(said) == 1, said
+    assert f"no usable checkpoint in {out / 'checkpoints'}: every one is incomplete" in said[0]
+    assert "starting the run over from step 0" in said[0]
+    assert_losses_equal(train_losses(out), train_losses(baseline), rel=1e-6)
 
 
 def test_bad_config_value_names_key_and_choices(setup, tmp_path):

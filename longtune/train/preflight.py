@@ -128,21 +128,13 @@ def _check_start(
     """Refuse a start that would mix a new run with the checkpoints of an older one, or resume
     a run with settings it was not trained with; returns an explicitly named checkpoint."""
     run = RunDir(cfg.output.dir)
-    skipped: list[tuple[Path, str]] = []  # said in the run's log when it resumes
-    latest = find_latest_checkpoint(run.checkpoints, skipped)
+    latest = find_latest_checkpoint(run.checkpoints, skipped=[])  # said in the run's log
     resume = cfg.checkpoint.resume
     if resume == "never" and latest is not None:
         raise ConfigError(
             f"checkpoint.resume=never, but output.dir={run.path} already holds checkpoints "
             f"(newest: {latest.name}); use another output.dir, delete {run.checkpoints}, "
             "or continue it with checkpoint.resume=auto"
-        )
-    if resume == "auto" and latest is None and skipped:
-        damaged = "; ".join(f"{path.name}: {why}" for path, why in skipped[:3])
-        raise ConfigError(
-            f"no usable checkpoint in {run.checkpoints}: every one is incomplete or damaged "
-            f"({damaged}{'; ...' if len(skipped) > 3 else ''}); restore a good copy, or start "
-            "the run over with --checkpoint.resume=never (its new checkpoints replace them)"
         )
     ckpt = latest if resume == "auto" else None
     if resume not in ("auto", "never"):

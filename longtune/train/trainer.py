@@ -156,10 +156,27 @@ class Trainer:
         )
 
     def _agreed_latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint as rank 0 sees it (every rank follows its choice)."""
-        found = (
-            [str(find_latest_checkpoint(self.run.checkpoints) or "")] if self.rank == 0 else [None]
-        )
+        """The newest complete checkpoint as rank 0 sees it (every rank follows its choice).
+
+        Damaged ones are named in the log; when every one is damaged, one line says that the
+        run starts over from step 0.
+        """
+        found: list[str | None] = [None]
+        if self.rank == 0:
+            skipped: list[tuple[Path, str]] = []
+            latest = find_latest_checkpoint(self.run.checkpoints, skipped)
+            found = [str(latest or "")]
+            if latest is None and skipped:
+                damaged = "; ".join(f"{path.name}: {why}" for path, why in skipped[:3])
+                logger.warning(
+                    "no usable checkpoint in %s: every one is incomplete or damaged (%s%s); "
+                    "starting the run over from step 0",
+                    self.run.checkpoints,
+                    damaged,
+                    "; ..." if len(skipped) > 3 else "",
+                )
+            for path, why in skipped if latest is not None else ():
+                logger.warning("skipping incomplete or corrupted checkpoint %s: %s", path, why)
         dist.broadcast_object_list(found, src=0)
         return Path(found[0]) if found[0] else None
 
