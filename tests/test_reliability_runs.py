@@ -323,7 +323,12 @@ def test_kills_at_random_moments_then_resume_gives_the_same_weights(setup, serve
             # Graceful: a finished step, a checkpoint, one line, 128 + signal (or done before).
             assert first.rc in (0, 128 + sig, -sig), (trial, first.rc, first.stderr[-2000:])
             assert "Traceback" not in first.stderr, (trial, first.stderr[-3000:])
-        corrupted = corrupt_random_checkpoint_files(run, rng) if rng.random() < 0.4 else []
+        # Which trials corrupt is drawn from the plan's RNG; what they corrupt from one of the
+        # trial's own, so the plan (the signal, the moment) never depends on how many files a
+        # run had written when it was stopped.
+        corrupt = rng.random() < 0.4
+        files_rng = random.Random(1000 + trial)
+        corrupted = corrupt_random_checkpoint_files(run, files_rng) if corrupt else []
         again = server.run(train_argv(setup, run), setup["root"])
         moment = f"step {after} + {delay:.2f} s"
         log.append((trial, signal.Signals(sig).name, moment, first.rc, corrupted))
