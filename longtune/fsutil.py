@@ -216,6 +216,16 @@ def _remove_stale(final: Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
+def _set_modes(folder: Path, mode: int) -> None:
+    """Give every folder below ``folder`` ``mode`` and every file the umask's file mode
+    (``0644`` under umask ``022``): writers such as safetensors create files ``0600``, which a
+    server running as another user cannot read."""
+    file_mode = mode & 0o666
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, mode if path.is_dir() else file_mode)
+
+
 def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -252,6 +262,7 @@ def atomic_dir(
     tmp.mkdir()
     try:
         yield tmp
+        _set_modes(tmp, mode)
         files = {name: _file_record(tmp / name) for name in _files(tmp)}
         marker = {"written_by": "longtune", "kind": kind, "time": time.time(), "files": files}
         (tmp / OUTPUT_MARKER).write_text(json.dumps(marker) + "\n")

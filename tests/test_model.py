@@ -62,11 +62,34 @@ def assert_same_checkpoint(a, b) -> None:
         assert ta[k].dtype == tb[k].dtype, k
         assert ta[k].shape == tb[k].shape, k
         assert torch.equal(ta[k], tb[k]), f"{k} differs"
-    assert json.loads((a / "config.json").read_text()) == json.loads(
-        (b / "config.json").read_text()
-    )
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    assert_served_config(json.loads((a / "config.json").read_text()), b)
+    for name in ("tokenizer.json", "generation_config.json"):
         assert (b / name).read_bytes() == (a / name).read_bytes(), name
+    ta, tb = (json.loads((f / "tokenizer_config.json").read_text()) for f in (a, b))
+    if tb.get("tokenizer_class") == "PreTrainedTokenizerFast":  # transformers 4's name
+        tb["tokenizer_class"] = ta["tokenizer_class"]
+    if "chat_template" not in ta:
+        tb.pop("chat_template", None)
+    if isinstance(ta.get("extra_special_tokens"), list):
+        tb["extra_special_tokens"] = tb.pop("additional_special_tokens")
+    assert ta == tb
+
+
+def assert_served_config(source: dict, out_dir) -> None:
+    """The export's config.json keeps every key of the source's but a quantization_config, and
+    adds only the forms transformers 4 reads, with the same values."""
+    out = json.loads((out_dir / "config.json").read_text())
+    source = {k: v for k, v in source.items() if k != "quantization_config"}
+    added = {k: out.pop(k) for k in set(out) - set(source)}
+    assert out == source
+    assert set(added) <= {"torch_dtype", "rope_theta", "rope_scaling"}, added
+    if "torch_dtype" in added:
+        assert added["torch_dtype"] == source["dtype"]
+    rope = source.get("rope_parameters") or {}
+    if "rope_theta" in added:
+        assert added["rope_theta"] == rope["rope_theta"]
+    if added.get("rope_scaling") is not None:
+        assert added["rope_scaling"] | {"rope_theta": rope["rope_theta"]} == rope
 
 
 def hf_reference(path) -> LlamaForCausalLM:

@@ -20,6 +20,7 @@ saved into a folder (a run keeps its source this way) and read back without the 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from longtune.model.checks import (
     read_json,
     read_model_config,
 )
+
+logger = logging.getLogger(__name__)
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
@@ -479,7 +482,11 @@ def save_model(
             }
             (tmp / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         copy_meta_files(src.meta_dir, tmp)
-        (tmp / "config.json").write_text(_config_text(src.config_text, want))
+        config_text, changes = export_config_text(src.config_text, want)
+        (tmp / "config.json").write_text(config_text)
+        changes += serve_tokenizer_files(tmp)
+    if changes:
+        logger.info("export %s: %s", out_dir, "; ".join(changes))
     return out_dir
 
 
@@ -496,16 +503,90 @@ def _write_shard(shard: dict[str, torch.Tensor], file: Path, out_dir: Path) -> N
         raise OutputDirError(describe_os_error(found, "the export")) from None
 
 
-def _config_text(config_text: str, dtype: torch.dtype | None) -> str:
-    """The source config verbatim, or with its dtype field(s) changed when a dtype is asked."""
-    if dtype is None:
-        return config_text
+def export_config_text(config_text: str, dtype: torch.dtype | None) -> tuple[str, list[str]]:
+    """``config.json`` of an export: the source's keys, readable by every server.
+
+    A ``quantization_config`` is dropped (the export's weights are plain floats; a stale one, e.g.
+    ``gguf`` from a model first read from a GGUF file, makes vLLM and llama.cpp's converter
+    refuse the folder). The forms older readers need are added beside transformers 5's when
+    missing: ``torch_dtype`` beside ``dtype``, ``rope_theta`` and ``rope_scaling`` beside
+    ``rope_parameters`` (transformers 4 reads only those, and without them falls back to its
+    default RoPE theta). With ``dtype``, the dtype fields say it. A config that needs none of
+    this is returned verbatim.
+
+    Returns:
+        The text, and one line per change made (for the log).
+    """
     cfg = json.loads(config_text)
-    name = str(dtype).removeprefix("torch.")
-    keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-    for k in keys:
-        cfg[k] = name
-    return json.dumps(cfg, indent=2, sort_keys=False) + "\n"
+    changes = []
+    if "quantization_config" in cfg:
+        method = (cfg.pop("quantization_config") or {}).get("quant_method", "?")
+        changes.append(f"dropped quantization_config ({method}): the weights are plain floats")
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+            cfg[key] = name
+        changes.append(f"dtype {name}")
+    if "dtype" in cfg and "torch_dtype" not in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+        changes.append("added torch_dtype beside dtype")
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" not in cfg and "rope_theta" in rope:
+            cfg["rope_theta"] = rope["rope_theta"]
+            changes.append("added rope_theta beside rope_parameters")
+        if "rope_scaling" not in cfg:
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            plain = scaling in ({}, {"rope_type": "default"})
+            cfg["rope_scaling"] = None if plain else scaling
+            changes.append("added rope_scaling beside rope_parameters")
+    if not changes:
+        return config_text, changes
+    return json.dumps(cfg, indent=2) + "\n", changes
+
+
+# Tokenizer classes transformers 5 writes that transformers 4 does not have, and the class that
+# transformers 4 reads the same tokenizer.json with.
+_TRANSFORMERS5_ONLY_TOKENIZERS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def serve_tokenizer_files(folder: Path) -> list[str]:
+    """Make an export's tokenizer files readable by transformers 4 and 5 alike.
+
+    The chat template is put both in ``chat_template.jinja`` (transformers 5, llama.cpp's
+    converter) and in ``tokenizer_config.json`` (transformers 4, vLLM's older images) when only
+    one has it; a tokenizer class only transformers 5 has is named by the class transformers 4
+    reads the same ``tokenizer.json`` with, and a list of ``extra_special_tokens`` is given under
+    the name transformers 4 reads a list by (``additional_special_tokens``); transformers 5 reads
+    both names.
+
+    Returns:
+        One line per change made.
+    """
+    file, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    if not file.is_file():
+        return []
+    config = json.loads(file.read_text(encoding="utf-8"))
+    changes = []
+    old_class = config.get("tokenizer_class")
+    if old_class in _TRANSFORMERS5_ONLY_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        config["tokenizer_class"] = _TRANSFORMERS5_ONLY_TOKENIZERS[old_class]
+        changes.append(f"tokenizer_class {old_class} -> {config['tokenizer_class']}")
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list) and "additional_special_tokens" not in config:
+        # transformers 5's list form; transformers 4 takes this key for a dict and fails.
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+        changes.append("extra_special_tokens -> additional_special_tokens")
+    template = config.get("chat_template")
+    if jinja.is_file() and template is None:
+        config["chat_template"] = jinja.read_text(encoding="utf-8")
+        changes.append("chat template copied into tokenizer_config.json")
+    elif isinstance(template, str) and not jinja.exists():
+        jinja.write_text(template, encoding="utf-8")
+        changes.append("chat template written to chat_template.jinja")
+    if changes:
+        file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return changes
 
 
 def _plan_layout(
