@@ -147,7 +147,7 @@ def test_a_failed_write_leaves_the_old_output_and_no_temporary(folders, tmp_path
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hf_mod, "save_file", broken)
+    monkeypatch.setattr(hf_mod, "open", broken, raising=False)  # the weights' file
     with pytest.raises(OutputDirError, match="No space left on device"):
         longtune.save_model(model, out, overwrite=True)
     assert snapshot(out) == before
@@ -264,22 +264,21 @@ def test_the_demo_deletes_only_a_folder_an_earlier_demo_wrote(tmp_path):
 
 
 def test_a_full_disk_during_an_export_is_one_line(folders, tmp_path, monkeypatch):
-    """safetensors reports a full disk as its own error: it becomes one OutputDirError line
-    naming the folder (status reason ``output error`` in a run)."""
+    """A full disk while the weights are written is one OutputDirError line naming the folder
+    (status reason ``output error`` in a run), and leaves nothing behind."""
     import errno
-
-    from safetensors import SafetensorError
+    import io
 
     import longtune.model.hf as hf_mod
     from longtune.train.result import failure_reason
 
-    def full(*args, **kwargs):
-        raise SafetensorError("Error while serializing: IoError(Os { code: 28, ... })")
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            if self.tell() > 64:
+                raise OSError(errno.ENOSPC, "No space left on device")  # a write: no file name
+            return super().write(data)
 
-    monkeypatch.setattr(hf_mod, "save_file", full)
-    monkeypatch.setattr(
-        hf_mod, "probe_write", lambda folder: OSError(errno.ENOSPC, "No space left", str(folder))
-    )
+    monkeypatch.setattr(hf_mod, "open", lambda *a, **k: FullDisk(), raising=False)
     with pytest.raises(OutputDirError) as e:
         longtune.save_model(longtune.load_model(folders["hf"]), tmp_path / "out")
     assert str(e.value) == (

@@ -18,6 +18,7 @@ from longtune.checkpoint.manifest import checkpoint_info, find_latest_checkpoint
 from longtune.checkpoint.store import (
     Checkpointer,
     CheckpointLoadError,
+    CheckpointTensors,
     Stateful,
     check_checkpoint_model,
     load_checkpoint,
@@ -27,6 +28,7 @@ from longtune.checkpoint.store import (
 
 __all__ = [
     "CheckpointLoadError",
+    "CheckpointTensors",
     "Checkpointer",
     "Stateful",
     "UnsafeCheckpointError",

@@ -447,6 +447,42 @@ def load_checkpoint(
         target.load_state_dict(rank_states[name])
 
 
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """The model tensors of a checkpoint by name, each read from disk when asked for: whole
+    (unsharded, however many ranks wrote it), on the CPU, in the dtype it was saved in.
+
+    An export streams a model of any size through this: nothing but the tensor asked for is
+    held. Reads go through the allowlist, in this process alone (no process group).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        checkpoint_info(self.path)  # raises on an incomplete or unsafe checkpoint
+        self._reader = SafeReader(self.path)
+        metadata = self._reader.read_metadata()
+        self._specs = {
+            key.removeprefix("model."): (md.size, md.properties.dtype)
+            for key, md in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+        }
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        size, dtype = self._specs[name]
+        tensor = torch.empty(size, dtype=dtype)
+        _dcp_load(self.path, {"model": {name: tensor}}, self._reader, initialized=False)
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype of ``name`` (from the metadata: nothing is read)."""
+        return self._specs[name][1]
+
+
 def _dcp_load(path: Path, state: dict[str, Any], reader: SafeReader, initialized: bool) -> None:
     """``dcp.load`` through the allowlist, its wrapped errors turned into one line."""
     try:

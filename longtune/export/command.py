@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
-from longtune.checkpoint import checkpoint_info, load_checkpoint
+import torch
+
+from longtune.checkpoint import CheckpointTensors, check_checkpoint_model, checkpoint_info
 from longtune.export.check import export_and_check
 from longtune.fsutil import OutputDirError, check_output_dir
 from longtune.model.args import ModelArgs
-from longtune.model.convert import is_native_dir, load_model
-from longtune.model.hf import HFSource, save_model
+from longtune.model.convert import is_native_dir, read_native_meta
+from longtune.model.hf import HFSource, ShardReader, save_model
 from longtune.model.llama import Transformer
 from longtune.run_dir import RunDir
 
 
 def export(
-    source: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+    source: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder.
 
@@ -25,14 +32,16 @@ def export(
         out_dir: the HF folder to write.
         dtype: write tensors in this dtype; default: each in its source dtype.
         overwrite: replace ``out_dir`` if longtune wrote it before.
+        max_shard_bytes: files of at most this size; default: the source model's layout.
 
     Returns:
         ``out_dir``.
     """
     _refuse_inside_a_run(Path(out_dir))
+    kw = {"dtype": dtype, "overwrite": overwrite, "max_shard_bytes": max_shard_bytes}
     if is_native_dir(source):
-        return export_native(source, out_dir, dtype=dtype, overwrite=overwrite)
-    return export_checkpoint(source, out_dir, dtype=dtype, overwrite=overwrite)
+        return export_native(source, out_dir, **kw)
+    return export_checkpoint(source, out_dir, **kw)
 
 
 def _refuse_inside_a_run(out: Path) -> None:
@@ -47,7 +56,11 @@ def _refuse_inside_a_run(out: Path) -> None:
 
 
 def export_native(
-    native_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+    native_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Turn a native folder back into an HF checkpoint folder.
 
@@ -56,17 +69,34 @@ def export_native(
         out_dir: the HF folder to write (checked before the model is read).
         dtype: write every tensor in this dtype; default as in the source.
         overwrite: replace ``out_dir`` if longtune wrote it before.
+        max_shard_bytes: files of at most this size; default: the source model's layout.
 
     Returns:
         ``out_dir``.
     """
     check_output_dir(out_dir, [native_dir], overwrite)
-    model = load_model(native_dir)
-    return save_model(model, out_dir, source=model.hf_source, dtype=dtype, overwrite=overwrite)
+    _, source, native_map = read_native_meta(native_dir)
+    reader = ShardReader(Path(native_dir), native_map)
+    try:
+        return save_model(
+            None,
+            out_dir,
+            source=source,
+            dtype=dtype,
+            state_dict=_Lazy(native_map, reader.get),  # each tensor read when written
+            max_shard_bytes=max_shard_bytes,
+            overwrite=overwrite,
+        )
+    finally:
+        reader.close()
 
 
 def export_checkpoint(
-    ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """``longtune export RUN_DIR/checkpoints/step-N OUT``: an HF folder from a training checkpoint.
 
@@ -79,6 +109,7 @@ def export_checkpoint(
         out_dir: the HF folder to write.
         dtype: write tensors in this dtype; default: each in its source dtype.
         overwrite: replace ``out_dir`` if longtune wrote it before.
+        max_shard_bytes: files of at most this size; default: the source model's layout.
 
     Returns:
         ``out_dir``.
@@ -99,10 +130,19 @@ def export_checkpoint(
         )
     source = HFSource.load(run.source)
     args = ModelArgs.from_hf_config(source.config)
-    model = Transformer(args)
-    load_checkpoint(ckpt_dir, model=model, optimizer=None)
-    model.tie_weights()
-    export_and_check(model.state_dict(), args, source, out, check, dtype=dtype, overwrite=overwrite)
+    tensors = CheckpointTensors(ckpt_dir)
+    with torch.device("meta"):
+        check_checkpoint_model(ckpt_dir, Transformer(args))
+    export_and_check(
+        tensors,
+        args,
+        source,
+        out,
+        check,
+        dtype=dtype,
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+    )
     return out
 
 
@@ -113,3 +153,21 @@ def _is_export_check(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(record, dict) and "tensors_equal_trained" in record
+
+
+class _Lazy(Mapping[str, torch.Tensor]):
+    """Tensors by name, each read when asked for."""
+
+    def __init__(self, names: Iterable[str], read: Callable[[str], torch.Tensor]) -> None:
+        self.names, self.read = list(names), read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,18 @@ def check_model_folder(model_dir: str | Path) -> ModelArgs:
     args, _ = read_hf_source(model_dir)
     check_tokenizer_fits(model_dir, args.vocab_size)
     return args
+
+
+def model_from_state(
+    args: ModelArgs, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> Transformer:
+    """A native model on the CPU holding ``state``'s tensors (read one at a time from a lazy
+    mapping, cast to ``dtype`` when given), in eval mode."""
+    tensors = {}
+    for name in native_tensor_names(args):
+        t = state[name]
+        tensors[name] = t if dtype is None else t.to(dtype)
+    return _materialize(_build_meta(args), tensors, "cpu").eval()
 
 
 def _build_meta(args: ModelArgs) -> Transformer:

@@ -21,22 +21,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from longtune.fsutil import (
     OutputDirError,
     atomic_dir,
     check_output_dir,
     describe_os_error,
-    probe_write,
 )
 from longtune.model.args import ModelArgs
 from longtune.model.checks import (
@@ -411,10 +410,17 @@ def save_model(
     source: str | Path | HFSource | None = None,
     dtype: str | torch.dtype | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the model as an HF checkpoint folder.
+    """Write the model as an HF checkpoint folder, one tensor at a time.
+
+    Each safetensors file is streamed: its header first, then each tensor as it is made (read,
+    unfused, cast), so what is held is at most two native tensors (a fused one whose pieces are
+    not yet all written, and the one being written), whatever the file or model size;
+    ``state_dict`` may be a lazy mapping that reads each tensor when asked (a checkpoint on disk:
+    :class:`longtune.checkpoint.CheckpointTensors`). The files are byte for byte what
+    ``safetensors.torch.save_file`` writes for the same tensors.
 
     Args:
         model: a native ``Transformer`` (its ``state_dict()`` must be full, i.e. not sharded;
@@ -427,8 +433,10 @@ def save_model(
             tokenizer files and the original tensor layout and dtypes.
         dtype: write every tensor in this dtype (and record it in config.json); default keeps
             each tensor's source dtype.
-        state_dict: native state dict to write instead of ``model.state_dict()``.
-        max_shard_bytes: largest file, when a fresh layout has to be planned.
+        state_dict: native tensors by name to write instead of ``model.state_dict()``, read one
+            at a time.
+        max_shard_bytes: write files of at most this size (a tensor larger than it gets a file
+            of its own) with an index; default: the source's files and tensor-to-file map.
         overwrite: replace ``out_dir`` if longtune wrote it before.
 
     Returns:
@@ -452,12 +460,16 @@ def save_model(
             raise ValueError("the model's arguments do not match the source config.json")
     native = state_dict if state_dict is not None else model.state_dict()
     want = parse_dtype(dtype)
-    tensors = hf_state_dict(native, args, with_lm_head="lm_head.weight" in src.weight_map)
-
-    if set(tensors) == set(src.weight_map):
+    pieces = _Pieces(native, args, with_lm_head="lm_head.weight" in src.weight_map)
+    shapes = hf_shapes(args)
+    specs = {
+        key: (want or parse_dtype(src.dtypes.get(key)) or pieces.dtype(key), shapes[key])
+        for key in pieces.keys()
+    }
+    if max_shard_bytes is None and set(specs) == set(src.weight_map):
         weight_map = dict(src.weight_map)
     else:
-        weight_map = _plan_layout(tensors, want, max_shard_bytes)
+        weight_map = _plan_layout(specs, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, kind="hf", sources=sources, overwrite=overwrite) as tmp:
@@ -466,15 +478,8 @@ def save_model(
             by_file.setdefault(fname, []).append(key)
         total = 0
         for fname, keys in by_file.items():
-            shard = {}
-            for key in keys:
-                t = tensors[key].detach()
-                target = want or parse_dtype(src.dtypes.get(key)) or t.dtype
-                # clone: split views share storage, which safetensors refuses to write.
-                shard[key] = t.to(device="cpu", dtype=target).clone().contiguous()
-                total += shard[key].numel() * shard[key].element_size()
-            _write_shard(shard, tmp / fname, out_dir)
-            del shard
+            file_specs = {key: specs[key] for key in keys}
+            total += write_safetensors(tmp / fname, file_specs, pieces.take, out_dir)
         if len(by_file) > 1 or src.sharded:
             index = {
                 "metadata": {"total_size": total},
@@ -490,17 +495,115 @@ def save_model(
     return out_dir
 
 
-def _write_shard(shard: dict[str, torch.Tensor], file: Path, out_dir: Path) -> None:
-    """``save_file``, with a full disk or a read-only folder said in one line
-    (:class:`~longtune.fsutil.OutputDirError`): safetensors reports them as its own error."""
+class _Pieces:
+    """The HF tensors of a native state, made one at a time: each native tensor is read when
+    its first piece is asked for and kept only until its last piece is taken."""
+
+    def __init__(
+        self, native: Mapping[str, torch.Tensor], args: ModelArgs, with_lm_head: bool
+    ) -> None:
+        self.native = native
+        self.sizes = {
+            "wqkv": [args.q_size, args.kv_size, args.kv_size],
+            "w13": [args.ffn_dim, args.ffn_dim],
+        }
+        self.where: dict[str, tuple[str, int | None]] = {}  # HF key -> (native name, piece)
+        for name, hf_keys in key_map(args).items():
+            if name == "output.weight" and args.tie_embeddings:
+                if with_lm_head:
+                    self.where["lm_head.weight"] = ("tok_embeddings.weight", None)
+                continue
+            for i, key in enumerate(hf_keys):
+                self.where[key] = (name, i if len(hf_keys) > 1 else None)
+        self.left: dict[str, int] = {}
+        for name, _ in self.where.values():
+            self.left[name] = self.left.get(name, 0) + 1
+        self.held: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype of the native tensor behind ``key`` (read only when it must be)."""
+        name = self.where[key][0]
+        dtype_of = getattr(self.native, "dtype_of", None)
+        return dtype_of(name) if dtype_of else self.native[name].dtype
+
+    def take(self, key: str) -> torch.Tensor:
+        name, piece = self.where[key]
+        if name not in self.held:
+            t = self.native[name].detach()
+            parts = (t,) if piece is None else t.split(self.sizes[name.split(".")[-2]], dim=0)
+            self.held[name] = parts
+        part = self.held[name][0 if piece is None else piece]
+        self.left[name] -= 1
+        if self.left[name] == 0:
+            del self.held[name]
+        return part
+
+
+# safetensors' names of the dtypes an export writes, and their rank in its file order (the
+# largest dtype first: safetensors sorts tensors by dtype, descending, then by name).
+_SAFETENSORS_DTYPES = {
+    torch.float64: ("F64", 3),
+    torch.float32: ("F32", 2),
+    torch.bfloat16: ("BF16", 1),
+    torch.float16: ("F16", 0),
+}
+
+
+def write_safetensors(
+    file: Path,
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    take: Callable[[str], torch.Tensor],
+    out_dir: Path,
+) -> int:
+    """Write one safetensors file tensor by tensor: the header from ``specs`` first, then each
+    tensor's bytes as ``take(name)`` makes it, cast to its dtype.
+
+    The layout is ``safetensors.torch.save_file``'s (tensors by dtype, descending, then name;
+    the header padded with spaces to 8 bytes; metadata ``{"format": "pt"}``), so the bytes are
+    the same. A full disk or a read-only folder is one line
+    (:class:`~longtune.fsutil.OutputDirError`).
+
+    Args:
+        file: the file to write.
+        specs: tensor name -> (dtype, shape).
+        take: ``take(name)`` returns the tensor (any dtype, any device; shape as in ``specs``).
+        out_dir: the folder being exported (named in the error).
+
+    Returns:
+        The bytes of tensor data written.
+    """
+    order = sorted(specs, key=lambda k: (-_SAFETENSORS_DTYPES[specs[k][0]][1], k))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in order:
+        dtype, shape = specs[key]
+        nbytes = math.prod(shape) * dtype.itemsize
+        code = _SAFETENSORS_DTYPES[dtype][0]
+        header[key] = {
+            "dtype": code,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
     try:
-        save_file(shard, file, metadata={"format": "pt"})
-    except (SafetensorError, OSError) as exc:
-        found = exc if isinstance(exc, OSError) else probe_write(file.parent)
-        if found is None:
-            raise
-        found.filename = str(Path(out_dir).absolute().parent)  # where the space is missing
-        raise OutputDirError(describe_os_error(found, "the export")) from None
+        with open(file, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for key in order:
+                dtype, shape = specs[key]
+                t = take(key).to(device="cpu", dtype=dtype).contiguous()
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{key}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                del t
+    except OSError as exc:
+        exc.filename = str(Path(out_dir).absolute().parent)  # where the space is missing
+        raise OutputDirError(describe_os_error(exc, "the export")) from None
+    return offset
 
 
 def export_config_text(config_text: str, dtype: torch.dtype | None) -> tuple[str, list[str]]:
@@ -590,12 +693,14 @@ def serve_tokenizer_files(folder: Path) -> list[str]:
 
 
 def _plan_layout(
-    tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None, max_shard_bytes: int
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_bytes: int
 ) -> dict[str, str]:
+    """Tensor -> file for a fresh layout: files of at most ``max_shard_bytes`` in tensor order
+    (a larger tensor alone in its file), ``model.safetensors`` when one file holds all."""
     groups: list[list[str]] = [[]]
     size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * (dtype.itemsize if dtype else t.element_size())
+    for key, (dtype, shape) in specs.items():
+        nbytes = math.prod(shape) * dtype.itemsize
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0

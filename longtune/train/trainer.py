@@ -33,11 +33,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     set_model_state_dict,
 )
 
-from longtune.checkpoint import Checkpointer, find_latest_checkpoint, read_rank_states
+from longtune.checkpoint import (
+    Checkpointer,
+    CheckpointTensors,
+    find_latest_checkpoint,
+    read_rank_states,
+)
 from longtune.data import (
     IGNORE_INDEX,
     PackedDataset,
@@ -545,22 +549,28 @@ class Trainer:
     # ---- the end --------------------------------------------------------------------------
 
     def finish(self) -> RunResult:
-        """Gather the full state, close the process group, export and check ``hf/`` (rank 0).
+        """Close the process group, then export and check ``hf/`` (rank 0) from the last
+        checkpoint, which holds the final weights (the last step always writes one).
 
-        Gathering is the last collective: the process group is then closed on every rank
-        together, and rank 0 exports alone, so a long export of a large model cannot trip a
-        collective's timeout on the other ranks.
+        The export streams the checkpoint from disk one tensor at a time: no process ever holds
+        the whole model, and rank 0 exports alone after the group is closed, so a long export
+        of a large model cannot trip a collective's timeout on the other ranks.
         """
-        full = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        final = self.last_checkpoint
+        if final is None or final.name != f"step-{self.state.step}":
+            raise RuntimeError(f"no checkpoint of the final step {self.state.step} to export")
         dist.barrier()
         dist.destroy_process_group()
         result = RunResult(status="succeeded", run_dir=self.run.path, final_step=self.state.step)
         if self.rank == 0:
             source = HFSource.load(self.run.source)
             check = export_and_check(
-                full, self.args, source, self.run.export, self.run.export_check, overwrite=True
+                CheckpointTensors(final),
+                self.args,
+                source,
+                self.run.export,
+                self.run.export_check,
+                overwrite=True,
             )
             result.export_dir, result.export_check = self.run.export, check
             logger.info("exported %s (self-check: %s)", self.run.export, check)
