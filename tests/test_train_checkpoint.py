@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from longtune.checkpoint import (
+    CheckpointTensors,
     checkpoint_info,
     find_latest_checkpoint,
     load_checkpoint,
@@ -434,6 +435,12 @@ def test_fsdp2_two_ranks_save_load_and_reshard_to_one(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, full[k]), k
     assert json.loads((latest / "COMPLETE").read_text())["step"] == 2
+    # An export reads each tensor whole, assembled from both ranks' shards, as DCP does.
+    on_disk = CheckpointTensors(latest)
+    assert set(on_disk) == set(full)
+    for k in full:
+        assert torch.equal(on_disk[k], full[k]), k
+        assert torch.equal(on_disk._read_with_dcp(k), full[k]), k
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -452,24 +452,47 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
     (unsharded, however many ranks wrote it), on the CPU, in the dtype it was saved in.
 
     An export streams a model of any size through this: nothing but the tensor asked for is
-    held. Reads go through the allowlist, in this process alone (no process group).
+    held, and reading it holds one copy (a tensor written whole is returned as read; one written
+    in shards by several ranks is assembled shard by shard). The shards are read as DCP reads
+    them (``torch.load(weights_only=True)`` of each shard's slice of its file), with the index
+    read under the allowlist; in this process alone (no process group).
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         checkpoint_info(self.path)  # raises on an incomplete or unsafe checkpoint
-        self._reader = SafeReader(self.path)
-        metadata = self._reader.read_metadata()
+        self._metadata = read_metadata(self.path)
         self._specs = {
-            key.removeprefix("model."): (md.size, md.properties.dtype)
-            for key, md in metadata.state_dict_metadata.items()
+            key.removeprefix("model."): md
+            for key, md in self._metadata.state_dict_metadata.items()
             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
         }
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        size, dtype = self._specs[name]
-        tensor = torch.empty(size, dtype=dtype)
-        _dcp_load(self.path, {"model": {name: tensor}}, self._reader, initialized=False)
+        md = self._specs[name]
+        whole = None
+        for chunk in md.chunks:
+            info = self._metadata.storage_data[MetadataIndex(f"model.{name}", chunk.offsets)]
+            if getattr(info, "transform_descriptors", None):  # compressed or otherwise encoded
+                return self._read_with_dcp(name)
+            with open(self.path / info.relative_path, "rb") as f:
+                part = torch.load(_FileSlice(f, info.offset, info.length), weights_only=True)
+            if tuple(chunk.sizes) == tuple(md.size):
+                return part.reshape(md.size).to(md.properties.dtype)  # written whole: as read
+            if whole is None:
+                whole = torch.empty(md.size, dtype=md.properties.dtype)
+            rows = whole
+            for dim, (start, length) in enumerate(zip(chunk.offsets, chunk.sizes, strict=True)):
+                rows = rows.narrow(dim, start, length)
+            rows.copy_(part)
+            del part
+        return whole
+
+    def _read_with_dcp(self, name: str) -> torch.Tensor:
+        md = self._specs[name]
+        tensor = torch.empty(md.size, dtype=md.properties.dtype)
+        reader = SafeReader(self.path)
+        _dcp_load(self.path, {"model": {name: tensor}}, reader, initialized=False)
         return tensor
 
     def __iter__(self) -> Iterator[str]:
@@ -479,8 +502,38 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
         return len(self._specs)
 
     def dtype_of(self, name: str) -> torch.dtype:
-        """The dtype of ``name`` (from the metadata: nothing is read)."""
-        return self._specs[name][1]
+        """The dtype of ``name`` (from the index: nothing is read)."""
+        return self._specs[name].properties.dtype
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of an open file, as a seekable file of their own."""
+
+    def __init__(self, file: io.BufferedReader, offset: int, length: int) -> None:
+        super().__init__()
+        self.file, self.start, self.length, self.pos = file, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = min(max(base + pos, 0), self.length)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self.length - self.pos)
+        self.file.seek(self.start + self.pos)
+        got = self.file.readinto(view[:n]) or 0
+        self.pos += got
+        return got
 
 
 def _dcp_load(path: Path, state: dict[str, Any], reader: SafeReader, initialized: bool) -> None:

@@ -22,12 +22,10 @@ from longtune.model.args import ModelArgs
 from longtune.model.convert import load_model, model_from_state
 from longtune.model.hf import (
     HFSource,
-    ShardReader,
+    SafetensorsRows,
+    hf_pieces,
     hf_shapes,
-    key_map,
-    native_tensor_names,
     read_hf_source,
-    read_native_tensor,
     save_model,
 )
 
@@ -112,22 +110,31 @@ def export_and_check(
 
 
 def _mismatched_tensors(
-    state: Mapping[str, torch.Tensor], args: ModelArgs, export_dir: Path
+    state: Mapping[str, torch.Tensor], args: ModelArgs, export_dir: Path, block: int = 2**26
 ) -> list[str]:
-    """Native tensors whose written form (read back and fused) differs from the trained one
-    cast to the written dtype; one tensor at a time."""
+    """Native tensors that differ anywhere from what was written (each HF tensor read back by
+    blocks of about ``block`` bytes and compared with its rows of the trained tensor cast to the
+    written dtype); one trained tensor at a time."""
     _, written = read_hf_source(export_dir)
-    reader = ShardReader(export_dir, written.weight_map)
-    kmap = key_map(args)
+    files = {name: SafetensorsRows(export_dir / name) for name in set(written.weight_map.values())}
+    pieces: dict[str, list[tuple[str, int, int]]] = {}
+    for key, (name, start, rows) in hf_pieces(args, "lm_head.weight" in written.weight_map).items():
+        pieces.setdefault(name, []).append((key, start, rows))
     mismatched = []
-    try:
-        for name in native_tensor_names(args):
-            on_disk = read_native_tensor(reader, kmap[name])
-            if not torch.equal(on_disk, state[name].to(on_disk.dtype)):
-                mismatched.append(name)
-            del on_disk
-    finally:
-        reader.close()
+    for name, parts in pieces.items():
+        trained = state[name]
+        for key, start, rows in parts:
+            file = files[written.weight_map[key]]
+            step = max(1, block // max(1, trained[0].numel() * trained.element_size()))
+            for a in range(0, rows, step):
+                b = min(rows, a + step)
+                on_disk = file.read(key, a, b)
+                if not torch.equal(on_disk, trained[start + a : start + b].to(on_disk.dtype)):
+                    mismatched.append(name)
+                    break
+            if mismatched and mismatched[-1] == name:
+                break
+        del trained
     return mismatched
 
 

@@ -495,6 +495,26 @@ def save_model(
     return out_dir
 
 
+def hf_pieces(args: ModelArgs, with_lm_head: bool) -> dict[str, tuple[str, int, int]]:
+    """Where each HF tensor lies in the native ones: HF key -> (native name, first row, rows).
+
+    A fused native tensor holds its HF pieces one after another along dim 0 (key-map order);
+    with tied embeddings ``lm_head.weight`` (when the checkpoint stores it) is the embedding.
+    """
+    shapes = hf_shapes(args)
+    where: dict[str, tuple[str, int, int]] = {}
+    for name, hf_keys in key_map(args).items():
+        if name == "output.weight" and args.tie_embeddings:
+            if with_lm_head:
+                where["lm_head.weight"] = ("tok_embeddings.weight", 0, args.vocab_size)
+            continue
+        start = 0
+        for key in hf_keys:
+            where[key] = (name, start, shapes[key][0])
+            start += shapes[key][0]
+    return where
+
+
 class _Pieces:
     """The HF tensors of a native state, made one at a time: each native tensor is read when
     its first piece is asked for and kept only until its last piece is taken."""
@@ -503,22 +523,11 @@ class _Pieces:
         self, native: Mapping[str, torch.Tensor], args: ModelArgs, with_lm_head: bool
     ) -> None:
         self.native = native
-        self.sizes = {
-            "wqkv": [args.q_size, args.kv_size, args.kv_size],
-            "w13": [args.ffn_dim, args.ffn_dim],
-        }
-        self.where: dict[str, tuple[str, int | None]] = {}  # HF key -> (native name, piece)
-        for name, hf_keys in key_map(args).items():
-            if name == "output.weight" and args.tie_embeddings:
-                if with_lm_head:
-                    self.where["lm_head.weight"] = ("tok_embeddings.weight", None)
-                continue
-            for i, key in enumerate(hf_keys):
-                self.where[key] = (name, i if len(hf_keys) > 1 else None)
+        self.where = hf_pieces(args, with_lm_head)
         self.left: dict[str, int] = {}
-        for name, _ in self.where.values():
+        for name, _, _ in self.where.values():
             self.left[name] = self.left.get(name, 0) + 1
-        self.held: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.held: dict[str, torch.Tensor] = {}
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -530,16 +539,48 @@ class _Pieces:
         return dtype_of(name) if dtype_of else self.native[name].dtype
 
     def take(self, key: str) -> torch.Tensor:
-        name, piece = self.where[key]
+        name, start, rows = self.where[key]
         if name not in self.held:
-            t = self.native[name].detach()
-            parts = (t,) if piece is None else t.split(self.sizes[name.split(".")[-2]], dim=0)
-            self.held[name] = parts
-        part = self.held[name][0 if piece is None else piece]
+            self.held[name] = self.native[name].detach()
+        t = self.held[name]
         self.left[name] -= 1
         if self.left[name] == 0:
             del self.held[name]
-        return part
+        return t if rows == t.shape[0] else t.narrow(0, start, rows)
+
+
+class SafetensorsRows:
+    """Tensors of one safetensors file, read by rows with plain reads.
+
+    No memory map: the pages of a mapped file count as the reader's resident memory for as long
+    as it is open, so reading a whole model through one looks like holding it.
+    """
+
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16}
+    _DTYPES |= {"F16": torch.float16}
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(n))
+        self.data_start = 8 + n
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.header[key]["shape"])
+
+    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``key`` (dim 0)."""
+        entry = self.header[key]
+        dtype, shape = self._DTYPES[entry["dtype"]], entry["shape"]
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        with open(self.file, "rb") as f:
+            f.seek(self.data_start + entry["data_offsets"][0] + start * row_bytes)
+            buffer = out.reshape(-1).view(torch.uint8).numpy()
+            if f.readinto(buffer) != buffer.nbytes:
+                raise ValueError(f"{self.file}: {key} is cut short")
+        return out
 
 
 # safetensors' names of the dtypes an export writes, and their rank in its file order (the

@@ -132,6 +132,11 @@ def _paths(value: Any) -> Any:
     return paths
 
 
+def _words(value: Any) -> Any:
+    """``"hf,gguf"`` (the command line's form) -> its items."""
+    return [w.strip() for w in value.split(",") if w.strip()] if isinstance(value, str) else value
+
+
 # The field types: what a YAML value, a flag's text or a Python value goes through first.
 Int = Annotated[int, BeforeValidator(_number)]
 Float = Annotated[float, BeforeValidator(_number)]
@@ -296,6 +301,23 @@ class OutputConfig:
     """Also log to MLflow (needs the mlflow package; uses MLflow's own environment settings)."""
 
 
+@dataclass(config=_FIELDS)
+class ExportConfig:
+    formats: Annotated[list[Literal["hf", "gguf"]], BeforeValidator(_words)] = Field(
+        default_factory=lambda: ["hf"], min_length=1
+    )
+    """What the run writes when it ends: hf = a Hugging Face folder (hf/; always written, the
+    other formats are made from it), gguf = also one GGUF file for llama.cpp and Ollama."""
+
+    gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0"] = "auto"
+    """Tensor type of the GGUF file: auto (the Hugging Face export's dtype) | f32 | f16 | bf16 |
+    q8_0 (8-bit, norms stay f32)."""
+
+    max_shard_gb: Annotated[Float | None, BeforeValidator(_none)] = Field(None, gt=0, le=1e6)
+    """Largest safetensors file of the Hugging Face export, in GB (10^9 bytes), with an index;
+    none = the files of the source model."""
+
+
 class _KeyRule(ValueError):
     """A rule between settings is broken; ``key`` is the one to change."""
 
@@ -313,6 +335,7 @@ class JobConfig:
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _rules_between_keys(self) -> JobConfig:
@@ -361,6 +384,13 @@ SETTINGS: dict[str, FieldInfo] = {
 """Every setting: ``section.key`` -> its pydantic field (type, default, bounds, doc)."""
 
 
+def _base(tp: Any) -> Any:
+    """The type under ``X | None`` and ``Annotated[X, ...]``."""
+    while typing.get_origin(tp) is Annotated or type(None) in typing.get_args(tp):
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
 def choices(key: str) -> tuple[str, ...]:
     """The values a choice setting takes (its ``Literal``), e.g. ``choices("data.task_type")``.
 
@@ -368,9 +398,12 @@ def choices(key: str) -> tuple[str, ...]:
         key: the setting, ``section.key``.
 
     Returns:
-        The choices in order; empty for a setting that is not a choice.
+        The choices in order (of each item, for a list of choices); empty for a setting that
+        is not a choice.
     """
-    tp = SETTINGS[key].annotation
+    tp = _base(SETTINGS[key].annotation)
+    if typing.get_origin(tp) is list:
+        tp = typing.get_args(tp)[0]
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
@@ -439,18 +472,12 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
             tp = _base(info.annotation)
             metavar = _METAVARS.get(typing.get_origin(tp) or tp) or tp.__name__.upper()
             if choices(key):
-                metavar = "{" + ",".join(choices(key)) + "}"
+                many = "[,...]" if typing.get_origin(tp) is list else ""
+                metavar = "{" + ",".join(choices(key)) + "}" + many
             group.add_argument(f"--{key}", *aliases, metavar=metavar, help=doc, **kw)
             if "_" in name:  # --train.batch-tokens works too, without a second line in --help
                 group.add_argument(f"--{key.replace('_', '-')}", help=argparse.SUPPRESS, **kw)
     return parser
-
-
-def _base(tp: Any) -> Any:
-    """The type under ``X | None`` and ``Annotated[X, ...]``."""
-    while typing.get_origin(tp) is Annotated or type(None) in typing.get_args(tp):
-        tp = typing.get_args(tp)[0]
-    return tp
 
 
 def _as_flag(info: FieldInfo) -> str:
@@ -590,6 +617,8 @@ def _error_line(error: ErrorDetails, values: dict[str, tuple[Any, str]]) -> str:
         alias = "".join(f" or --{flag}" for flag, k in FLAG_ALIASES.items() if k == key)
         return f"missing required key {key!r}: set it in the config file or with --{key}=...{alias}"
     if error["type"] == "literal_error":
+        if len(error["loc"]) > 2:  # an item of a list
+            value = error["input"]
         return f"{where}: {value!r} is not one of {', '.join(choices(key))}"
     if isinstance(exc, ValueError):  # raised by a validator above; it names the value
         return f"{where}: {exc}"

@@ -192,7 +192,7 @@ def data_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
 
 #: Settings a resumed run may change freely: where and how the job runs, what it writes, how
 #: often it evaluates and saves. Everything else is compared with the run's own config.yaml.
-RESUME_FREE_SECTIONS = ("parallel", "checkpoint", "output")
+RESUME_FREE_SECTIONS = ("parallel", "checkpoint", "output", "export")
 RESUME_FREE_KEYS = (
     "model.activation_checkpointing",
     "model.attention",

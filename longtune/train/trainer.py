@@ -571,6 +571,7 @@ class Trainer:
                 self.run.export,
                 self.run.export_check,
                 overwrite=True,
+                max_shard_bytes=_gb_to_bytes(self.cfg.export.max_shard_gb),
             )
             result.export_dir, result.export_check = self.run.export, check
             logger.info("exported %s (self-check: %s)", self.run.export, check)
@@ -587,6 +588,10 @@ class Trainer:
 
     def _stop_flag(self) -> float:
         return 1.0 if self.stop.requested else 0.0
+
+
+def _gb_to_bytes(gb: float | None) -> int | None:
+    return None if gb is None else int(gb * 1e9)
 
 
 def _peak_memory_gb(device: torch.device) -> float:
