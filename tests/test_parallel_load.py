@@ -18,6 +18,7 @@ import torch
 from dist_utils import run_ranks
 from helpers import make_hf_checkpoint
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from longtune.model.checks import ModelFolderError
 from longtune.model.convert import (
@@ -78,6 +79,11 @@ def _compare(rank, world, path, sp, ac="none", compile=False, unseen_on=None):
     assert all(t.dtype == torch.float32 for t in a.values())  # fp32 master weights
     differ = [n for n in a if not torch.equal(a[n], b[n])]
     tied = sharded.output.weight is sharded.tok_embeddings.weight
+    # and what FSDP gathers from the shards is the model load_model reads in one process
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    want = load_model(path, dtype=torch.float32).state_dict()
+    assert full.keys() == want.keys()
+    differ += [f"gathered {k}" for k in want if not torch.equal(full[k], want[k])]
     shapes = {n: tuple(t.shape) for n, t in a.items()}
     return how, differ, shapes, tied, records
 
