@@ -125,7 +125,7 @@ def load_worker(opts: argparse.Namespace) -> None:
         load_by_broadcast(model, opts.dir)
     seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
-    local = [p.to_local() for p in model.parameters()]
+    local = [p.detach().to_local() for p in model.parameters()]
     record = {
         "way": opts.worker,
         "rank": rank,
