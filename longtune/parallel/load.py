@@ -74,21 +74,19 @@ def load_parallel_model(model: nn.Module, path: str | Path) -> str:
         CheckpointMismatchError: the checkpoint does not match the model.
     """
     path = Path(path)
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:
-        unseen = files_unseen_by_a_rank(path)
-        if unseen is not None:
-            if dist.get_rank() == 0:
-                logger.warning(
-                    "rank %d does not see %s as rank 0 does (%s): rank 0 reads the whole model "
-                    "and broadcasts it",
-                    *unseen,
-                )
-            load_by_broadcast(model, path)
-            return "broadcast"
-    if not distributed:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         load_own_rows(model, path)
         return "sharded"
+    unseen = files_unseen_by_a_rank(path)
+    if unseen is not None:
+        if dist.get_rank() == 0:
+            logger.warning(
+                "rank %d does not see %s as rank 0 does (%s): rank 0 reads the whole model "
+                "and broadcasts it",
+                *unseen,
+            )
+        load_by_broadcast(model, path)
+        return "broadcast"
     error = None
     try:
         load_own_rows(model, path)
