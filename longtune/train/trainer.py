@@ -31,10 +31,6 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    set_model_state_dict,
-)
 
 from longtune.checkpoint import (
     Checkpointer,
@@ -50,9 +46,9 @@ from longtune.data import (
     overlength_summary,
 )
 from longtune.export.check import export_and_check
-from longtune.model.convert import load_model
 from longtune.model.hf import HFSource, read_hf_source
 from longtune.model.llama import Transformer
+from longtune.parallel.load import load_parallel_model
 from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
 from longtune.run_dir import RunDir, read_metrics, rewrite_metrics
 from longtune.train.config import (
@@ -248,17 +244,16 @@ class Trainer:
         )
 
     def build_model(self) -> None:
-        """Build on the meta device, shard, then fill the shards from rank 0's copy.
+        """Build on the meta device, shard, then fill each rank's shards from the checkpoint.
 
-        Only rank 0 reads the checkpoint; the others receive their shards by broadcast once the
-        model is sharded, so no rank but 0 ever holds the whole model.
+        Every rank reads only the rows of each tensor that its shard owns
+        (:func:`~longtune.parallel.load.load_parallel_model`), so no rank ever holds the whole
+        model; ranks that do not all see the checkpoint's files fall back to rank 0 reading it
+        and broadcasting the shards.
         """
         cfg, device = self.cfg, self.device
-        full_state = None
-        if self.rank == 0:
-            full_state = load_model(cfg.model.path, dtype=torch.float32, device="cpu").state_dict()
-            if not HFSource.saved_in(self.run.source):
-                read_hf_source(cfg.model.path)[1].save(self.run.source)
+        if self.rank == 0 and not HFSource.saved_in(self.run.source):
+            read_hf_source(cfg.model.path)[1].save(self.run.source)
         with torch.device("meta"):
             model = Transformer(self.args)
         parallelize(
@@ -275,12 +270,7 @@ class Trainer:
             model.tie_weights()  # to_empty gives each module its own tensor; FSDP keeps ties
         if self.args.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
             raise RuntimeError("tied embeddings were untied while sharding the model")
-        set_model_state_dict(
-            model,
-            full_state if self.rank == 0 else {},
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
-        del full_state
+        load_parallel_model(model, cfg.model.path)  # fp32 master weights: the params' dtype
         model.init_buffers(device=device)
         model.train()
         self.model = model
