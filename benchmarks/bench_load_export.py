@@ -223,18 +223,22 @@ def run_load(opts: argparse.Namespace) -> None:
 
 
 def make_run_checkpoint(hf: Path, run: Path) -> Path:
-    """A run folder holding one checkpoint of the HF folder ``hf`` (made once, in a process of
-    its own so that this one stays small)."""
+    """A run folder holding one checkpoint of the HF folder ``hf``, with a small tokenizer in
+    its source (made once, in a process of its own so that this one stays small)."""
     ckpt = run / "checkpoints" / "step-1"
     if (ckpt / "COMPLETE").exists():
         return ckpt
     code = f"""
+    import sys
     from pathlib import Path
+    sys.path.insert(0, {str(ROOT / "tests")!r})
+    from helpers import tiny_tokenizer  # the export checks that a tokenizer loads
     from longtune.checkpoint import save_checkpoint
     from longtune.model.convert import load_model
     from longtune.model.hf import read_hf_source
     hf, run = Path({str(hf)!r}), Path({str(run)!r})
     read_hf_source(hf)[1].save(run / "source")
+    tiny_tokenizer(32000).save_pretrained(run / "source")
     save_checkpoint(run / "checkpoints", 1, model=load_model(hf), optimizer=None, states={{}},
         keep_last=1)
     """
