@@ -135,7 +135,7 @@ def export_gguf(
     hf_dir, out = Path(hf_dir), Path(out_file)
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
-    _check_output(out, hf_dir, overwrite)
+    check_gguf_output(out, hf_dir, overwrite)
     args, source = read_hf_source(hf_dir)
     shapes = _hf_shapes(source)
     file_type, qtype = _FILE_TYPES[_resolve_type(gguf_type, source, shapes)]
@@ -160,7 +160,7 @@ def export_gguf(
         writer.flush()
         os.fsync(writer.fout[0].fileno())
         writer.close()
-        _check_output(out, hf_dir, overwrite)  # again: the path may have changed meanwhile
+        check_gguf_output(out, hf_dir, overwrite)  # again: the path may have changed meanwhile
         os.replace(tmp, out)
     finally:
         writer.close()
@@ -169,9 +169,13 @@ def export_gguf(
     return out
 
 
-def _check_output(out: Path, hf_dir: Path, overwrite: bool) -> None:
-    """Refuse an output that is a folder, inside the source, or an existing file (with
-    ``overwrite``: one that is not a GGUF file)."""
+def check_gguf_output(out: Path, hf_dir: Path, overwrite: bool) -> None:
+    """Refuse, in one line, an output that is a folder, inside the source folder, or an
+    existing file (with ``overwrite``: one that is not a GGUF file).
+
+    Raises:
+        OutputDirError: naming the path and the fix.
+    """
     resolved, source = out.resolve(), hf_dir.resolve()
     if resolved == source or source in resolved.parents:
         raise OutputDirError(
