@@ -338,6 +338,22 @@ def test_llama31_tensors_are_llama_cpps_layout(llama31, llama31_gguf):
         torch.testing.assert_close(got(name), hf[hf_name], rtol=0, atol=0)
 
 
+def test_a_native_folder_exports_through_a_temporary_hf_folder(llama31, llama31_gguf, tmp_path):
+    """``longtune export NATIVE OUT --format gguf``: the same tensors as the HF folder's GGUF,
+    named for the native folder, and nothing left beside ``OUT`` but the file."""
+    from longtune.export.command import export
+    from longtune.model.convert import convert_hf_to_native
+
+    native = convert_hf_to_native(llama31, tmp_path / "native")
+    out = export(native, tmp_path / "out" / "m.gguf", format="gguf", gguf_type="bf16")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
+    got = Gguf(out)
+    assert got.meta["general.name"] == "native"
+    assert list(got.tensors) == list(llama31_gguf.tensors)
+    for name in ("blk.1.attn_q.weight", "token_embd.weight", "output.weight"):
+        torch.testing.assert_close(got.tensor(name), llama31_gguf.tensor(name), rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory, cli_server) -> dict:
     """Bad ``longtune export --format gguf`` command lines, run in one batch."""

@@ -82,13 +82,16 @@ def export_gguf_file(
     if (source / "config.json").is_file() and not is_native_dir(source):
         return export_gguf(source, out, gguf_type, overwrite=overwrite)
     check_gguf_output(out, source, overwrite)  # before the HF export, which takes a while
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.hf-") as tmp:
         hf_dir = Path(tmp) / "hf"
         if is_native_dir(source):
+            name = source.resolve().name
             export_native(source, hf_dir)
         else:
+            name = f"{RunDir.of_checkpoint(source).path.resolve().name}-{source.name}"
             export_checkpoint(source, hf_dir)
-        return export_gguf(hf_dir, out, gguf_type, overwrite=overwrite)
+        return export_gguf(hf_dir, out, gguf_type, overwrite=overwrite, name=name)
 
 
 def _refuse_inside_a_run(out: Path) -> None:

@@ -107,7 +107,11 @@ class _Entry:
 
 
 def export_gguf(
-    hf_dir: str | Path, out_file: str | Path, gguf_type: str = "auto", overwrite: bool = False
+    hf_dir: str | Path,
+    out_file: str | Path,
+    gguf_type: str = "auto",
+    overwrite: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Write an HF Llama folder as one GGUF file (llama.cpp, Ollama).
 
@@ -124,6 +128,8 @@ def export_gguf(
             float32, as llama.cpp keeps them.
         overwrite: replace ``out_file`` if it is a GGUF file; without it an existing file is
             refused.
+        name: the model's name (``general.name``); default: the folder's name, or its run's
+            for a run's ``hf/``.
 
     Returns:
         ``out_file``.
@@ -142,11 +148,12 @@ def export_gguf(
     entries = _plan(args, source, shapes, qtype)
 
     writer = gguf.GGUFWriter(path=None, arch="llama")
-    _add_model_metadata(writer, args, source, hf_dir, file_type)
+    _add_model_metadata(writer, args, source, name or _model_name(hf_dir), file_type)
     _add_tokenizer(writer, hf_dir, args.vocab_size)
     for e in entries:
         writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     reader = ShardReader(hf_dir, source.weight_map)
@@ -184,8 +191,6 @@ def check_gguf_output(out: Path, hf_dir: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise OutputDirError(f"output {out} is a folder; give the path of the .gguf file to write")
     if not (out.exists() or out.is_symlink()):
-        if not out.parent.is_dir():
-            raise OutputDirError(f"cannot write {out}: folder {out.parent} does not exist")
         return
     if not overwrite:
         raise OutputDirError(
@@ -337,12 +342,12 @@ def _model_name(hf_dir: Path) -> str:
 
 
 def _add_model_metadata(
-    w: gguf.GGUFWriter, args: ModelArgs, source: HFSource, hf_dir: Path, file_type: int
+    w: gguf.GGUFWriter, args: ModelArgs, source: HFSource, name: str, file_type: int
 ) -> None:
     """``general.*`` and ``llama.*`` keys, as llama.cpp's ``TextModel`` and ``LlamaModel``
     write them."""
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(_model_name(hf_dir))
+    w.add_name(name)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(file_type)
     w.add_vocab_size(args.vocab_size)
