@@ -255,7 +255,9 @@ def llama31(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in skip}))
     model.to(torch.bfloat16).save_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    # What a folder rebuilt from a GGUF by transformers may carry: ignored by the export.
+    stale = {"quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}}
+    (folder / "config.json").write_text(json.dumps(cfg | stale, indent=2))
     for file in llama31_tokenizer_dir().iterdir():
         if not file.name.startswith("."):
             shutil.copy(file, folder / file.name)
@@ -301,9 +303,11 @@ def test_llama31_tokens_rope_freqs_and_chat_template(llama31, llama31_gguf):
     assert meta["general.file_type"] == 32  # auto: the weights' bf16
     assert meta["llama.rope.freq_base"] == 500000.0
     assert meta["llama.rope.dimension_count"] == 8
+    assert not [k for k in meta if "quantiz" in k and k != "general.quantization_version"]
     # rope_freqs holds the divisor of each base frequency (llama.cpp): base / it is llama3's
     factors = llama31_gguf.tensor("rope_freqs.weight")
     cfg = json.loads((llama31 / "config.json").read_text())
+    cfg.pop("quantization_config")
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**cfg), "cpu")
     base = 1.0 / 500000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)
     assert not torch.equal(want.float(), base)  # the scaling changes something at this size
@@ -365,21 +369,27 @@ def cli_results(tmp_path_factory, cli_server) -> dict:
     (mistral / "config.json").write_text(json.dumps(cfg | {"model_type": "mistral"}))
     (root / "taken.gguf").write_bytes(b"GGUF....")
     (root / "notes.txt").write_text("mine\n")
+    gguf_flag = ["--format", "gguf"]
     cases = {
-        "non-llama folder": ([str(mistral), "m.gguf"], "unsupported architecture"),
-        "existing output": ([str(good), "taken.gguf"], "taken.gguf exists"),
+        "non-llama folder": ([str(mistral), "m.gguf", *gguf_flag], "unsupported architecture"),
+        "existing output": ([str(good), "taken.gguf", *gguf_flag], "taken.gguf exists"),
         "overwrite a file that is not GGUF": (
-            [str(good), "notes.txt", "--overwrite"],
+            [str(good), "notes.txt", "--overwrite", *gguf_flag],
             "is not a GGUF file",
         ),
-        "unknown type": ([str(good), "x.gguf", "--gguf-type", "q4_k"], "unknown GGUF type 'q4_k'"),
-        "unknown tokenizer": ([str(good), "t.gguf"], "pre-tokenizer"),
-        "inside the source": ([str(good), str(good / "m.gguf")], "inside the source folder"),
+        "unknown type": (
+            [str(good), "x.gguf", "--gguf-type", "q4_k", *gguf_flag],
+            "unknown GGUF type 'q4_k'; choose one of auto, f32, f16, bf16, q8_0",
+        ),
+        "unknown tokenizer": ([str(good), "t.gguf", *gguf_flag], "pre-tokenizer"),
+        "inside the source": ([str(good), str(good / "m.gguf"), *gguf_flag], "inside the source"),
+        "unknown format": ([str(good), "y.gguf", "--format", "onnx"], "unknown export format"),
+        "a GGUF type for an HF export": (
+            [str(good), "hf-out", "--gguf-type", "q8_0"],
+            "--gguf-type applies to --format gguf only",
+        ),
     }
-    ran = {
-        name: cli_server.run(["export", *argv, "--format", "gguf"], root)
-        for name, (argv, _) in cases.items()
-    }
+    ran = {name: cli_server.run(["export", *argv], root) for name, (argv, _) in cases.items()}
     return {name: (ran[name], cases[name][1], root) for name in cases}
 
 
@@ -392,6 +402,8 @@ def cli_results(tmp_path_factory, cli_server) -> dict:
         "unknown type",
         "unknown tokenizer",
         "inside the source",
+        "unknown format",
+        "a GGUF type for an HF export",
     ],
 )
 def test_bad_input_is_one_line(cli_results, case):
@@ -399,5 +411,5 @@ def test_bad_input_is_one_line(cli_results, case):
     assert expected in result.error_line()
     assert (root / "taken.gguf").read_bytes() == b"GGUF...."
     assert (root / "notes.txt").read_text() == "mine\n"
-    assert not [p.name for p in root.iterdir() if p.suffix == ".gguf" and p.name != "taken.gguf"]
-    assert not [p.name for p in root.iterdir() if ".tmp-" in p.name]
+    made = {p.name for p in root.iterdir()} - {"tiny", "mistral", "taken.gguf", "notes.txt"}
+    assert not made, made

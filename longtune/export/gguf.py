@@ -324,15 +324,27 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
+_QUANTIZE_CHUNK = 1 << 24
+"""Values quantized at once (64 MB in float32): the quantizer's temporaries stay that small."""
+
+
 def _encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """The tensor's bytes in the file's type (float casts round to nearest even, as torch)."""
+    """The tensor's bytes in the file's type (float casts round to nearest even, as torch's);
+    a quantized one is quantized a chunk of rows at a time."""
     if qtype == _QTYPE.F32:
         return tensor.to(torch.float32).contiguous().numpy()
     if qtype == _QTYPE.F16:
         return tensor.to(torch.float16).contiguous().numpy()
     if qtype == _QTYPE.BF16:
         return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    return gguf.quants.quantize(tensor.to(torch.float32).numpy(), qtype)
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.empty((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+    step = max(1, _QUANTIZE_CHUNK // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step].to(torch.float32).numpy()
+        out[start : start + step] = gguf.quants.quantize(chunk, qtype)
+    return out
 
 
 def _model_name(hf_dir: Path) -> str:
