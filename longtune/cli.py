@@ -32,13 +32,45 @@ def convert(hf_dir: str, native_dir: str, overwrite: bool = False) -> int:
     return 0
 
 
-def export(source: str, hf_out: str, dtype: str | None = None, overwrite: bool = False) -> int:
-    """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder."""
-    from longtune.export.command import export as export_folder
+def export(
+    source: str,
+    out: str,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    format: str = "hf",
+    gguf_type: str | None = None,
+    max_shard_gb: str | None = None,
+) -> int:
+    """Export a checkpoint or native folder as a Hugging Face folder, or a model as a GGUF file."""
+    from longtune.export.command import export as export_model
 
-    out = export_folder(source, hf_out, dtype=dtype, overwrite=overwrite)
-    print(f"wrote Hugging Face checkpoint {out}")
+    shard_bytes = None
+    if max_shard_gb is not None:
+        gb = _number(max_shard_gb)
+        if gb is None or not 0 < gb < 1e6:
+            raise ValueError(
+                f"--max-shard-gb {max_shard_gb!r} is invalid; give the largest file in GB, above "
+                "0 (e.g. 5)"
+            )
+        shard_bytes = int(gb * 1e9)
+    written = export_model(
+        source,
+        out,
+        dtype=dtype,
+        overwrite=overwrite,
+        format=format,
+        gguf_type=gguf_type,
+        max_shard_bytes=shard_bytes,
+    )
+    print(f"wrote {'GGUF file' if format == 'gguf' else 'Hugging Face checkpoint'} {written}")
     return 0
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def runs_list(runs_dir: str = "runs", json: bool = False) -> int:
@@ -244,20 +276,51 @@ def _add_model_commands(sub: Any) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help=replace.format("native_dir"))
 
-    p = _command(sub, "export", export)
-    p.add_argument(
-        "source", help="a folder written by `longtune convert`, or RUN_DIR/checkpoints/step-N."
+    p = _command(
+        sub,
+        "export",
+        export,
+        epilog="GGUF (llama.cpp, Ollama): `longtune export RUN/hf model.gguf --format gguf` converts "
+        "an HF folder as it is; from a checkpoint or native folder the HF export is made first in a "
+        "temporary folder beside OUT, then removed. --gguf-type: auto keeps the weights' own type "
+        "(f32, bf16 or f16), f32, f16, bf16, or q8_0 (8-bit, about half of f16's size); norms stay "
+        "f32. Needs a byte-level BPE tokenizer (Llama 3, SmolLM2).",
     )
     p.add_argument(
-        "hf_out",
-        help="output HF folder (safetensors, config.json, tokenizer files); must be new or empty.",
+        "source",
+        help="a folder written by `longtune convert`, RUN_DIR/checkpoints/step-N, or (with "
+        "--format gguf) a Hugging Face folder such as RUN_DIR/hf.",
+    )
+    p.add_argument(
+        "out",
+        help="output: an HF folder (safetensors, config.json, tokenizer files; must be new or "
+        "empty), or with --format gguf the .gguf file to write (must not exist).",
+    )
+    p.add_argument(
+        "--format",
+        default="hf",
+        help="hf (a Hugging Face folder) or gguf (one file for llama.cpp / Ollama)." + _DEFAULT,
     )
     p.add_argument(
         "--dtype",
-        help="write tensors in this dtype (float32, bfloat16, float16); default: as the source."
+        help="hf: write tensors in this dtype (float32, bfloat16, float16); default: as the source."
         + _DEFAULT,
     )
-    p.add_argument("--overwrite", action="store_true", help=replace.format("hf_out"))
+    p.add_argument(
+        "--max-shard-gb",
+        help="hf: safetensors files of at most this many GB (10^9 bytes), with an index; "
+        "default: the files of the source model.",
+    )
+    p.add_argument(
+        "--gguf-type",
+        help="gguf: auto, f32, f16, bf16 or q8_0; auto keeps the weights' own float type (default: "
+        "auto).",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=replace.format("out") + " With --format gguf: replace an existing GGUF file.",
+    )
 
 
 def _add_data_commands(sub: Any) -> None:

@@ -1,8 +1,10 @@
-"""``longtune export``: a Hugging Face folder from a training checkpoint or a native folder."""
+"""``longtune export``: a Hugging Face folder from a training checkpoint or a native folder, or a
+GGUF file from any of these or an HF folder."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 
 from longtune.checkpoint import CheckpointTensors, check_checkpoint_model, checkpoint_info
 from longtune.export.check import export_and_check
+from longtune.export.gguf import GGUF_TYPES, check_gguf_output, export_gguf
 from longtune.fsutil import OutputDirError, check_output_dir
 from longtune.model.args import ModelArgs
 from longtune.model.convert import is_native_dir, read_native_meta
@@ -20,28 +23,84 @@ from longtune.run_dir import RunDir
 
 def export(
     source: str | Path,
-    out_dir: str | Path,
+    out: str | Path,
     dtype: str | None = None,
     overwrite: bool = False,
+    format: str = "hf",
+    gguf_type: str | None = None,
     max_shard_bytes: int | None = None,
 ) -> Path:
-    """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder.
+    """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder, or
+    any of these or an HF folder as one GGUF file.
 
     Args:
-        source: a folder written by ``longtune convert``, or ``RUN/checkpoints/step-N``.
-        out_dir: the HF folder to write.
-        dtype: write tensors in this dtype; default: each in its source dtype.
-        overwrite: replace ``out_dir`` if longtune wrote it before.
-        max_shard_bytes: files of at most this size; default: the source model's layout.
+        source: a folder written by ``longtune convert``, ``RUN/checkpoints/step-N``, or (GGUF
+            only) an HF folder such as a run's ``hf/``.
+        out: the HF folder (``format="hf"``) or the ``.gguf`` file (``format="gguf"``) to write.
+        dtype: HF only: write tensors in this dtype; default: each in its source dtype.
+        overwrite: replace ``out`` if longtune wrote it before (GGUF: if it is a GGUF file).
+        format: ``hf`` or ``gguf``.
+        gguf_type: GGUF only: ``auto`` (default), ``f32``, ``f16``, ``bf16`` or ``q8_0``.
+        max_shard_bytes: HF only: files of at most this size; default: the source model's
+            layout.
 
     Returns:
-        ``out_dir``.
+        ``out``.
     """
-    _refuse_inside_a_run(Path(out_dir))
+    if format not in ("hf", "gguf"):
+        raise ValueError(f"unknown export format {format!r}; choose hf or gguf")
+    _refuse_inside_a_run(Path(out))
+    if format == "gguf":
+        if dtype is not None:
+            raise ValueError("--dtype applies to --format hf; for GGUF choose --gguf-type")
+        if max_shard_bytes is not None:
+            raise ValueError("--max-shard-gb applies to --format hf; a GGUF is one file")
+        return export_gguf_file(source, out, gguf_type or "auto", overwrite=overwrite)
+    if gguf_type is not None:
+        raise ValueError("--gguf-type applies to --format gguf only")
     kw = {"dtype": dtype, "overwrite": overwrite, "max_shard_bytes": max_shard_bytes}
     if is_native_dir(source):
-        return export_native(source, out_dir, **kw)
-    return export_checkpoint(source, out_dir, **kw)
+        return export_native(source, out, **kw)
+    return export_checkpoint(source, out, **kw)
+
+
+def export_gguf_file(
+    source: str | Path, out_file: str | Path, gguf_type: str = "auto", overwrite: bool = False
+) -> Path:
+    """``longtune export SRC OUT --format gguf``: one GGUF file from an HF folder, a native
+    folder or a training checkpoint.
+
+    An HF folder (config.json and safetensors, e.g. a run's ``hf/``) is converted as it is. A
+    native folder or a checkpoint is first exported as an HF folder (with the usual self-check)
+    into a temporary folder beside ``out_file``, which is removed afterwards.
+
+    Args:
+        source: an HF folder, a folder written by ``longtune convert``, or
+            ``RUN/checkpoints/step-N``.
+        out_file: the ``.gguf`` file to write.
+        gguf_type: ``auto``, ``f32``, ``f16``, ``bf16`` or ``q8_0`` (see
+            :func:`longtune.export.gguf.export_gguf`).
+        overwrite: replace ``out_file`` if it is a GGUF file.
+
+    Returns:
+        ``out_file``.
+    """
+    source, out = Path(source), Path(out_file)
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if (source / "config.json").is_file() and not is_native_dir(source):
+        return export_gguf(source, out, gguf_type, overwrite=overwrite)
+    check_gguf_output(out, source, overwrite)  # before the HF export, which takes a while
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.hf-") as tmp:
+        hf_dir = Path(tmp) / "hf"
+        if is_native_dir(source):
+            name = source.resolve().name
+            export_native(source, hf_dir)
+        else:
+            name = f"{RunDir.of_checkpoint(source).path.resolve().name}-{source.name}"
+            export_checkpoint(source, hf_dir)
+        return export_gguf(hf_dir, out, gguf_type, overwrite=overwrite, name=name)
 
 
 def _refuse_inside_a_run(out: Path) -> None:
