@@ -14,6 +14,7 @@ runs through this module and nothing else. Layout of ``RUN/``::
     source/              the source model's config, tokenizer files and tensor layout
     hf/                  the exported Hugging Face folder
     export_check.json    the export's self-check
+    model.gguf           the GGUF export (``export.formats`` with ``gguf`` only)
     launch.json          written only for a run launched by ``longtune.runs.launch`` (the web UI,
                          ``longtune runs resume``): the launched process (pid, pgid, host, start
                          time, argv, exit code)
@@ -65,6 +66,7 @@ CHECKPOINTS = "checkpoints"
 SOURCE = "source"
 EXPORT = "hf"
 EXPORT_CHECK = "export_check.json"
+GGUF = "model.gguf"
 LAUNCH = "launch.json"
 LAUNCH_LOG = "launch.log"
 LAUNCH_LOCK = "launch.lock"
@@ -146,6 +148,10 @@ class RunDir:
     @property
     def export_check(self) -> Path:
         return self.path / EXPORT_CHECK
+
+    @property
+    def gguf(self) -> Path:
+        return self.path / GGUF
 
     @property
     def demo_summary(self) -> Path:

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_hf_checkpoint, meta_llama31_config, rel_err
+from safetensors import safe_open
 
 from longtune.export.gguf import CHECK_TEXT, PRE_TOKENIZERS, export_gguf
 
@@ -413,3 +414,49 @@ def test_bad_input_is_one_line(cli_results, case):
     assert (root / "notes.txt").read_text() == "mine\n"
     made = {p.name for p in root.iterdir()} - {"tiny", "mistral", "taken.gguf", "notes.txt"}
     assert not made, made
+
+
+@pytest.mark.slow
+def test_a_run_with_the_gguf_format_writes_model_gguf_from_its_export(llama31, tmp_path):
+    from data_fixtures import chat_rows, write_jsonl
+
+    from longtune import finetune
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    run = finetune(
+        model=str(llama31),
+        train_data=str(data),
+        context_length=64,
+        duration="1st",
+        output_dir=str(tmp_path / "run"),
+        data__cache_dir=str(tmp_path / "cache"),
+        export__formats=["hf", "gguf"],
+        export__gguf_type="f32",
+    )
+    assert run.status == "succeeded", run.error
+    file = Gguf(tmp_path / "run" / "model.gguf")
+    assert file.type_of("token_embd.weight") == "F32"
+    with safe_open(tmp_path / "run" / "hf" / "model.safetensors", framework="pt") as f:
+        embed = f.get_tensor("model.embed_tokens.weight").float()
+    assert torch.equal(file.tensor("token_embd.weight"), embed)
+
+
+def test_a_run_asking_for_gguf_of_a_model_it_cannot_write_is_refused_before_it_starts(tmp_path):
+    from data_fixtures import chat_rows, write_jsonl
+
+    from longtune import finetune
+
+    model = make_hf_checkpoint(tmp_path / "tiny")  # a character-level tokenizer
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    with pytest.raises(ValueError, match="pre-tokenizer") as refused:
+        finetune(
+            model=str(model),
+            train_data=str(data),
+            context_length=64,
+            duration="1st",
+            output_dir=str(tmp_path / "run"),
+            data__cache_dir=str(tmp_path / "cache"),
+            export__formats=["hf", "gguf"],
+        )
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()

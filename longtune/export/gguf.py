@@ -176,6 +176,26 @@ def export_gguf(
     return out
 
 
+def check_gguf_source(model_dir: str | Path) -> None:
+    """Refuse, in one line, a model that cannot be written as GGUF: not a Llama folder, or a
+    tokenizer whose llama.cpp pre-tokenizer is not known. Reads only the config and the
+    tokenizer, so a run that asks for a GGUF export checks it before training.
+
+    Raises:
+        ValueError, FileNotFoundError: what would stop :func:`export_gguf`, in one line.
+    """
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    read_hf_source(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer.json in {model_dir}; GGUF export needs a byte-level BPE tokenizer "
+            "(Llama 3, SmolLM2)"
+        )
+    _pre_tokenizer(AutoTokenizer.from_pretrained(model_dir), model_dir)
+
+
 def check_gguf_output(out: Path, hf_dir: Path, overwrite: bool) -> None:
     """Refuse, in one line, an output that is a folder, inside the source folder, or an
     existing file (with ``overwrite``: one that is not a GGUF file).

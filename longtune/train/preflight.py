@@ -30,6 +30,7 @@ from longtune.checkpoint import (
 from longtune.data import validate_files
 from longtune.data.tokenize import file_fingerprint
 from longtune.data.validation import expand_paths
+from longtune.export.gguf import check_gguf_source
 from longtune.fsutil import check_writable
 from longtune.model.args import ModelArgs
 from longtune.model.attention import check_backend
@@ -105,6 +106,8 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
         n_kv_heads=args.n_kv_heads,
     )
     check_model_folder(cfg.model.path)  # tokenizer, safetensors headers, vocabulary fit
+    if "gguf" in cfg.export.formats:
+        check_gguf_source(cfg.model.path)  # refused now, not after training
     dtype = compute_dtype(cfg.model.dtype, device_type())
     check_backend(cfg.model.attention, device_type(), dtype=dtype)
     data_files = data_fingerprints(cfg)

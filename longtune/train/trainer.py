@@ -46,6 +46,7 @@ from longtune.data import (
     overlength_summary,
 )
 from longtune.export.check import export_and_check
+from longtune.export.gguf import export_gguf
 from longtune.model.hf import HFSource, read_hf_source
 from longtune.model.llama import Transformer
 from longtune.parallel.load import load_parallel_model
@@ -565,6 +566,9 @@ class Trainer:
             )
             result.export_dir, result.export_check = self.run.export, check
             logger.info("exported %s (self-check: %s)", self.run.export, check)
+            if "gguf" in self.cfg.export.formats:
+                export_gguf(self.run.export, self.run.gguf, self.cfg.export.gguf_type, True)
+                logger.info("exported %s (%s)", self.run.gguf, self.cfg.export.gguf_type)
         self.metrics.close()
         result.metrics = read_metrics(self.run)
         return result
