@@ -29,7 +29,8 @@ import torch
 
 from longtune.fsutil import OutputDirError, pid_alive
 from longtune.model.args import ModelArgs
-from longtune.model.hf import HFSource, ShardReader, read_hf_source
+from longtune.model.checks import check_finite
+from longtune.model.hf import HFSource, SafetensorsRows, read_hf_source
 
 GGUF_TYPES = ("auto", "f32", "f16", "bf16", "q8_0")
 """``gguf_type`` values: ``auto`` keeps the HF tensors' own float type (f32, bf16 or f16)."""
@@ -156,7 +157,7 @@ def export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    reader = ShardReader(hf_dir, source.weight_map)
+    reader = _Reader(hf_dir, source.weight_map)
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
@@ -171,7 +172,6 @@ def export_gguf(
         os.replace(tmp, out)
     finally:
         writer.close()
-        reader.close()
         tmp.unlink(missing_ok=True)
     return out
 
@@ -323,7 +323,25 @@ def _rope_factors(args: ModelArgs) -> torch.Tensor | None:
     return torch.tensor(factors, dtype=torch.float32)
 
 
-def _read(reader: ShardReader, hf_name: str | None, args: ModelArgs) -> torch.Tensor:
+class _Reader:
+    """Whole tensors of an HF folder, read with plain reads (a memory map would keep every
+    page read as this process's resident memory until the file is closed)."""
+
+    def __init__(self, folder: Path, weight_map: dict[str, str]) -> None:
+        self.folder, self.weight_map = folder, weight_map
+        self.files: dict[str, SafetensorsRows] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.weight_map[key]
+        if name not in self.files:
+            self.files[name] = SafetensorsRows(self.folder / name)
+        file = self.files[name]
+        tensor = file.read(key, 0, file.shape(key)[0])
+        check_finite(key, tensor, self.folder / name)
+        return tensor
+
+
+def _read(reader: _Reader, hf_name: str | None, args: ModelArgs) -> torch.Tensor:
     """One HF tensor, Q and K rows permuted as llama.cpp's ``LlamaModel.permute`` does."""
     assert hf_name is not None
     tensor = reader.get(hf_name)
