@@ -138,3 +138,22 @@ def test_an_export_from_a_checkpoint_on_disk_reads_one_tensor_at_a_time(tmp_path
     # Each tensor read once; held: at most a fused one (q/k/v or gate/up, whose pieces are
     # not next to each other in the file's name order) and the one being written.
     assert sorted(reads) == sorted(native_tensor_names(model.args)) and peak[0] == 2
+
+
+def test_the_check_finds_one_changed_value_in_any_piece(tmp_path):
+    """The self-check reads back by blocks of rows; a change in one value of one piece of a
+    fused tensor (here a row of k inside wqkv, in a block past the first) is found."""
+    from longtune.export.check import _mismatched_tensors
+
+    source = write_meta_style_checkpoint(tmp_path / "src")
+    model = longtune.load_model(source)
+    out = longtune.save_model(model, tmp_path / "out")
+    state = dict(model.state_dict())
+    assert _mismatched_tensors(state, model.args, out) == []
+    name = "layers.1.attention.wqkv.weight"
+    changed = state[name].clone()
+    row = model.args.q_size + model.args.kv_size - 1  # the last row of k
+    changed[row, -1] += 1
+    state[name] = changed
+    found = _mismatched_tensors(state, model.args, out, block=changed[0].numel() * 2)
+    assert found == [name]

@@ -112,9 +112,8 @@ def export_and_check(
 def _mismatched_tensors(
     state: Mapping[str, torch.Tensor], args: ModelArgs, export_dir: Path, block: int = 2**26
 ) -> list[str]:
-    """Native tensors that differ anywhere from what was written (each HF tensor read back by
-    blocks of about ``block`` bytes and compared with its rows of the trained tensor cast to the
-    written dtype); one trained tensor at a time."""
+    """Native tensors that differ anywhere from what was written; one trained tensor at a
+    time, each HF piece of it read back by blocks of rows."""
     _, written = read_hf_source(export_dir)
     files = {name: SafetensorsRows(export_dir / name) for name in set(written.weight_map.values())}
     pieces: dict[str, list[tuple[str, int, int]]] = {}
@@ -123,19 +122,24 @@ def _mismatched_tensors(
     mismatched = []
     for name, parts in pieces.items():
         trained = state[name]
-        for key, start, rows in parts:
-            file = files[written.weight_map[key]]
-            step = max(1, block // max(1, trained[0].numel() * trained.element_size()))
-            for a in range(0, rows, step):
-                b = min(rows, a + step)
-                on_disk = file.read(key, a, b)
-                if not torch.equal(on_disk, trained[start + a : start + b].to(on_disk.dtype)):
-                    mismatched.append(name)
-                    break
-            if mismatched and mismatched[-1] == name:
-                break
+        if not all(
+            _same_rows(files[written.weight_map[key]], key, trained.narrow(0, start, rows), block)
+            for key, start, rows in parts
+        ):
+            mismatched.append(name)
         del trained
     return mismatched
+
+
+def _same_rows(file: SafetensorsRows, key: str, trained: torch.Tensor, block: int = 2**26) -> bool:
+    """Whether tensor ``key`` of ``file`` equals ``trained`` cast to its dtype, read and
+    compared by blocks of about ``block`` bytes."""
+    step = max(1, block // max(1, trained[0].numel() * trained.element_size()))
+    for a in range(0, trained.shape[0], step):
+        on_disk = file.read(key, a, min(trained.shape[0], a + step))
+        if not torch.equal(on_disk, trained[a : a + step].to(on_disk.dtype)):
+            return False
+    return True
 
 
 def _why_skip_logits(args: ModelArgs) -> str | None:

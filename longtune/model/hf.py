@@ -6,12 +6,17 @@ from config.json) before any tensor is read, and tensors are then read one at a 
 their safetensors shard and fused into native ones (q/k/v into ``wqkv``, gate/up into
 ``w13``), so the whole model is never held twice.
 
-Writing (:func:`hf_state_dict`, :func:`save_model`): unfuse, rename with the same map, and
-write safetensors in the layout the source had (same file names and tensor-to-file map; a fresh
-layout, sharded with an index when large, if the tensor set changed), the source
-``config.json`` verbatim (only the dtype may change, and only when asked), and the source's
-tokenizer files, chat template and generation config. Tensors are written in the dtype each
-had in the source unless a dtype is asked for, so an untrained tensor comes back bit-identical.
+Writing (:func:`save_model`, :func:`write_safetensors`): unfuse (:func:`hf_pieces`: the rows of
+each HF tensor in the native ones), rename with the same map, and stream safetensors files —
+header first, then tensor by tensor, byte for byte what ``safetensors.torch.save_file`` writes —
+in the layout the source had (same file names and tensor-to-file map; a fresh layout with an
+index when asked for a largest file size, or if the tensor set changed). Tensors are written in
+the dtype each had in the source unless a dtype is asked for, so an untrained tensor comes back
+bit-identical. ``config.json`` keeps the source's keys with the forms older readers need added
+and a stale ``quantization_config`` dropped (:func:`export_config_text`), and the tokenizer
+files, chat template and generation config are copied, readable by transformers 4 and 5
+(:func:`serve_tokenizer_files`). :func:`hf_state_dict` is the whole-state form of the unfusing.
+:class:`SafetensorsRows` reads rows of a file without a memory map.
 
 :class:`HFSource` is everything needed to write a model back as its source was; it can be
 saved into a folder (a run keeps its source this way) and read back without the source.
