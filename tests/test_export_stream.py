@@ -157,3 +157,20 @@ def test_the_check_finds_one_changed_value_in_any_piece(tmp_path):
     state[name] = changed
     found = _mismatched_tensors(state, model.args, out, block=changed[0].numel() * 2)
     assert found == [name]
+
+
+def test_longtune_export_max_shard_gb(tmp_path, cli_server):
+    from longtune.model.convert import convert_hf_to_native
+
+    source = write_meta_style_checkpoint(tmp_path / "src")
+    native = convert_hf_to_native(source, tmp_path / "native")
+    ok = cli_server.run(["export", str(native), "small", "--max-shard-gb", "0.00004"], tmp_path)
+    assert ok.rc == 0, ok.stderr
+    files = json.loads((tmp_path / "small" / "model.safetensors.index.json").read_text())
+    assert len(set(files["weight_map"].values())) > 2
+    a, b = read_all(source), read_all(tmp_path / "small")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    bad = cli_server.run(["export", str(native), "x", "--max-shard-gb", "0"], tmp_path)
+    assert "--max-shard-gb '0' is invalid" in bad.error_line()
+    assert not (tmp_path / "x").exists()
