@@ -3,9 +3,13 @@
 Generates a chat JSONL file of at least ``--mb`` megabytes (random multi-turn conversations),
 then times ``build_packed_dataset`` twice with a fresh cache folder: the first run validates,
 tokenizes with the model's chat template and packs; the second finds the token store and only
-validates and packs. Prints tokens/s for both.
+validates and packs. Prints tokens/s for both, and the process's peak resident memory over each
+run (``VmHWM``, reset before each run by writing ``5`` to ``/proc/self/clear_refs``; file pages
+mapped by the process count, as they do for the machine's memory limits) with its baseline and,
+at the end of the run, the anonymous and file-backed parts of the resident memory.
 
     python benchmarks/bench_data.py --mb 50 --context-length 8192
+    python benchmarks/bench_data.py --mb 2048 --workdir /tmp/bench-data   # the 2 GB case
 """
 
 from __future__ import annotations
@@ -21,6 +25,17 @@ import time
 from pathlib import Path
 
 from longtune.data import build_packed_dataset
+
+
+def status_kb(*fields: str) -> dict[str, int]:
+    """Fields of ``/proc/self/status`` in kB (VmRSS, VmHWM, RssAnon, RssFile)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in fields:
+            out[key] = int(line.split()[1])
+    return out
+
 
 WORDS = (
     "the model reads long documents and answers questions about them with care while the "
@@ -71,6 +86,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
 
     for run in ("first", "cached"):
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        base = status_kb("VmRSS")["VmRSS"]
         t = time.perf_counter()
         ds = build_packed_dataset(
             [str(data)], args.model, "chat", args.context_length, cache_dir=cache
@@ -82,6 +99,13 @@ def main() -> None:
             f"({s.documents} docs, {s.tokens:,} tokens, {s.packed_sequences} sequences of "
             f"{args.context_length}, padding {s.padding_fraction:.4f})"
         )
+        mem = status_kb("VmHWM", "RssAnon", "RssFile")
+        print(
+            f"{'':>6}      peak RSS {mem['VmHWM'] / 2**20:.2f} GiB (baseline "
+            f"{base / 2**20:.2f} GiB; at the end anonymous {mem['RssAnon'] / 2**20:.2f} GiB, "
+            f"file-backed {mem['RssFile'] / 2**20:.2f} GiB)"
+        )
+        del ds
     shutil.rmtree(work) if args.workdir is None else None
 
 

@@ -408,14 +408,14 @@ def test_a_full_disk_under_the_token_cache_is_one_line_naming_it(tmp_path, tiny_
 
     from longtune.fsutil import OutputDirError
 
-    real = np.save
+    real = tokenize_mod._Column.append
 
-    def full(file, array):
-        if str(file).endswith("ids.npy"):
+    def full(column, values):
+        if column.raw.name == "ids.raw":
             raise OSError(errno.ENOSPC, "No space left on device")  # a write: no file name
-        real(file, array)
+        real(column, values)
 
-    monkeypatch.setattr(tokenize_mod.np, "save", full)
+    monkeypatch.setattr(tokenize_mod._Column, "append", full)
     data = write_jsonl(tmp_path / "c.jsonl", chat_rows(2, seed=7))
     cache = tmp_path / "cache"
     with pytest.raises(OutputDirError) as e:
@@ -423,3 +423,74 @@ def test_a_full_disk_under_the_token_cache_is_one_line_naming_it(tmp_path, tiny_
     assert str(e.value).startswith(f"cannot write the token cache in {cache}")
     assert "No space left on device" in str(e.value)
     assert not [p for p in cache.rglob("*.npy")]  # no half-written store left
+    assert not [p for p in cache.rglob("*.raw")]
+
+
+def test_a_store_written_in_batches_is_the_arrays_np_save_writes(tmp_path, tiny_model, monkeypatch):
+    """The store is written batch by batch (memory: one batch, not the file); its files are
+    byte for byte ``np.save`` of the whole arrays, and meta.json's CRCs are theirs."""
+    import json
+    import zlib
+
+    import longtune.data.tokenize as tokenize
+    from longtune.data.tokenize import Encoder, build_store, load_tokenizer
+    from longtune.data.validation import iter_records
+
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(23, seed=5))
+    encoder = Encoder(load_tokenizer(tiny_model), "chat")
+    monkeypatch.setattr(tokenize, "BATCH_SIZE", 4)  # 6 batches
+    monkeypatch.setattr(tokenize, "PROGRESS_EVERY_S", 0.0)  # a progress line per batch
+    store = build_store(str(path), encoder, tmp_path / "cache" / "key")
+
+    records = list(iter_records(str(path), "chat"))
+    encoded = encoder.encode(records)
+    lengths = [len(ids) for ids, _ in encoded]
+    whole = {
+        "ids": np.concatenate([ids for ids, _ in encoded]).astype(np.uint32),
+        "mask": np.concatenate([mask for _, mask in encoded]).astype(np.uint8),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "lines": np.asarray([r.line for r in records], dtype=np.int64),
+    }
+    meta = json.loads((store.path / "meta.json").read_text())
+    for name, array in whole.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        assert (store.path / f"{name}.npy").read_bytes() == (tmp_path / f"{name}.npy").read_bytes()
+        described = {"dtype": array.dtype.str, "shape": list(array.shape)}
+        assert meta["arrays"][name] == described | {"crc32": zlib.crc32(array)}
+
+
+def test_an_interrupted_store_write_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+    import longtune.data.tokenize as tokenize
+    from longtune.data.tokenize import Encoder, build_store, load_tokenizer
+
+    path = write_jsonl(tmp_path / "c.jsonl", chat_rows(12, seed=6))
+    encoder = Encoder(load_tokenizer(tiny_model), "chat")
+    monkeypatch.setattr(tokenize, "BATCH_SIZE", 4)
+    real, calls = encoder.encode, []
+
+    def encode(batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(encoder, "encode", encode)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(str(path), encoder, tmp_path / "cache" / "key")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 1), max_size=40), st.integers(1, 9), st.data())
+def test_prefix_sums_by_chunks_equal_a_whole_cumsum(bits, chunk, data):
+    import longtune.data.packing as packing
+
+    mask = np.asarray(bits, dtype=np.uint8)
+    at = np.asarray(data.draw(st.lists(st.integers(0, len(bits)), max_size=30)), dtype=np.int64)
+    whole = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])[at]
+    old = packing.PREFIX_CHUNK
+    packing.PREFIX_CHUNK = chunk
+    try:
+        assert np.array_equal(packing._prefix_sums(mask, at), whole)
+    finally:
+        packing.PREFIX_CHUNK = old

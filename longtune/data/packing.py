@@ -171,9 +171,10 @@ def _usable_docs(
     if overlength == "drop":
         keep &= ~over
     # Supervised targets per piece: mask[1:] over the piece's tokens.
-    csum = np.concatenate([[0], np.cumsum(store.mask, dtype=np.int64)])
     first = store.offsets[:-1][doc] + start
-    sup = csum[first + length] - csum[first + np.minimum(length, 1)]
+    sup = _prefix_sums(store.mask, first + length) - _prefix_sums(
+        store.mask, first + np.minimum(length, 1)
+    )
     unsupervised = keep & (sup == 0)
     keep &= ~unsupervised
     stats = FileStats(
@@ -192,6 +193,32 @@ def _usable_docs(
         split=int(over.sum()) if overlength == "split" else 0,
     )
     return doc[keep], start[keep], length[keep], stats
+
+
+PREFIX_CHUNK = 1 << 24
+"""Tokens of a mask summed at a time by :func:`_prefix_sums` (its memory: 8 bytes each)."""
+
+
+def _prefix_sums(mask: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """``mask[:i].sum()`` for every ``i`` of ``at`` (each in ``[0, len(mask)]``), one chunk of
+    the mask at a time: memory in the chunk and ``at``, not in the mask's length."""
+    order = np.argsort(at, kind="stable")
+    where = at[order]
+    out = np.empty(len(at), dtype=np.int64)
+    total, done = 0, 0
+    for lo in range(0, len(mask), PREFIX_CHUNK):
+        hi = min(len(mask), lo + PREFIX_CHUNK)
+        upto = int(np.searchsorted(where, hi, side="left"))  # indices in [lo, hi)
+        if upto > done:
+            csum = np.cumsum(mask[lo:hi], dtype=np.int64)
+            rel = where[done:upto] - lo
+            out[order[done:upto]] = total + np.where(rel > 0, csum[np.maximum(rel - 1, 0)], 0)
+            total += int(csum[-1])
+            done = upto
+        else:
+            total += int(np.sum(mask[lo:hi], dtype=np.int64))
+    out[order[done:]] = total  # indices == len(mask)
+    return out
 
 
 def overlength_summary(stats: DatasetStats) -> str:

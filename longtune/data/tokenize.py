@@ -62,6 +62,8 @@ STORE_VERSION = 2
 """Part of every store key: stores of another version are never opened (2: checksummed)."""
 STORE_ARRAYS = ("ids", "mask", "offsets", "lines")
 STORE_FILES = tuple(f"{name}.npy" for name in STORE_ARRAYS) + ("meta.json", OUTPUT_MARKER)
+#: Files of a store being written (its arrays' raw bytes before they become ``.npy`` files).
+_PARTIAL_FILES = tuple(f"{name}.raw" for name in STORE_ARRAYS)
 """Every file a store folder holds: what removing a store may delete, and nothing else."""
 CACHE_KIND = "cache"
 """The ``kind`` in the marker of the cache folder and of each store."""
@@ -326,8 +328,8 @@ class TokenStore:
             reason = " ".join(str(e).split())  # one line, whatever numpy's message holds
             raise DamagedStoreError(f"{path}: unreadable ({type(e).__name__}: {reason})") from None
         if verify:
-            for name, array in arrays.items():
-                if recorded.get(name) != _describe_array(array):
+            for name in arrays:
+                if recorded.get(name) != _describe_npy(path / f"{name}.npy"):
                     raise DamagedStoreError(
                         f"{path}: {name}.npy does not match the dtype, shape and CRC32 written "
                         "in meta.json"
@@ -339,13 +341,22 @@ class DamagedStoreError(ValueError):
     """A token store whose files are not what was written (tokenize the file again)."""
 
 
-def _describe_array(array: np.ndarray) -> dict[str, Any]:
-    """What ``meta.json`` records of a store array: dtype, shape and CRC32 of its bytes."""
-    return {
-        "dtype": array.dtype.str,
-        "shape": list(array.shape),
-        "crc32": zlib.crc32(np.ascontiguousarray(array)),
-    }
+def _describe_npy(path: Path) -> dict[str, Any]:
+    """What ``meta.json`` records of a store array — dtype, shape and CRC32 of its bytes — read
+    from its ``.npy`` file in chunks with plain reads (through a memory map, every page read
+    would stay the process's resident memory while the store is open: the whole store)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read_header(f)
+        crc = 0
+        while chunk := f.read(64 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return {"dtype": dtype.str, "shape": list(shape), "crc32": crc}
 
 
 def _chars(record: Record) -> int:
@@ -397,7 +408,7 @@ def _temporary(path: Path, what: str) -> Path:
 def _remove_store_folder(folder: Path) -> None:
     """Remove a store folder (or a temporary one): only the files a store holds, then the
     folder if that left it empty; a file longtune did not write keeps it in place."""
-    for name in STORE_FILES:
+    for name in STORE_FILES + _PARTIAL_FILES:
         (folder / name).unlink(missing_ok=True)
     try:
         folder.rmdir()
@@ -485,33 +496,127 @@ def _discard_damaged(path: Path) -> None:
 
 
 def _write_store(file: str, encoder: Encoder, tmp: Path) -> None:
-    """Tokenize ``file`` and write its arrays and ``meta.json`` into ``tmp``."""
-    ids_parts, mask_parts, lengths, lines = [], [], [], []
-    for batch in _batches(iter_records(file, encoder.task_type), BATCH_SIZE):
-        for r, (ids, mask) in zip(batch, encoder.encode(batch), strict=True):
-            ids_parts.append(ids)
-            mask_parts.append(mask)
-            lengths.append(len(ids))
-            lines.append(r.line)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    arrays = {
-        "ids": np.concatenate(ids_parts).astype(np.uint32, copy=False),
-        "mask": np.concatenate(mask_parts).astype(np.uint8, copy=False),
-        "offsets": offsets,
-        "lines": np.asarray(lines, dtype=np.int64),
+    """Tokenize ``file`` and write its arrays and ``meta.json`` into ``tmp``.
+
+    The arrays are written as the batches come (:class:`_Column`): memory holds one batch of
+    examples and their tokens, not the file's, so a data file larger than the memory is
+    tokenized all the same. A line in the log about every :data:`PROGRESS_EVERY_S` seconds says
+    how far it is, at what rate, and about how long is left.
+    """
+    columns = {
+        "ids": _Column(tmp, "ids", np.uint32),
+        "mask": _Column(tmp, "mask", np.uint8),
+        "offsets": _Column(tmp, "offsets", np.int64),
+        "lines": _Column(tmp, "lines", np.int64),
     }
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", array)
+    progress = _Progress(file)
+    try:
+        columns["offsets"].append(np.zeros(1, dtype=np.int64))
+        end = 0
+        for batch in _batches(iter_records(file, encoder.task_type), BATCH_SIZE):
+            encoded = encoder.encode(batch)
+            lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, len(encoded))
+            columns["ids"].append(np.concatenate([ids for ids, _ in encoded]))
+            columns["mask"].append(np.concatenate([mask for _, mask in encoded]))
+            columns["offsets"].append(end + np.cumsum(lengths))
+            columns["lines"].append(np.fromiter((r.line for r in batch), np.int64, len(batch)))
+            end += int(lengths.sum())
+            progress.update(sum(_chars(r) for r in batch), int(lengths.sum()), len(batch))
+        described = {name: column.finish() for name, column in columns.items()}
+    finally:
+        for column in columns.values():
+            column.close()
+    progress.done()
     tok = encoder.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    meta = {
-        "file": os.path.abspath(file),
-        "pad_id": int(pad_id or 0),
-        "arrays": {name: _describe_array(array) for name, array in arrays.items()},
-    }
+    meta = {"file": os.path.abspath(file), "pad_id": int(pad_id or 0), "arrays": described}
     # Last: a store without meta.json is incomplete.
     (tmp / "meta.json").write_text(json.dumps(meta))
+
+
+class _Column:
+    """One array of a store written in pieces: appended to a raw file with its CRC32 kept as it
+    goes, then made the ``.npy`` file ``np.save`` would write (same bytes)."""
+
+    def __init__(self, folder: Path, name: str, dtype: type) -> None:
+        self.npy, self.raw = folder / f"{name}.npy", folder / f"{name}.raw"
+        self.dtype = np.dtype(dtype)
+        self.file = open(self.raw, "wb")  # noqa: SIM115 (closed by finish/close)
+        self.count, self.crc = 0, 0
+
+    def append(self, values: np.ndarray) -> None:
+        array = np.ascontiguousarray(values, dtype=self.dtype)
+        self.file.write(array.data)
+        self.crc = zlib.crc32(array, self.crc)
+        self.count += len(array)
+
+    def finish(self) -> dict[str, Any]:
+        """Write the ``.npy`` file (header, then the raw bytes) and return what ``meta.json``
+        records of it (as :func:`_describe_npy` reads it back)."""
+        self.file.close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False}
+        with open(self.npy, "wb") as out, open(self.raw, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, header | {"shape": (self.count,)})
+            while chunk := raw.read(64 << 20):
+                out.write(chunk)
+        self.raw.unlink()
+        return {"dtype": self.dtype.str, "shape": [self.count], "crc32": self.crc}
+
+    def close(self) -> None:
+        self.file.close()
+
+
+PROGRESS_EVERY_S = 30.0
+
+
+class _Progress:
+    """Log lines while one file is tokenized: examples, tokens, rate, share of the file (by its
+    characters against the file's bytes, so a little low for JSON) and the time left."""
+
+    def __init__(self, file: str) -> None:
+        self.file, self.size = file, max(1, Path(file).stat().st_size)
+        self.start = self.last = time.monotonic()
+        self.chars = self.tokens = self.examples = 0
+
+    def update(self, chars: int, tokens: int, examples: int) -> None:
+        self.chars += chars
+        self.tokens += tokens
+        self.examples += examples
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        elapsed = now - self.start
+        share = min(self.chars / self.size, 0.99)
+        left = elapsed * (1 - share) / max(share, 1e-9)
+        logger.info(
+            "tokenizing %s: %d examples, %d tokens (%.0f tokens/s), about %.0f%% of the file, "
+            "about %s left",
+            self.file,
+            self.examples,
+            self.tokens,
+            self.tokens / elapsed,
+            100 * share,
+            _duration(left),
+        )
+
+    def done(self) -> None:
+        elapsed = time.monotonic() - self.start
+        if elapsed >= PROGRESS_EVERY_S:  # a file that took long: say how it ended
+            logger.info(
+                "tokenized %s: %d examples, %d tokens in %s (%.0f tokens/s)",
+                self.file,
+                self.examples,
+                self.tokens,
+                _duration(elapsed),
+                self.tokens / elapsed,
+            )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def tokenize_files(
