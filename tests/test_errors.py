@@ -289,6 +289,17 @@ def _config_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
         root,
         "--steps 0 is invalid; the demo needs at least 1 optimizer step",
     )
+    cases["data.mix without one weight per file"] = (
+        train(f"{good},{good}", "--data.mix", "3"),
+        root,
+        "data.mix (from --data.mix): '3' is invalid; give one weight per data.train entry (2), "
+        "or none",
+    )
+    cases["data.mix with a zero weight"] = (
+        train(f"{good},{good}", "--data.mix", "3,0"),
+        root,
+        "data.mix (from --data.mix): '3,0' is invalid; must be greater than 0",
+    )
     cases["negative seed"] = (
         train(good, "--seed", "-1"),
         root,
@@ -372,6 +383,8 @@ ITEMS = [
     "checkpoint of another model",
     "output folder holding a user's files",
     "negative seed",
+    "data.mix without one weight per file",
+    "data.mix with a zero weight",
     "a micro-batch larger than the data",
     "the demo with no steps",
     "YAML syntax error",

@@ -124,7 +124,12 @@ class PackedLoader:
         """The sequence order of an epoch (all ranks), padded or truncated to whole steps."""
         if epoch != self._order_epoch:
             n = len(self.dataset)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            mixed = getattr(self.dataset, "epoch_order", None)  # a MixedDataset orders itself
+            perm = (
+                mixed(self.seed, epoch)
+                if mixed is not None
+                else np.random.default_rng([self.seed, epoch]).permutation(n)
+            )
             total = self.steps_per_epoch * self.dp_size * self.micro_batch_size
             self._order = np.resize(perm, total)  # repeats from the start when total > n
             self._order_epoch = epoch

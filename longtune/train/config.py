@@ -185,6 +185,14 @@ class DataConfig:
     eval: Paths = Field(default_factory=list)
     """Evaluation data files; empty = no evaluation."""
 
+    mix: Annotated[list[Annotated[Float, Field(gt=0, le=1e9)]], BeforeValidator(_words)] = Field(
+        default_factory=list
+    )
+    """Weights mixing the data.train entries (each file or folder one dataset), one per entry,
+    e.g. 3,1: an epoch holds as many sequences as all the data, each dataset's share in
+    proportion to its weight (repeating a small dataset, sampling a large one), in a seeded
+    order; empty = all files packed together."""
+
     task_type: Literal["chat", "instruction", "text"] = "chat"
     """Format of the data lines: chat | instruction | text."""
 
@@ -350,6 +358,10 @@ class JobConfig:
             raise _KeyRule("train.grad_accum", t.grad_accum, rule)
         if p.dp < 1 and p.dp != -1:
             raise _KeyRule("parallel.dp", p.dp, "must be >= 1, or -1 for world_size/sp")
+        d = self.data
+        if d.mix and len(d.mix) != len(d.train):
+            rule = f"give one weight per data.train entry ({len(d.train)}), or none"
+            raise _KeyRule("data.mix", ",".join(f"{w:g}" for w in d.mix), rule)
         return self
 
 
@@ -471,6 +483,8 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
             doc = f"{' '.join(str(info.description).split())} ({default})".replace("%", "%%")
             tp = _base(info.annotation)
             metavar = _METAVARS.get(typing.get_origin(tp) or tp) or tp.__name__.upper()
+            if typing.get_origin(tp) is list and _base(typing.get_args(tp)[0]) is float:
+                metavar = "W1,W2,..."
             if choices(key):
                 many = "[,...]" if typing.get_origin(tp) is list else ""
                 metavar = "{" + ",".join(choices(key)) + "}" + many

@@ -45,6 +45,7 @@ from longtune.data import (
     build_packed_dataset,
     overlength_summary,
 )
+from longtune.data.mix import MixedDataset
 from longtune.export.check import export_and_check
 from longtune.export.gguf import export_gguf
 from longtune.model.hf import HFSource, read_hf_source
@@ -194,10 +195,10 @@ class Trainer:
             size_mb,
             cfg.model.path,
         )
-        datasets: dict[str, PackedDataset | None] = {}
+        datasets: dict[str, PackedDataset | MixedDataset | None] = {}
         for turn in (0, 1):
             if (self.rank == 0) == (turn == 0):
-                datasets["train"] = self._dataset(cfg.data.train)
+                datasets["train"] = self._train_dataset()
                 datasets["eval"] = self._dataset(cfg.data.eval) if cfg.data.eval else None
             dist.barrier()
         per_micro_step = self.mbs * self.dims.dp
@@ -212,6 +213,8 @@ class Trainer:
         self.loader = self._loader(datasets["train"])
         self.eval_loader = self._loader(datasets["eval"]) if datasets["eval"] else None
         logger.info("training data: %s", overlength_summary(datasets["train"].stats))
+        if isinstance(datasets["train"], MixedDataset):
+            logger.info("data mixture: %s", datasets["train"].describe())
         self.total_steps = total_optimizer_steps(cfg.train.duration, len(self.loader), self.accum)
         self.steps_per_epoch = len(self.loader) / self.accum
         if cfg.optim.warmup_steps > self.total_steps:
@@ -220,6 +223,14 @@ class Trainer:
                 f"({self.total_steps} optimizer steps for train.duration={cfg.train.duration}); "
                 "lower it or train longer"
             )
+
+    def _train_dataset(self) -> PackedDataset | MixedDataset:
+        """The training data: packed together, or each entry on its own and mixed by
+        ``data.mix``."""
+        d = self.cfg.data
+        if not d.mix:
+            return self._dataset(d.train)
+        return MixedDataset([self._dataset([p]) for p in d.train], d.mix, d.train)
 
     def _dataset(self, paths: list[str]) -> PackedDataset:
         d = self.cfg.data
@@ -233,7 +244,7 @@ class Trainer:
             cache_dir=d.cache_dir,
         )
 
-    def _loader(self, dataset: PackedDataset) -> PackedLoader:
+    def _loader(self, dataset: PackedDataset | MixedDataset) -> PackedLoader:
         return PackedLoader(
             dataset,
             micro_batch_size=self.mbs,
