@@ -332,7 +332,12 @@ def _add_data_commands(sub: Any) -> None:
         "longtune.data:validate_command",
         "Check training data and print per-file statistics; exit non-zero on invalid data.",
     )
-    p.add_argument("data", nargs="+", help="JSONL / text files or folders.")
+    p.add_argument(
+        "data",
+        nargs="+",
+        help="data files (JSONL, JSON, .gz/.zst, parquet, Arrow, text) or folders (of them, or "
+        "written by datasets' save_to_disk).",
+    )
     p.add_argument(
         "--model", required=True, help="HF model folder whose tokenizer and chat template are used."
     )
@@ -357,6 +362,18 @@ def _add_data_commands(sub: Any) -> None:
         "--all-errors",
         action="store_true",
         help="list every error instead of stopping at the first.",
+    )
+    p.add_argument(
+        "--format",
+        dest="data_format",
+        default="auto",
+        help="auto (from each file), jsonl, json, parquet, arrow or text." + d,
+    )
+    p.add_argument(
+        "--columns",
+        default="",
+        metavar="NAME=COLUMN[,...]",
+        help="read another column as one longtune knows, e.g. messages=dialog.",
     )
 
     p = _command(

@@ -32,7 +32,7 @@ BAD_LINES = [
     ("chat", '{"messages": [', "invalid-json"),
     ("chat", "[1, 2]", "not-an-object"),
     ("chat", {"conversation": []}, "missing-key"),
-    ("chat", {"messages": [], "extra": 1}, "unknown-key"),
+    ("chat", {"messages": [], "extra": 1}, "wrong-type"),  # extra keys are ignored
     ("chat", {"messages": "hello"}, "wrong-type"),
     ("chat", {"messages": [{"role": "user"}]}, "missing-key"),
     ("chat", {"messages": [{"role": "user", "content": "a", "name": "x"}]}, "unknown-key"),

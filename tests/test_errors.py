@@ -87,6 +87,7 @@ def build_cases(root: Path) -> Cases:
 
     return {
         **_data_cases(root, train, model, good),
+        **_format_cases(root, train, good),
         **_model_cases(root, train, model, good),
         **_run_folder_cases(root, train, good),
         **_config_cases(root, train, good),
@@ -146,6 +147,60 @@ def _data_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: A
         root,
         f"data.train (from --data): '{comma}' is one path whose name holds a comma, but commas "
         f"separate paths here; write it as '{root}/a\\,b.jsonl'",
+    )
+    return cases
+
+
+def _format_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
+    """A bad record in each file format, named by line (JSONL) or row (the others)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    cases: Cases = {}
+    bad = {"messages": [{"role": "user", "content": "q"}]}  # no assistant turn
+    rule = "last-not-assistant: the last message is 'user'"
+    rows = [GOOD, GOOD, bad]
+    f = root / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), f)
+    cases["parquet bad row"] = (train(f), root, f"{f}: row 2: {rule}")
+    f = write(root / "bad.json", json.dumps(rows))
+    cases["JSON array bad element"] = (train(f), root, f"{f}: row 2: {rule}")
+    text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    f = write(root / "bad.jsonl.zst", zstandard.ZstdCompressor().compress(text))
+    cases["zstd JSONL bad line"] = (train(f), root, f"{f}:3: {rule}")
+    f = root / "bad-saved"
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_list(rows).save_to_disk(str(f))
+    cases["datasets folder bad row"] = (train(f), root, f"{f}: row 2: {rule}")
+    f = root / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(f))
+    cases["DatasetDict folder"] = (
+        train(f),
+        root,
+        f"{f}: dataset-dict: a DatasetDict folder with splits ['train']; name the folder of one "
+        f"split, e.g. {f / 'train'}",
+    )
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}
+    f = write(root / "sharegpt.jsonl", json.dumps(sharegpt) + "\n")
+    cases["ShareGPT unknown from"] = (
+        train(f),
+        root,
+        f"{f}:1: unknown-role: conversations[1].from='bot'; use one of ('system', 'human', "
+        "'user', 'gpt', 'assistant', 'function_call', 'observation', 'tool')",
+    )
+    f = write(root / "alpaca.jsonl", json.dumps({"instruction": "say hi", "input": ""}) + "\n")
+    cases["Alpaca without output"] = (
+        [*train(f), "--task-type", "instruction"],
+        root,
+        f"{f}:1: missing-key: an instruction example needs 'prompt'+'response' or "
+        "'prompt'+'completion' or 'instruction'+'output'; found ['input', 'instruction']",
+    )
+    cases["unknown data.columns name"] = (
+        train(good, "--data.columns.dialogue=messages"),
+        root,
+        "data.columns (from --data.columns): 'dialogue' is not one of messages, conversations,",
     )
     return cases
 
@@ -367,6 +422,14 @@ ITEMS = [
     "JSON cut short",
     "50 MB line",
     "chat template raises",
+    "parquet bad row",
+    "JSON array bad element",
+    "zstd JSONL bad line",
+    "datasets folder bad row",
+    "DatasetDict folder",
+    "ShareGPT unknown from",
+    "Alpaca without output",
+    "unknown data.columns name",
     "empty data file",
     "missing data file (validate)",
     "comma in a data path",

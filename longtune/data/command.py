@@ -12,9 +12,15 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from longtune.data.formats import check_format
 from longtune.data.packing import OVERLENGTH, DatasetStats, PackedDataset
 from longtune.data.tokenize import LOSS_ON, load_tokenizer, tokenize_files
-from longtune.data.validation import DataValidationError, expand_paths, validate_files
+from longtune.data.validation import (
+    DataValidationError,
+    expand_paths,
+    parse_columns,
+    validate_files,
+)
 
 #: Longest example shown whole in a preview; longer ones keep their head and tail.
 PREVIEW_MAX_TOKENS = 1500
@@ -72,11 +78,13 @@ def check_data(
     all_errors: bool = False,
     cache_dir: str | None = None,
     preview: int = 0,
+    data_format: str = "auto",
+    columns: dict[str, str] | None = None,
 ) -> DataReport:
     """Validate training data, then tokenize and pack it and collect statistics.
 
     Args:
-        data: data files or folders (JSONL; ``.txt`` files for ``text``).
+        data: data files or folders (any format of :mod:`longtune.data.formats`).
         model: HF model folder whose tokenizer and chat template are used.
         task_type: ``chat``, ``instruction`` or ``text``.
         context_length: tokens per packed sequence.
@@ -86,6 +94,8 @@ def check_data(
         all_errors: list every invalid line instead of stopping at the first.
         cache_dir: token store folder (default ``~/.cache/longtune/tokens``).
         preview: how many of the first usable examples to render with their loss mask.
+        data_format: ``auto`` (each file's own) or a format to read every file as.
+        columns: ``data.columns``: canonical name -> the file's column name.
 
     Returns:
         The report: errors (and the stage they stopped at), or statistics and previews.
@@ -98,13 +108,18 @@ def check_data(
         return DataReport([f"overlength={overlength!r} is not one of {OVERLENGTH}"], "settings")
     if loss_on not in LOSS_ON:
         return DataReport([f"loss_on={loss_on!r} is not one of {LOSS_ON}"], "settings")
-    errors = validate_files(data, task_type, all_errors=all_errors)
+    read = {"data_format": data_format, "columns": columns}
+    try:
+        check_format(data_format, task_type)
+    except ValueError as e:
+        return DataReport([str(e)], "settings")
+    errors = validate_files(data, task_type, all_errors=all_errors, **read)
     if errors:
         return DataReport([str(e) for e in errors], "lines")
-    files = expand_paths(data, task_type)
+    files = expand_paths(data, task_type, data_format)
     tokenizer = load_tokenizer(model) if preview > 0 else None
     try:
-        stores = tokenize_files(files, model, task_type, loss_on, cache_dir, tokenizer=tokenizer)
+        stores = tokenize_files(files, model, task_type, loss_on, cache_dir, tokenizer, **read)
     except DataValidationError as e:  # template-level problems found while rendering
         return DataReport([str(e)], "template")
     ds = PackedDataset(stores, context_length, stores[0].pad_id, overlength)
@@ -133,7 +148,7 @@ def _preview(ds: PackedDataset, d: int, tokenizer: Any) -> PreviewExample:
                 start = t
     store = ds.stores[ds.doc_store[d]]
     return PreviewExample(
-        source=f"{store.file}:{int(store.lines[ds.doc_index[d]])}",
+        source=store.where(int(ds.doc_index[d])),
         tokens=len(ids),
         target_tokens=sum(target),
         segments=segments,
@@ -196,11 +211,13 @@ def validate_command(
     loss_on: str = "all_assistant",
     all_errors: bool = False,
     cache_dir: str | None = None,
+    data_format: str = "auto",
+    columns: str = "",
 ) -> int:
     """Validate training data, then tokenize and pack it and print per-file statistics.
 
     Args:
-        data: data files or folders (JSONL; ``.txt`` files for ``text``).
+        data: data files or folders (any format of :mod:`longtune.data.formats`).
         model: HF model folder whose tokenizer and chat template are used.
         task_type: ``chat``, ``instruction`` or ``text``.
         context_length: tokens per packed sequence.
@@ -208,13 +225,28 @@ def validate_command(
         loss_on: supervise ``all_assistant`` turns or the ``last_assistant`` turn only.
         all_errors: list every invalid line instead of stopping at the first.
         cache_dir: token store folder (default ``~/.cache/longtune/tokens``).
+        data_format: ``auto`` or a format to read every file as (``data.format``).
+        columns: ``data.columns`` as ``NAME=COLUMN[,NAME=COLUMN...]``.
 
     Returns:
         0 when the data is valid and usable; 2 when it is not (an invalid line, a file that
         cannot be used, a template that refuses an example, or no usable document: the code
         ``longtune train`` gives bad data too).
     """
+    try:
+        mapping = parse_columns(columns)
+    except ValueError as e:
+        return print_report(DataReport([f"--columns: {e}"], "settings"))
     report = check_data(
-        data, model, task_type, context_length, overlength, loss_on, all_errors, cache_dir
+        data,
+        model,
+        task_type,
+        context_length,
+        overlength,
+        loss_on,
+        all_errors,
+        cache_dir,
+        data_format=data_format,
+        columns=mapping,
     )
     return print_report(report)

@@ -12,14 +12,18 @@ at the last token of every document and everywhere in the padding.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from longtune.data.tokenize import TokenStore, tokenize_files
-from longtune.data.validation import expand_paths, validate_files
+from longtune.data.validation import expand_paths, ignored_keys_summary, validate_files
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 OVERLENGTH = ("truncate", "drop", "split")
@@ -350,7 +354,7 @@ class PackedDataset:
         out = []
         for d in self.bins[i]:
             store = self.stores[self.doc_store[d]]
-            out.append(f"{store.file}:{int(store.lines[self.doc_index[d]])}")
+            out.append(store.where(int(self.doc_index[d])))
         return out
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
@@ -374,6 +378,8 @@ def build_packed_dataset(
     overlength: str = "truncate",
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
 ) -> PackedDataset:
     """Validate, tokenize (cached) and pack data files.
 
@@ -388,6 +394,8 @@ def build_packed_dataset(
         overlength: ``truncate`` or ``drop`` examples longer than ``context_length``.
         seed: unused by packing (best-fit decreasing is deterministic); the loader shuffles.
         cache_dir: token store folder (default ``~/.cache/longtune/tokens``).
+        data_format: ``data.format`` (``auto``: each file's own).
+        columns: ``data.columns`` (canonical name -> the file's column).
 
     Returns:
         The packed dataset.
@@ -398,9 +406,22 @@ def build_packed_dataset(
     del seed
     if overlength not in OVERLENGTH:
         raise ValueError(f"overlength={overlength!r} is not one of {OVERLENGTH}")
-    errors = validate_files(paths, task_type)
+    ignored: Counter = Counter()
+    errors = validate_files(
+        paths, task_type, data_format=data_format, columns=columns, ignored=ignored
+    )
     if errors:
         raise errors[0]
-    files = expand_paths(paths, task_type)
-    stores = tokenize_files(files, tokenizer_dir, task_type, loss_on, cache_dir)
+    if ignored:
+        logger.info("data keys not read (ignored): %s", ignored_keys_summary(ignored))
+    files = expand_paths(paths, task_type, data_format)
+    stores = tokenize_files(
+        files,
+        tokenizer_dir,
+        task_type,
+        loss_on,
+        cache_dir,
+        data_format=data_format,
+        columns=columns,
+    )
     return PackedDataset(stores, context_length, stores[0].pad_id, overlength)

@@ -36,7 +36,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 from jinja2 import TemplateError
 
-from longtune.data.validation import MAX_EXAMPLE_BYTES, DataValidationError, Record, iter_records
+from longtune.data.formats import ROW_KINDS, data_size, file_kind, fingerprint, is_compressed, where
+from longtune.data.validation import MAX_EXAMPLE_BYTES, Record, iter_records
 from longtune.fsutil import (
     OUTPUT_MARKER,
     OutputDirError,
@@ -123,9 +124,8 @@ def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
 
 
 def file_fingerprint(file: str | os.PathLike) -> str:
-    """SHA-256 of a data file's content."""
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """SHA-256 of a data file's content (of a ``datasets`` folder's files)."""
+    return fingerprint(os.fspath(file))
 
 
 class Encoder:
@@ -160,9 +160,7 @@ class Encoder:
                 messages, tokenize=False, add_generation_prompt=generation_prompt
             )
         except TemplateError as e:  # the template's own raise_exception(), or a broken template
-            raise DataValidationError(
-                record.file,
-                record.line,
+            raise record.error(
                 "chat-template-error",
                 f"the model's chat template refused this conversation: {e}",
             ) from None
@@ -186,9 +184,7 @@ class Encoder:
         full = self._render(messages, False, record)
         for i, m in enumerate(messages):
             if m["role"] == "tool" and m["content"].strip() not in full:
-                raise DataValidationError(
-                    record.file,
-                    record.line,
+                raise record.error(
                     "tool-role-unsupported",
                     f"the chat template dropped messages[{i}] (role 'tool'); "
                     "remove tool messages or use a model whose template renders them",
@@ -200,9 +196,7 @@ class Encoder:
         for i in turns:
             prompt = self._render(messages[:i], True, record)
             if not full.startswith(prompt):
-                raise DataValidationError(
-                    record.file,
-                    record.line,
+                raise record.error(
                     "template-not-prefix-stable",
                     f"the rendering of messages[:{i}] with the generation prompt is not a prefix "
                     "of the whole conversation; this template cannot be masked per turn",
@@ -210,9 +204,7 @@ class Encoder:
             content = messages[i]["content"].strip()
             start = full.find(content, len(prompt))
             if start < 0:
-                raise DataValidationError(
-                    record.file,
-                    record.line,
+                raise record.error(
                     "template-drops-content",
                     f"the content of messages[{i}] is not in the rendered conversation",
                 )
@@ -281,6 +273,7 @@ class TokenStore:
         lines: source line of each document (int64).
         path: the store folder.
         pad_id: the tokenizer's pad token id (its eos id when it has no pad token).
+        rows: ``lines`` are 0-based rows (JSON arrays, parquet, Arrow), not 1-based lines.
     """
 
     file: str
@@ -290,6 +283,11 @@ class TokenStore:
     lines: np.ndarray
     path: Path
     pad_id: int
+    rows: bool = False
+
+    def where(self, d: int) -> str:
+        """``file:line`` or ``file: row N`` of document ``d``."""
+        return where(self.file, int(self.lines[d]), self.rows)
 
     @property
     def num_docs(self) -> int:
@@ -334,7 +332,8 @@ class TokenStore:
                         f"{path}: {name}.npy does not match the dtype, shape and CRC32 written "
                         "in meta.json"
                     )
-        return cls(file=file, path=path, pad_id=pad_id, **arrays)
+        rows = bool(meta.get("rows", False))
+        return cls(file=file, path=path, pad_id=pad_id, rows=rows, **arrays)
 
 
 class DamagedStoreError(ValueError):
@@ -362,7 +361,7 @@ def _describe_npy(path: Path) -> dict[str, Any]:
 def _chars(record: Record) -> int:
     if record.text is not None:
         return len(record.text)
-    return sum(len(m["content"]) for m in record.messages or ())
+    return sum(len(m.get("content") or "") for m in record.messages or ())
 
 
 def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
@@ -381,19 +380,30 @@ def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-def store_key(file: str, tokenizer_dir: str | os.PathLike, task_type: str, loss_on: str) -> str:
-    """Cache key of a token store: file content, tokenizer files, settings, store version."""
-    settings = json.dumps(
-        {
-            "file": file_fingerprint(file),
-            "tokenizer": tokenizer_fingerprint(tokenizer_dir),
-            "task_type": task_type,
-            "loss_on": loss_on if task_type != "text" else None,
-            "version": STORE_VERSION,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(settings.encode()).hexdigest()[:32]
+def store_key(
+    file: str,
+    tokenizer_dir: str | os.PathLike,
+    task_type: str,
+    loss_on: str,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+) -> str:
+    """Cache key of a token store: file content, tokenizer files, settings, store version
+    (``data.format`` and ``data.columns`` only when set, so the keys of stores written before
+    they existed hold)."""
+    settings: dict[str, Any] = {
+        "file": file_fingerprint(file),
+        "tokenizer": tokenizer_fingerprint(tokenizer_dir),
+        "task_type": task_type,
+        "loss_on": loss_on if task_type != "text" else None,
+        "version": STORE_VERSION,
+    }
+    if data_format != "auto":
+        settings["format"] = data_format
+    if columns:
+        settings["columns"] = dict(sorted(columns.items()))
+    settings_text = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(settings_text.encode()).hexdigest()[:32]
 
 
 def _marker_text() -> str:
@@ -444,13 +454,21 @@ def _prepare_cache(cache: Path) -> None:
     _remove_stale_temporaries(cache)
 
 
-def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
+def build_store(
+    file: str,
+    encoder: Encoder,
+    path: Path,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+) -> TokenStore:
     """Tokenize one (already validated) file into a store folder at ``path``, atomically.
 
     Args:
         file: the data file.
         encoder: the encoder for its task type.
         path: the store folder to create (written to a temporary sibling, then renamed).
+        data_format: ``data.format`` (``auto``: from the file).
+        columns: ``data.columns``.
 
     Returns:
         The memory-mapped store.
@@ -461,7 +479,7 @@ def build_store(file: str, encoder: Encoder, path: Path) -> TokenStore:
     try:
         # The marker first: a data folder holding the cache skips even a half-written store.
         (tmp / OUTPUT_MARKER).write_text(_marker_text())
-        _write_store(file, encoder, tmp)
+        _write_store(file, encoder, tmp, data_format, columns)
     except OSError as exc:
         _remove_store_folder(tmp)
         if exc.filename is not None and not str(exc.filename).startswith(str(tmp)):
@@ -495,7 +513,13 @@ def _discard_damaged(path: Path) -> None:
     _remove_store_folder(aside)
 
 
-def _write_store(file: str, encoder: Encoder, tmp: Path) -> None:
+def _write_store(
+    file: str,
+    encoder: Encoder,
+    tmp: Path,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+) -> None:
     """Tokenize ``file`` and write its arrays and ``meta.json`` into ``tmp``.
 
     The arrays are written as the batches come (:class:`_Column`): memory holds one batch of
@@ -503,33 +527,40 @@ def _write_store(file: str, encoder: Encoder, tmp: Path) -> None:
     tokenized all the same. A line in the log about every :data:`PROGRESS_EVERY_S` seconds says
     how far it is, at what rate, and about how long is left.
     """
-    columns = {
+    arrays = {
         "ids": _Column(tmp, "ids", np.uint32),
         "mask": _Column(tmp, "mask", np.uint8),
         "offsets": _Column(tmp, "offsets", np.int64),
         "lines": _Column(tmp, "lines", np.int64),
     }
-    progress = _Progress(file)
+    kind = file_kind(file, data_format)
+    progress = _Progress(file, kind)
     try:
-        columns["offsets"].append(np.zeros(1, dtype=np.int64))
+        arrays["offsets"].append(np.zeros(1, dtype=np.int64))
         end = 0
-        for batch in _batches(iter_records(file, encoder.task_type), BATCH_SIZE):
+        records = iter_records(file, encoder.task_type, data_format, columns)
+        for batch in _batches(records, BATCH_SIZE):
             encoded = encoder.encode(batch)
             lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, len(encoded))
-            columns["ids"].append(np.concatenate([ids for ids, _ in encoded]))
-            columns["mask"].append(np.concatenate([mask for _, mask in encoded]))
-            columns["offsets"].append(end + np.cumsum(lengths))
-            columns["lines"].append(np.fromiter((r.line for r in batch), np.int64, len(batch)))
+            arrays["ids"].append(np.concatenate([ids for ids, _ in encoded]))
+            arrays["mask"].append(np.concatenate([mask for _, mask in encoded]))
+            arrays["offsets"].append(end + np.cumsum(lengths))
+            arrays["lines"].append(np.fromiter((r.line for r in batch), np.int64, len(batch)))
             end += int(lengths.sum())
             progress.update(sum(_chars(r) for r in batch), int(lengths.sum()), len(batch))
-        described = {name: column.finish() for name, column in columns.items()}
+        described = {name: column.finish() for name, column in arrays.items()}
     finally:
-        for column in columns.values():
+        for column in arrays.values():
             column.close()
     progress.done()
     tok = encoder.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    meta = {"file": os.path.abspath(file), "pad_id": int(pad_id or 0), "arrays": described}
+    meta = {
+        "file": os.path.abspath(file),
+        "pad_id": int(pad_id or 0),
+        "rows": kind in ROW_KINDS,
+        "arrays": described,
+    }
     # Last: a store without meta.json is incomplete.
     (tmp / "meta.json").write_text(json.dumps(meta))
 
@@ -570,11 +601,14 @@ PROGRESS_EVERY_S = 30.0
 
 
 class _Progress:
-    """Log lines while one file is tokenized: examples, tokens, rate, share of the file (by its
-    characters against the file's bytes, so a little low for JSON) and the time left."""
+    """Log lines while one file is tokenized: examples, tokens, rate and, for plain JSON and
+    text files, the share of the file (by its characters against the file's bytes, so a little
+    low for JSON) and the time left. (Of compressed and columnar files the characters say
+    nothing of the share read: there, no share and no time left.)"""
 
-    def __init__(self, file: str) -> None:
-        self.file, self.size = file, max(1, Path(file).stat().st_size)
+    def __init__(self, file: str, kind: str) -> None:
+        plain = kind in ("jsonl", "json", "text") and not is_compressed(file)
+        self.file, self.size = file, max(1, data_size(file)) if plain else None
         self.start = self.last = time.monotonic()
         self.chars = self.tokens = self.examples = 0
 
@@ -587,18 +621,13 @@ class _Progress:
             return
         self.last = now
         elapsed = now - self.start
-        share = min(self.chars / self.size, 0.99)
-        left = elapsed * (1 - share) / max(share, 1e-9)
-        logger.info(
-            "tokenizing %s: %d examples, %d tokens (%.0f tokens/s), about %.0f%% of the file, "
-            "about %s left",
-            self.file,
-            self.examples,
-            self.tokens,
-            self.tokens / elapsed,
-            100 * share,
-            _duration(left),
-        )
+        said = f"tokenizing {self.file}: {self.examples} examples, {self.tokens} tokens "
+        said += f"({self.tokens / elapsed:.0f} tokens/s)"
+        if self.size is not None:
+            share = min(self.chars / self.size, 0.99)
+            left = elapsed * (1 - share) / max(share, 1e-9)
+            said += f", about {100 * share:.0f}% of the file, about {_duration(left)} left"
+        logger.info("%s", said)
 
     def done(self) -> None:
         elapsed = time.monotonic() - self.start
@@ -626,6 +655,9 @@ def tokenize_files(
     loss_on: str = "all_assistant",
     cache_dir: str | os.PathLike | None = None,
     tokenizer: Any | None = None,
+    *,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
 ) -> list[TokenStore]:
     """Tokenize validated files into cached token stores, reusing stores that are up to date.
 
@@ -641,6 +673,8 @@ def tokenize_files(
         loss_on: ``all_assistant`` or ``last_assistant``.
         cache_dir: where stores live; defaults to ``longtune.assets.cache_dir() / "tokens"``.
         tokenizer: the tokenizer of ``tokenizer_dir`` if the caller has it loaded already.
+        data_format: ``data.format`` (``auto``: each file's own).
+        columns: ``data.columns``.
 
     Returns:
         One memory-mapped store per file.
@@ -654,7 +688,8 @@ def tokenize_files(
     stores = []
     encoder: Encoder | None = None
     for file in files:
-        path = Path(cache_dir) / store_key(file, tokenizer_dir, task_type, loss_on)
+        key = store_key(file, tokenizer_dir, task_type, loss_on, data_format, columns)
+        path = Path(cache_dir) / key
         if path.exists():
             try:
                 stores.append(TokenStore.open(file, path))
@@ -666,5 +701,5 @@ def tokenize_files(
             _prepare_cache(Path(cache_dir))
             tok = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
             encoder = Encoder(tok, task_type, loss_on)
-        stores.append(build_store(file, encoder, path))
+        stores.append(build_store(file, encoder, path, data_format, columns))
     return stores

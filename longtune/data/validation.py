@@ -1,51 +1,106 @@
 """Structural validation of training data, before any tokenizer, process group or tensor exists.
 
-Every error names the file, the (1-based) line and the rule broken:
-``"{file}:{line}: {rule}: {detail}"``, or ``"{file}: {rule}: {detail}"`` for a problem of the
-whole file (missing, empty, of an unknown type). Validation is pure Python (json + UTF-8
-decoding), so the trainer can call it first and fail in seconds on a bad line 2,000,000.
+Every error names the file, where in it, and the rule broken: ``"{file}:{line}: {rule}:
+{detail}"`` (JSONL, text), ``"{file}: row {N}: {rule}: {detail}"`` (JSON arrays, parquet,
+Arrow, ``datasets`` folders; rows count from 0) or ``"{file}: {rule}: {detail}"`` for a problem
+of the whole file (missing, empty, of an unknown type). Validation is pure Python (json, UTF-8
+decoding, and pyarrow / ``datasets`` for columnar files), so the trainer can call it first and
+fail in seconds on a bad row 2,000,000. Files are read by :mod:`longtune.data.formats`.
 
-Input formats (``task_type``):
+Record shapes (``task_type``), whatever the file format:
 
-- ``chat``: JSONL, one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line. Roles
-  ``system`` (first message only), ``user``, ``assistant`` and ``tool`` (answers an assistant
-  turn). User and assistant alternate; a tool message follows an assistant or another tool
-  message and is followed by an assistant message; the last message is the assistant's.
-- ``instruction``: JSONL with ``prompt`` and ``response`` (or ``completion``).
-- ``text``: ``.txt`` files (one document each) or JSONL with a ``text`` field.
+- ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (``content`` a string or a
+  list of ``{"type": "text", "text": ...}`` parts), or ShareGPT ``{"conversations": [{"from":
+  ..., "value": ...}, ...]}`` (see :data:`SHAREGPT_ROLES`; an optional top-level ``system``
+  string becomes the system message, an optional ``tools`` list or JSON string the tools).
+  Roles ``system`` (first message only), ``user``, ``assistant`` and ``tool`` (answers an
+  assistant turn). User and assistant alternate; a tool message follows an assistant or another
+  tool message and is followed by an assistant message; the last message is the assistant's.
+- ``instruction``: ``prompt`` and ``response`` (or ``completion``), or Alpaca's
+  ``instruction``, optional ``input`` and ``output`` (the prompt is the instruction, then a blank
+  line and the input when there is one).
+- ``text``: ``.txt`` files (one document each) or records with a ``text`` field.
 
-A folder expands to its files with a known suffix (``.jsonl``, ``.json``, and ``.txt`` for
-``text``), sorted by path. Links to files and folders are followed; a folder or file reached
-twice (through links, or a link back to a folder above it) is read once, under its path without
-links where it has one. Hidden entries (a name starting with
-``.``: ``.git``, ``.ipynb_checkpoints``) are skipped, and so are sub-folders that longtune wrote
-(a run folder, a converted or exported model, the token cache), so a run or a cache kept inside a
-data folder is never read as data; a file named explicitly is read whatever its name. Blank lines
-in JSONL files are skipped (their line numbers still count).
+``data.columns`` renames columns first (``{"messages": "dialog"}`` reads the ``dialog`` column
+as ``messages``). Other top-level keys are ignored and counted (:func:`validate_files` returns
+the counts for the log).
 
-An example (one JSONL line, one ``.txt`` file) may be at most :data:`MAX_EXAMPLE_BYTES`; a longer
-one is refused as ``example-too-large`` without being read whole (a tokenizer needs about 150
-bytes of memory per character, so an unbounded line could take the machine's memory).
+A folder expands to its data files (every suffix :mod:`longtune.data.formats` reads, ``.txt``
+only for ``text``) and ``datasets`` folders, sorted by path. Links to files and folders are
+followed; a folder or file reached twice (through links, or a link back to a folder above it)
+is read once, under its path without links where it has one. Hidden entries (a name starting
+with ``.``: ``.git``, ``.ipynb_checkpoints``) are skipped, and so are sub-folders that longtune
+wrote (a run folder, a converted or exported model, the token cache), so a run or a cache kept
+inside a data folder is never read as data; a file named explicitly is read whatever its name
+when ``data.format`` says how. Blank lines in JSONL files are skipped (their line numbers still
+count).
+
+An example (one JSONL line, one array element, one ``.txt`` file) may be at most
+:data:`MAX_EXAMPLE_BYTES`; a longer one is refused as ``example-too-large`` without being read
+whole (a tokenizer needs about 150 bytes of memory per character, so an unbounded line could
+take the machine's memory).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from longtune.data.formats import (
+    MAX_EXAMPLE_BYTES,
+    ROW_KINDS,
+    DataValidationError,
+    check_file_name,
+    check_format,
+    dataset_dict_error,
+    file_kind,
+    folder_suffixes,
+    has_suffix,
+    is_dataset_dict_folder,
+    is_dataset_folder,
+    read_rows,
+    where,
+)
 from longtune.fsutil import is_longtune_output
 from longtune.run_dir import RunDir
 
+__all__ = ["MAX_EXAMPLE_BYTES", "DataValidationError", "Record", "expand_paths", "iter_records"]
+
 TASK_TYPES = ("chat", "instruction", "text")
-JSONL_SUFFIXES = (".jsonl", ".json")
-TEXT_SUFFIXES = (".txt",)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-MAX_EXAMPLE_BYTES = 8 * 2**20
-"""Largest example (a JSONL line or a ``.txt`` file): 8 MiB, about two million tokens."""
+COLUMNS = (
+    "messages",
+    "conversations",
+    "system",
+    "tools",
+    "prompt",
+    "response",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "text",
+)
+"""The names ``data.columns`` may map another column to."""
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+"""ShareGPT's ``from`` -> role. A ``function_call`` turn is an assistant tool call: its value
+is a JSON object ``{"name": ..., "arguments": ...}`` (or a list of them); ``observation`` is a
+tool's result."""
+_SHAREGPT_KEYS = ("from", "value")
 
 # Which roles may follow which (None: start of the conversation).
 _NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
@@ -57,79 +112,65 @@ _NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
 }
 
 
-class DataValidationError(ValueError):
-    """One broken rule in one line of one data file.
-
-    Reads ``file:line: rule: detail``, or ``file: rule: detail`` for a whole-file problem.
-
-    Attributes:
-        file: the file (as given or expanded from a folder).
-        line: 1-based line number (0 for a whole-file problem).
-        rule: short rule name, e.g. ``"invalid-json"`` or ``"roles-not-alternating"``.
-        detail: what was found and how to fix it.
-    """
-
-    def __init__(self, file: str, line: int, rule: str, detail: str) -> None:
-        self.file = str(file)
-        self.line = line
-        self.rule = rule
-        self.detail = detail
-        where = f"{self.file}:{line}" if line > 0 else self.file
-        super().__init__(f"{where}: {rule}: {detail}")
-
-
 @dataclass(frozen=True)
 class Record:
     """One validated example: where it came from and its normalized content.
 
     ``messages`` for ``chat`` and ``instruction`` (turned into a user/assistant pair),
-    ``text`` for ``text``.
+    ``text`` for ``text``. ``line`` is the 1-based line, or the 0-based row when ``row``.
     """
 
     file: str
     line: int
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
+    row: bool = False
+
+    def error(self, rule: str, detail: str) -> DataValidationError:
+        """The one-line error of a broken rule in this example."""
+        return DataValidationError(self.file, self.line, rule, detail, self.row)
 
 
-def expand_paths(paths: list[str], task_type: str) -> list[str]:
+def expand_paths(paths: list[str], task_type: str, data_format: str = "auto") -> list[str]:
     """Expand folders into their data files and check that every path exists.
 
     Args:
-        paths: files or folders.
+        paths: files or folders (a ``datasets`` folder is one data "file").
         task_type: ``chat``, ``instruction`` or ``text`` (decides which suffixes a folder yields).
+        data_format: ``auto`` or a format of :data:`longtune.data.formats.FORMATS` (a forced
+            format reads a folder's files of that format only, and a named file whatever its
+            suffix).
 
     Returns:
         The data files, folders expanded in sorted order.
 
     Raises:
         DataValidationError: a path does not exist, a file has an unknown suffix, a folder
-            holds no data file, or a link in a folder leads nowhere.
+            holds no data file, a link in a folder leads nowhere, a ``DatasetDict`` folder.
     """
     check_task_type(task_type)
-    suffixes = JSONL_SUFFIXES + (TEXT_SUFFIXES if task_type == "text" else ())
+    check_format(data_format, task_type)
+    suffixes = folder_suffixes(data_format, task_type)
     files: list[str] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir():
+        if path.is_dir() and is_dataset_folder(path):
+            files.append(p)
+        elif path.is_dir() and is_dataset_dict_folder(path):
+            raise dataset_dict_error(p)
+        elif path.is_dir():
             found = _data_files(path, suffixes)
             if not found:
                 raise DataValidationError(
-                    p, 0, "no-data-files", f"folder has no file ending in {' or '.join(suffixes)}"
+                    p,
+                    0,
+                    "no-data-files",
+                    f"folder has no file ending in {' or '.join(suffixes)} and no datasets "
+                    "folder (save_to_disk)",
                 )
             files.extend(found)
         elif path.is_file():
-            if path.suffix == ".parquet":
-                raise DataValidationError(
-                    p, 0, "unsupported-file-type", "parquet is not supported yet; convert to JSONL"
-                )
-            if path.suffix not in suffixes:
-                raise DataValidationError(
-                    p,
-                    0,
-                    "unsupported-file-type",
-                    f"suffix {path.suffix!r} is not one of {suffixes} for task type {task_type!r}",
-                )
+            check_file_name(p, data_format, task_type)
             files.append(p)
         else:
             raise DataValidationError(p, 0, "file-not-found", "no such file or folder")
@@ -153,8 +194,8 @@ def _identity(path: str) -> tuple[int, int] | None:
 
 
 def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
-    """Files of ``folder`` with a data suffix, sorted; links followed, each folder and file read
-    once; hidden entries and folders longtune wrote skipped.
+    """Files of ``folder`` with a data suffix and its ``datasets`` folders, sorted; links
+    followed, each folder and file read once; hidden entries and folders longtune wrote skipped.
 
     The real tree of ``folder`` is walked first (sorted), then the folders that links lead to,
     in the order they were found; a folder already walked (a link back to an ancestor, a folder
@@ -162,7 +203,8 @@ def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
     has one, else the first in sorted order.
 
     Raises:
-        DataValidationError: a link with a data suffix leads nowhere.
+        DataValidationError: a link with a data suffix leads nowhere; a ``DatasetDict`` folder
+            (which split to read is the user's choice).
     """
     seen_dirs: set[tuple[int, int] | None] = set()
     candidates: list[tuple[bool, str, tuple[int, int]]] = []  # (through a link, path, identity)
@@ -178,6 +220,11 @@ def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
                 path = os.path.join(root, d)
                 if d.startswith(".") or _written_by_longtune(Path(path)):
                     continue
+                if is_dataset_dict_folder(path):
+                    raise dataset_dict_error(path)
+                if is_dataset_folder(path):  # one data "file", never walked into
+                    candidates.append((linked or os.path.islink(path), path, _identity(path)))
+                    continue
                 if os.path.islink(path):  # walked after the real tree, if not walked by then
                     roots.append((path, True))
                 elif _identity(path) not in seen_dirs:
@@ -186,7 +233,7 @@ def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
             dirs[:] = walked
             for f in files:
                 path = os.path.join(root, f)
-                if f.startswith(".") or Path(f).suffix not in suffixes:
+                if f.startswith(".") or not has_suffix(f, suffixes):
                     continue
                 identity = _identity(path)
                 if identity is None:  # a link to nothing (or a file gone since the listing)
@@ -320,77 +367,240 @@ def _text_record(file: str, line: int, obj: dict) -> Record:
 _RECORD_BUILDERS = {"chat": _chat_record, "instruction": _instruction_record, "text": _text_record}
 
 
-def iter_records(file: str, task_type: str) -> Iterator[Record]:
+def _renamed(obj: dict, columns: Mapping[str, str]) -> dict:
+    """``obj`` with each column of ``columns``' values read as its key (``data.columns``)."""
+    if not columns:
+        return obj
+    out = {k: v for k, v in obj.items() if k not in columns.values()}
+    for name, column in columns.items():
+        if column in obj:
+            out[name] = obj[column]
+    return out
+
+
+def _shaped(file: str, line: int, obj: dict, task_type: str) -> tuple[dict, list[str]]:
+    """The record's canonical keys for its task type (``messages`` [+ ``tools``]; ``prompt`` and
+    ``response``/``completion``; ``text``) and the top-level keys it ignores."""
+    _check_required(file, line, obj, task_type)
+    if task_type == "chat" and "messages" not in obj and "conversations" in obj:
+        used = {"conversations", "system", "tools"}
+        shaped = {"messages": _sharegpt_messages(file, line, obj)}
+        tools = _tools(file, line, obj.get("tools"))
+        if tools is not None:
+            shaped["tools"] = tools
+    elif task_type == "chat":
+        used = {"messages", "tools"}
+        shaped = {k: obj[k] for k in used if k in obj}
+    elif task_type == "instruction" and "prompt" not in obj and "instruction" in obj:
+        used = {"instruction", "input", "output"}
+        instruction = _check_string(file, line, obj["instruction"], "instruction")
+        extra = obj.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise DataValidationError(
+                file, line, "wrong-type", f"input must be a string, got {type(extra).__name__}"
+            )
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        shaped = {"prompt": prompt}
+        if "output" in obj:
+            shaped["response"] = obj["output"]
+    elif task_type == "instruction":
+        used = {"prompt", "response", "completion"}
+        shaped = {k: obj[k] for k in used if k in obj}
+    else:
+        used = {"text"}
+        shaped = {k: obj[k] for k in used if k in obj}
+    return shaped, sorted(obj.keys() - used)
+
+
+_REQUIRED = {
+    "chat": [("messages",), ("conversations",)],
+    "instruction": [("prompt", "response"), ("prompt", "completion"), ("instruction", "output")],
+    "text": [("text",)],
+}
+"""Per task type, the sets of keys one of which a record must hold."""
+
+
+def _check_required(file: str, line: int, obj: dict, task_type: str) -> None:
+    if any(all(k in obj for k in keys) for keys in _REQUIRED[task_type]):
+        return
+    shapes = " or ".join("+".join(repr(k) for k in keys) for keys in _REQUIRED[task_type])
+    raise DataValidationError(
+        file,
+        line,
+        "missing-key",
+        f"{'an' if task_type[0] in 'aeiou' else 'a'} {task_type} example needs {shapes}; found {sorted(obj)} (data.columns maps "
+        "another column name, e.g. messages=dialog)",
+    )
+
+
+def _tools(file: str, line: int, tools: Any) -> Any:
+    """ShareGPT's ``tools``: a list, or the JSON text of one (as LLaMA-Factory writes it)."""
+    if not isinstance(tools, str):
+        return tools
+    try:
+        return json.loads(tools) if tools.strip() else None
+    except json.JSONDecodeError as e:
+        raise DataValidationError(
+            file,
+            line,
+            "invalid-json",
+            f"tools is a string but not JSON: {e.msg} at column {e.colno}",
+        ) from None
+
+
+def _sharegpt_messages(file: str, line: int, obj: dict) -> list[Any]:
+    """ShareGPT ``conversations`` (and ``system``) as ``messages``; the roles by
+    :data:`SHAREGPT_ROLES`, a ``function_call`` turn as an assistant's ``tool_calls``."""
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataValidationError(
+            file, line, "wrong-type", "'conversations' must be a non-empty list of {from, value}"
+        )
+    messages: list[Any] = []
+    system = obj.get("system")
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataValidationError(
+                file,
+                line,
+                "wrong-type",
+                f"conversations[{i}] must be an object, got {type(turn).__name__}",
+            )
+        missing = [k for k in _SHAREGPT_KEYS if k not in turn]
+        if missing:
+            raise DataValidationError(
+                file,
+                line,
+                "missing-key",
+                f"conversations[{i}] has no {missing[0]!r}; found {sorted(turn)}",
+            )
+        who = turn["from"]
+        if who not in SHAREGPT_ROLES:
+            raise DataValidationError(
+                file,
+                line,
+                "unknown-role",
+                f"conversations[{i}].from={who!r}; use one of {tuple(SHAREGPT_ROLES)}",
+            )
+        if who == "function_call":
+            calls = _sharegpt_calls(file, line, i, turn["value"])
+            messages.append({"role": "assistant", "tool_calls": calls})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[who], "content": turn["value"]})
+    return messages
+
+
+def _sharegpt_calls(file: str, line: int, i: int, value: Any) -> list[dict]:
+    """A ``function_call`` turn's value (``{"name", "arguments"}`` or a list, as JSON text) as
+    OpenAI-style ``tool_calls``."""
+    where_ = f"conversations[{i}].value"
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as e:
+        raise DataValidationError(
+            file,
+            line,
+            "invalid-json",
+            f'{where_} of a function_call turn must be JSON {{"name", "arguments"}}: '
+            f"{e.msg} at column {e.colno}",
+        ) from None
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise DataValidationError(
+                file,
+                line,
+                "wrong-type",
+                f'{where_} of a function_call turn must hold {{"name": ..., "arguments": '
+                "...}} (or a list of them)",
+            )
+        arguments = call.get("arguments", call.get("parameters", {}))
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
+    return out
+
+
+def _examples(
+    file: str,
+    task_type: str,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    ignored: Counter | None = None,
+) -> Iterator[Record | DataValidationError]:
+    """Each example of ``file``: its record, or the error of its broken rule.
+
+    Raises:
+        DataValidationError: a problem that ends the reading (a whole-file problem, an example
+            too large to read, a damaged compressed stream).
+    """
+    kind = file_kind(file, data_format)
+    row = kind in ROW_KINDS
+    n = 0
+    for position, value in read_rows(file, kind):
+        n += 1
+        if isinstance(value, DataValidationError):
+            yield value
+            continue
+        try:
+            if kind == "text":
+                yield Record(file, position, text=_check_string(file, position, value, "file text"))
+                continue
+            if not isinstance(value, dict):
+                raise DataValidationError(
+                    file,
+                    position,
+                    "not-an-object",
+                    f"expected a JSON object, got {type(value).__name__}",
+                )
+            obj, unused = _shaped(file, position, _renamed(value, columns or {}), task_type)
+            if ignored is not None:
+                ignored.update(unused)
+            record = _RECORD_BUILDERS[task_type](file, position, obj)
+            yield replace(record, row=True) if row else record
+        except DataValidationError as e:
+            yield DataValidationError(e.file, e.line, e.rule, e.detail, row) if row else e
+    if n == 0:
+        raise DataValidationError(file, 0, "empty-file", "the file holds no example")
+
+
+def iter_records(
+    file: str,
+    task_type: str,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+) -> Iterator[Record]:
     """Yield the validated examples of one data file, raising on the first broken rule.
 
     Args:
-        file: a ``.jsonl``/``.json`` (one JSON object per line) or, for ``text``, a ``.txt`` file.
+        file: a data file (or ``datasets`` folder) of a format
+            :mod:`longtune.data.formats` reads.
         task_type: ``chat``, ``instruction`` or ``text``.
+        data_format: ``auto`` (from the file) or a forced format.
+        columns: ``data.columns`` (canonical name -> the file's column).
 
     Yields:
         One :class:`Record` per example, in file order.
 
     Raises:
-        DataValidationError: naming the file, the line and the rule.
+        DataValidationError: naming the file, the line or row, and the rule.
     """
     check_task_type(task_type)
-    if Path(file).suffix in TEXT_SUFFIXES:
-        size = Path(file).stat().st_size
-        if size > MAX_EXAMPLE_BYTES:
-            raise _too_large(file, 1, size)
-        raw = Path(file).read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataValidationError(
-                file,
-                line,
-                "invalid-utf8",
-                f"byte {e.start} is not UTF-8 ({e.reason}); re-encode as UTF-8",
-            ) from None
-        yield Record(file, 1, text=_check_string(file, 1, text, "file text"))
-        return
-    n = 0
-    with open(file, "rb") as f:
-        for line_no, raw_line in _lines(f, file):
-            if not raw_line.strip():
-                continue
-            n += 1
-            yield _check_line(file, line_no, raw_line, task_type)
-    if n == 0:
-        raise DataValidationError(file, 0, "empty-file", "the file holds no example")
-
-
-def _too_large(file: str, line: int, size: int) -> DataValidationError:
-    return DataValidationError(
-        file,
-        line,
-        "example-too-large",
-        f"{size / 2**20:.1f} MiB in one example; at most {MAX_EXAMPLE_BYTES // 2**20} MiB "
-        "(about two million tokens) — split it into several examples",
-    )
-
-
-def _lines(f: BinaryIO, file: str) -> Iterator[tuple[int, bytes]]:
-    """``(line number, line)`` of a binary file, never holding more than one allowed line.
-
-    Raises:
-        DataValidationError: ``example-too-large`` for a line over :data:`MAX_EXAMPLE_BYTES`.
-    """
-    line_no = 0
-    while raw := f.readline(MAX_EXAMPLE_BYTES + 1):
-        line_no += 1
-        if len(raw) > MAX_EXAMPLE_BYTES and not raw.endswith(b"\n"):
-            size = len(raw)
-            while not raw.endswith(b"\n") and (raw := f.readline(1 << 20)):
-                size += len(raw)
-            raise _too_large(file, line_no, size)
-        yield line_no, raw
+    for example in _examples(file, task_type, data_format, columns):
+        if isinstance(example, DataValidationError):
+            raise example
+        yield example
 
 
 def validate_files(
-    paths: list[str], task_type: str, all_errors: bool = False
+    paths: list[str],
+    task_type: str,
+    all_errors: bool = False,
+    *,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    ignored: Counter | None = None,
 ) -> list[DataValidationError]:
     """Check every example of every file against the rules of ``task_type``.
 
@@ -399,85 +609,70 @@ def validate_files(
     Args:
         paths: data files or folders.
         task_type: ``chat``, ``instruction`` or ``text``.
-        all_errors: collect every error (one per line at most) instead of stopping at the first.
+        all_errors: collect every error (one per example at most) instead of stopping at the
+            first.
+        data_format: ``auto`` or a forced format (``data.format``).
+        columns: ``data.columns``.
+        ignored: when given, counts each top-level key the examples hold that is not read.
 
     Returns:
         The errors found (empty when the data is valid); at most one unless ``all_errors``.
     """
     try:
-        files = expand_paths(paths, task_type)
+        files = expand_paths(paths, task_type, data_format)
     except DataValidationError as e:
         return [e]
     errors: list[DataValidationError] = []
     for file in files:
-        errors.extend(_validate_file(file, task_type, all_errors))
-        if errors and not all_errors:
-            return errors[:1]
-    return errors
-
-
-def _validate_file(file: str, task_type: str, all_errors: bool) -> list[DataValidationError]:
-    if not all_errors or Path(file).suffix in TEXT_SUFFIXES:
         try:
-            for _ in iter_records(file, task_type):
-                pass
-        except DataValidationError as e:
-            return [e]
-        return []
-    # All errors: validate line by line so one bad line does not hide the next.
-    errors: list[DataValidationError] = []
-    n = 0
-    with open(file, "rb") as f:
-        lines = _lines(f, file)
-        while True:
-            try:
-                line_no, raw_line = next(lines, (0, None))
-            except DataValidationError as e:  # a line too large to read: stop at it
-                errors.append(e)
-                break
-            if raw_line is None:
-                break
-            if not raw_line.strip():
-                continue
-            n += 1
-            try:
-                _check_line(file, line_no, raw_line, task_type)
-            except DataValidationError as e:
-                errors.append(e)
-    if n == 0:
-        errors.append(DataValidationError(file, 0, "empty-file", "the file holds no example"))
+            for example in _examples(file, task_type, data_format, columns, ignored):
+                if isinstance(example, DataValidationError):
+                    errors.append(example)
+                    if not all_errors:
+                        return errors
+        except DataValidationError as e:  # the reading stops here: one more error
+            errors.append(e)
+            if not all_errors:
+                return errors
     return errors
 
 
-def _check_line(file: str, line_no: int, raw_line: bytes, task_type: str) -> Record:
-    try:
-        line = raw_line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataValidationError(
-            file, line_no, "invalid-utf8", f"column {e.start + 1} is not UTF-8 ({e.reason})"
-        ) from None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        end = len(line.rstrip())
-        if e.pos >= end or e.msg.startswith("Unterminated"):
-            detail = (
-                f"the line ends at column {end} before its JSON value is complete "
-                "(was the file cut short?)"
+def parse_columns(value: str | Mapping[str, str]) -> dict[str, str]:
+    """``data.columns`` from ``"messages=dialog,text=body"`` (or a mapping), checked: each name
+    one of :data:`COLUMNS`, each column a non-empty string.
+
+    Raises:
+        ValueError: naming the item and the valid names.
+    """
+    if isinstance(value, str):
+        items = [w.strip() for w in value.split(",") if w.strip()]
+        pairs = [item.partition("=") for item in items]
+        bad = [item for item, (_, eq, col) in zip(items, pairs, strict=True) if not eq or not col]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not NAME=COLUMN, e.g. messages=dialog")
+        value = {name.strip(): col.strip() for name, _, col in pairs}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected NAME=COLUMN pairs, got {type(value).__name__}")
+    for name, column in value.items():
+        if name not in COLUMNS:
+            raise ValueError(
+                f"{name!r} is not a column longtune reads; one of {', '.join(COLUMNS)}"
             )
-        else:
-            detail = f"{e.msg} at column {e.colno}"
-        raise DataValidationError(file, line_no, "invalid-json", detail) from None
-    except RecursionError:
-        raise DataValidationError(
-            file,
-            line_no,
-            "too-deeply-nested",
-            "the JSON nests objects/lists too deeply to read; an example is a flat list of "
-            "messages",
-        ) from None
-    if not isinstance(obj, dict):
-        raise DataValidationError(
-            file, line_no, "not-an-object", f"expected a JSON object, got {type(obj).__name__}"
-        )
-    return _RECORD_BUILDERS[task_type](file, line_no, obj)
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"{name}={column!r}: the column name must be a non-empty string")
+    return dict(value)
+
+
+def ignored_keys_summary(ignored: Counter) -> str:
+    """``'meta' in 200 examples, 'id' in 12`` for the log."""
+    return ", ".join(f"{k!r} in {n} example{'s' * (n != 1)}" for k, n in ignored.most_common())
+
+
+__all__ += [
+    "COLUMNS",
+    "SHAREGPT_ROLES",
+    "ignored_keys_summary",
+    "parse_columns",
+    "validate_files",
+    "where",
+]

@@ -97,6 +97,16 @@ def _none(value: Any) -> Any:
     return None if unset else value
 
 
+def _columns_flags(tokens: list[str]) -> list[str]:
+    """``--data.columns.messages=dialog`` (one flag per column) -> ``--data.columns=...``."""
+    prefix = re.compile(r"^(--)?data\.columns\.(\w+)=(.*)$")
+    pairs = [m.group(2, 3) for t in tokens if (m := prefix.match(t))]
+    if not pairs:
+        return tokens
+    rest = [t for t in tokens if not prefix.match(t)]
+    return [*rest, "--data.columns=" + ",".join(f"{name}={col}" for name, col in pairs)]
+
+
 def _duration(value: Any) -> Duration:
     return value if isinstance(value, Duration) else Duration.parse(value)
 
@@ -132,10 +142,38 @@ def _paths(value: Any) -> Any:
     return paths
 
 
+def _columns(value: Any) -> Any:
+    """``"messages=dialog,text=body"`` (the command line's form) -> a mapping."""
+    if not isinstance(value, str):
+        return value
+    out = {}
+    for item in (w.strip() for w in value.split(",") if w.strip()):
+        name, eq, column = item.partition("=")
+        if not eq:
+            raise ValueError(f"{item!r} is not NAME=COLUMN, e.g. messages=dialog")
+        out[name.strip()] = column.strip()
+    return out
+
+
 def _words(value: Any) -> Any:
     """``"hf,gguf"`` (the command line's form) -> its items."""
     return [w.strip() for w in value.split(",") if w.strip()] if isinstance(value, str) else value
 
+
+# The names data.columns maps (longtune.data.validation.COLUMNS; a test keeps them equal).
+ColumnName = Literal[
+    "messages",
+    "conversations",
+    "system",
+    "tools",
+    "prompt",
+    "response",
+    "completion",
+    "instruction",
+    "input",
+    "output",
+    "text",
+]
 
 # The field types: what a YAML value, a flag's text or a Python value goes through first.
 Int = Annotated[int, BeforeValidator(_number)]
@@ -194,7 +232,20 @@ class DataConfig:
     order; empty = all files packed together."""
 
     task_type: Literal["chat", "instruction", "text"] = "chat"
-    """Format of the data lines: chat | instruction | text."""
+    """What the examples are: chat (messages, or ShareGPT conversations) | instruction
+    (prompt/response, or Alpaca instruction/input/output) | text."""
+
+    format: Literal["auto", "jsonl", "json", "parquet", "arrow", "text"] = "auto"
+    """How to read the data files: auto (from each file: .jsonl, .json, .gz/.zst compressed,
+    .parquet, .arrow, datasets save_to_disk folders, .txt) | jsonl | json | parquet | arrow |
+    text."""
+
+    columns: Annotated[dict[ColumnName, NonEmpty], BeforeValidator(_columns)] = Field(
+        default_factory=dict
+    )
+    """Columns read as the ones longtune knows, NAME=COLUMN[,...], e.g. messages=dialog (names:
+    messages, conversations, system, tools, prompt, response, completion, instruction, input,
+    output, text); empty = the usual names."""
 
     context_length: Int = Field(8192, ge=2, le=MAX_INT)
     """Tokens per packed sequence (the full sequence, before sequence-parallel slicing; padded
@@ -359,6 +410,9 @@ class JobConfig:
         if p.dp < 1 and p.dp != -1:
             raise _KeyRule("parallel.dp", p.dp, "must be >= 1, or -1 for world_size/sp")
         d = self.data
+        if d.format == "text" and d.task_type != "text":
+            rule = f"reads .txt documents, which only data.task_type=text trains on ({d.task_type})"
+            raise _KeyRule("data.format", d.format, rule)
         if d.mix and len(d.mix) != len(d.train):
             rule = f"give one weight per data.train entry ({len(d.train)}), or none"
             raise _KeyRule("data.mix", ",".join(f"{w:g}" for w in d.mix), rule)
@@ -439,7 +493,7 @@ def _check_key(key: str, source: str) -> None:
         raise ConfigError(f"{source}: unknown key {key!r} (known keys in {section}: {known})")
 
 
-_METAVARS = {str: "PATH", list: "PATH[,PATH...]", tuple: "B1,B2"}
+_METAVARS = {str: "PATH", list: "PATH[,PATH...]", tuple: "B1,B2", dict: "NAME=COLUMN[,...]"}
 
 
 class _FlagParser(argparse.ArgumentParser):
@@ -499,6 +553,8 @@ def _as_flag(info: FieldInfo) -> str:
     value = info.get_default(call_default_factory=True)
     if isinstance(value, list | tuple):
         return ",".join(map(str, value)) or "empty"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "empty"
     return str(value).lower() if value is None or isinstance(value, bool) else str(value)
 
 
@@ -507,7 +563,8 @@ def flag_values(tokens: list[str]) -> dict[str, tuple[str, str]]:
 
     Accepted: ``--optim.lr=3e-5``, ``--optim.lr 3e-5``, ``optim.lr=3e-5``, the aliases of
     :data:`FLAG_ALIASES` (``--lr=3e-5``, ``--task-type chat``), dashes for underscores
-    (``--train.batch-tokens``) and a bare boolean flag for true (``--output.tensorboard``).
+    (``--train.batch-tokens``), a bare boolean flag for true (``--output.tensorboard``) and
+    ``--data.columns.NAME=COLUMN`` for one column of ``data.columns``.
 
     Args:
         tokens: the tokens, in command-line order (later ones win).
@@ -519,6 +576,7 @@ def flag_values(tokens: list[str]) -> dict[str, tuple[str, str]]:
         ConfigError: for an unknown key or flag, a flag without a value, a stray argument.
     """
     parser = flag_parser()
+    tokens = _columns_flags(tokens)
     found, rest = parser.parse_known_args(tokens)
     undashed = {t for t in rest if "=" in t and not t.startswith("-")}  # optim.lr=3e-5
     if undashed:
@@ -631,9 +689,10 @@ def _error_line(error: ErrorDetails, values: dict[str, tuple[Any, str]]) -> str:
         alias = "".join(f" or --{flag}" for flag, k in FLAG_ALIASES.items() if k == key)
         return f"missing required key {key!r}: set it in the config file or with --{key}=...{alias}"
     if error["type"] == "literal_error":
-        if len(error["loc"]) > 2:  # an item of a list
+        if len(error["loc"]) > 2:  # an item of a list, a key of a mapping
             value = error["input"]
-        return f"{where}: {value!r} is not one of {', '.join(choices(key))}"
+        valid = choices(key) or typing.get_args(ColumnName)  # data.columns: its keys
+        return f"{where}: {value!r} is not one of {', '.join(valid)}"
     if isinstance(exc, ValueError):  # raised by a validator above; it names the value
         return f"{where}: {exc}"
     rule = re.sub(r"^\w+ should", "must", error["msg"])  # Input should be greater than 0

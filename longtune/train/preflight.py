@@ -92,7 +92,10 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
         for p in paths:
             if not Path(p).exists():
                 raise FileNotFoundError(f"{key}: {p} does not exist")
-    errors = validate_files(list(cfg.data.train) + list(cfg.data.eval), cfg.data.task_type)
+    d = cfg.data
+    errors = validate_files(
+        [*d.train, *d.eval], d.task_type, data_format=d.format, columns=d.columns
+    )
     if errors:
         raise errors[0]
     check_writable(cfg.output.dir, "output.dir")
@@ -119,9 +122,9 @@ def data_fingerprints(cfg: JobConfig) -> dict[str, str]:
     """Every train and eval data file (absolute, folders expanded) -> the SHA-256 of its
     content: what a resume compares, so that data edited in place is never trained on as if it
     were the run's own."""
-    files = expand_paths(cfg.data.train, cfg.data.task_type)
+    files = expand_paths(cfg.data.train, cfg.data.task_type, cfg.data.format)
     if cfg.data.eval:
-        files += expand_paths(cfg.data.eval, cfg.data.task_type)
+        files += expand_paths(cfg.data.eval, cfg.data.task_type, cfg.data.format)
     return {os.path.abspath(f): file_fingerprint(f) for f in files}
 
 

@@ -45,6 +45,7 @@ from longtune.data import (
     build_packed_dataset,
     overlength_summary,
 )
+from longtune.data.formats import data_size
 from longtune.data.mix import MixedDataset
 from longtune.export.check import export_and_check
 from longtune.export.gguf import export_gguf
@@ -187,7 +188,7 @@ class Trainer:
         and the run's length in optimizer steps."""
         cfg = self.cfg
         files = len(self.state.data_files)
-        size_mb = sum(Path(f).stat().st_size for f in self.state.data_files) / 2**20
+        size_mb = sum(data_size(f) for f in self.state.data_files) / 2**20
         logger.info(
             "tokenizing and packing %d data file(s), %.1f MB, with %s's tokenizer (cached: a "
             "rerun with the same data and tokenizer reads the tokens back)",
@@ -242,6 +243,8 @@ class Trainer:
             loss_on=d.loss_on,
             overlength=d.overlength,
             cache_dir=d.cache_dir,
+            data_format=d.format,
+            columns=d.columns,
         )
 
     def _loader(self, dataset: PackedDataset | MixedDataset) -> PackedLoader:

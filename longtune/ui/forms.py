@@ -155,7 +155,7 @@ def check_data_files(cfg: JobConfig, allowed: list[Path]) -> None:
     for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         for given in paths:
             try:
-                files = expand_paths([given], cfg.data.task_type)
+                files = expand_paths([given], cfg.data.task_type, cfg.data.format)
             except ValueError:
                 continue  # missing, empty or of an unknown type: the data check says which
             for file in files:

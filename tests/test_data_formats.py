@@ -1,0 +1,286 @@
+"""Data as users have it: one set of conversations written in every format and record shape
+longtune reads gives the same tokens; columns renamed by ``data.columns``; folders of mixed
+formats; bad records named by file and line or row in every format."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from data_fixtures import chat_rows, tiny_tokenizer_dir, write_jsonl
+
+from longtune.data import build_packed_dataset, validate_files
+from longtune.data.tokenize import STORE_ARRAYS, tokenize_files
+from longtune.data.validation import expand_paths, iter_records, parse_columns
+
+N = 200
+TOKEN_ARRAYS = ("ids", "mask", "offsets")
+
+
+def as_parts(rows: list[dict]) -> list[dict]:
+    """OpenAI content parts: each content split in two text parts (joined back with "")."""
+    out = []
+    for row in rows:
+        msgs = []
+        for m in row["messages"]:
+            c = m["content"]
+            half = len(c) // 2
+            msgs.append(
+                {
+                    "role": m["role"],
+                    "content": [
+                        {"type": "text", "text": c[:half]},
+                        {"type": "text", "text": c[half:]},
+                    ],
+                }
+            )
+        out.append({"messages": msgs, "id": len(out)})
+    return out
+
+
+def as_sharegpt(rows: list[dict]) -> list[dict]:
+    who = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [
+        {"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in r["messages"]]}
+        for r in rows
+    ]
+
+
+def write_zst(path: Path, rows: list[dict]) -> Path:
+    import zstandard
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    path.write_bytes(zstandard.ZstdCompressor().compress(text))
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=64)
+    return path
+
+
+def write_dataset(path: Path, rows: list[dict]) -> Path:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return chat_rows(N, seed=11, max_words=12)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Path:
+    return tiny_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, rows) -> dict[str, Path]:
+    """The same conversations in every format and shape."""
+    root = tmp_path_factory.mktemp("formats")
+    files = {
+        "jsonl messages": write_jsonl(root / "messages.jsonl", rows),
+        "jsonl content parts": write_jsonl(root / "parts.jsonl", as_parts(rows)),
+        "jsonl sharegpt": write_jsonl(root / "sharegpt.jsonl", as_sharegpt(rows)),
+        "json array": root / "array.json",
+        "jsonl.gz": root / "messages.jsonl.gz",
+        "jsonl.zst": write_zst(root / "messages.jsonl.zst", rows),
+        "parquet": write_parquet(root / "messages.parquet", rows),
+        "parquet sharegpt": write_parquet(root / "sharegpt.parquet", as_sharegpt(rows)),
+        "save_to_disk": write_dataset(root / "saved", rows),
+    }
+    files["json array"].write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    with gzip.open(files["jsonl.gz"], "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return files
+
+
+def store_bytes(store) -> dict[str, bytes]:
+    return {name: (store.path / f"{name}.npy").read_bytes() for name in TOKEN_ARRAYS}
+
+
+def test_every_format_and_shape_gives_byte_identical_token_stores(written, tok, tmp_path):
+    stores = {
+        name: tokenize_files([str(path)], tok, "chat", cache_dir=tmp_path / "cache")[0]
+        for name, path in written.items()
+    }
+    reference = store_bytes(stores["jsonl messages"])
+    assert len(stores["jsonl messages"].offsets) == N + 1
+    for name, store in stores.items():
+        assert store_bytes(store) == reference, name
+    # Where each example came from: JSONL lines from 1, rows of the others from 0.
+    assert stores["jsonl.zst"].where(0) == f"{written['jsonl.zst']}:1"
+    assert stores["parquet"].where(5) == f"{written['parquet']}: row 5"
+    assert stores["save_to_disk"].where(N - 1) == f"{written['save_to_disk']}: row {N - 1}"
+    assert sorted(STORE_ARRAYS) == sorted({*TOKEN_ARRAYS, "lines"})
+
+
+def test_a_folder_of_every_format_reads_each_once(written, tok, tmp_path):
+    folder = written["jsonl messages"].parent
+    files = expand_paths([str(folder)], "chat")
+    assert sorted(Path(f).name for f in files) == sorted(p.name for p in written.values())
+    ds = build_packed_dataset([str(folder)], tok, "chat", 256, cache_dir=tmp_path / "c")
+    assert ds.stats.documents == N * len(written)
+
+
+def test_columns_renamed_by_data_columns(rows, tok, tmp_path):
+    renamed = [{"dialog": r["messages"], "messages": "not read"} for r in rows[:20]]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows[:20])
+    other = write_parquet(tmp_path / "dialog.parquet", renamed)
+    columns = parse_columns("messages=dialog")
+    assert validate_files([str(other)], "chat", columns=columns) == []
+    (a,) = tokenize_files([str(plain)], tok, "chat", cache_dir=tmp_path / "c")
+    (b,) = tokenize_files([str(other)], tok, "chat", cache_dir=tmp_path / "c", columns=columns)
+    assert store_bytes(a) == store_bytes(b)
+    with pytest.raises(ValueError, match="'dialogue' is not a column longtune reads; one of"):
+        parse_columns("dialogue=messages")
+    (err,) = validate_files([str(other)], "chat")  # without the mapping: the string is read
+    assert str(err).startswith(f"{other}: row 0: wrong-type: 'messages' must be")
+
+
+def test_instruction_shapes_alpaca_and_prompt_response_agree(tok, tmp_path):
+    alpaca = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Name a colour.", "output": "blue", "history": []},
+    ]
+    plain = [
+        {"prompt": "Add the numbers.\n\n2 and 3", "response": "5"},
+        {"prompt": "Say hi.", "completion": "hi"},
+        {"prompt": "Name a colour.", "response": "blue"},
+    ]
+    a = write_jsonl(tmp_path / "alpaca.jsonl", alpaca)
+    p = write_jsonl(tmp_path / "plain.jsonl", plain)
+    got = [r.messages for r in iter_records(str(a), "instruction")]
+    assert got == [r.messages for r in iter_records(str(p), "instruction")]
+    (sa,) = tokenize_files([str(a)], tok, "instruction", cache_dir=tmp_path / "c")
+    (sp,) = tokenize_files([str(p)], tok, "instruction", cache_dir=tmp_path / "c")
+    assert store_bytes(sa) == store_bytes(sp)
+
+
+def test_sharegpt_roles_system_and_function_calls_map_to_messages(tmp_path):
+    row = {
+        "system": "Be brief.",
+        "tools": json.dumps([{"type": "function", "function": {"name": "weather"}}]),
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {
+                "from": "function_call",
+                "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}}),
+            },
+            {"from": "observation", "value": "21 C"},
+            {"from": "gpt", "value": "21 C and clear."},
+        ],
+    }
+    from longtune.data.validation import _sharegpt_messages, _tools
+
+    msgs = _sharegpt_messages("f", 1, row)
+    assert msgs == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "21 C"},
+        {"role": "assistant", "content": "21 C and clear."},
+    ]
+    assert _tools("f", 1, row["tools"])[0]["function"]["name"] == "weather"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "bot", "value": "x"}]}])
+    (err,) = validate_files([str(bad)], "chat")
+    assert str(err).startswith(f"{bad}:1: unknown-role: conversations[0].from='bot'; use one of")
+
+
+def test_ignored_keys_are_counted_in_the_log(rows, tok, tmp_path, caplog):
+    extra = [{**r, "id": i, "source": "web"} for i, r in enumerate(rows[:10])]
+    path = write_jsonl(tmp_path / "extra.jsonl", extra)
+    with caplog.at_level(logging.INFO, logger="longtune.data.packing"):
+        build_packed_dataset([str(path)], tok, "chat", 256, cache_dir=tmp_path / "c")
+    assert "data keys not read (ignored): 'id' in 10 examples, 'source' in 10 examples" in (
+        caplog.text
+    )
+
+
+def test_a_forced_format_reads_any_name(rows, tmp_path):
+    odd = tmp_path / "export.data"
+    odd.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (err,) = validate_files([str(odd)], "chat")
+    assert err.rule == "unsupported-file-type" and "data.format" in str(err)
+    assert validate_files([str(odd)], "chat", data_format="jsonl") == []
+
+
+def test_a_dataset_dict_folder_is_refused_naming_its_splits(rows, tmp_path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(rows[:4]),
+            "test": datasets.Dataset.from_list(rows[4:6]),
+        }
+    )
+    dd.save_to_disk(str(tmp_path / "dd"))
+    (err,) = validate_files([str(tmp_path / "dd")], "chat")
+    assert err.rule == "dataset-dict" and "['test', 'train']" in str(err)
+    assert validate_files([str(tmp_path / "dd" / "train")], "chat") == []
+
+
+# ---------------------------------------------------------------- bad records ------------
+
+
+def bad_rows(rows: list[dict]) -> list[dict]:
+    """Three good conversations, then one whose last message is the user's (row 3)."""
+    bad = {"messages": [{"role": "user", "content": "q"}]}
+    return [*rows[:3], bad]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.gz", "jsonl.zst", "json array", "parquet", "save_to_disk"])
+def test_a_bad_record_is_named_by_line_or_row_in_every_format(rows, tmp_path, fmt):
+    data = bad_rows(rows)
+    path = {
+        "jsonl.gz": tmp_path / "d.jsonl.gz",
+        "jsonl.zst": tmp_path / "d.jsonl.zst",
+        "json array": tmp_path / "d.json",
+        "parquet": tmp_path / "d.parquet",
+        "save_to_disk": tmp_path / "saved",
+    }[fmt]
+    if fmt == "jsonl.gz":
+        with gzip.open(path, "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in data)
+    elif fmt == "jsonl.zst":
+        write_zst(path, data)
+    elif fmt == "json array":
+        path.write_text(json.dumps(data))
+    elif fmt == "parquet":
+        write_parquet(path, data)
+    else:
+        write_dataset(path, data)
+    (err,) = validate_files([str(path)], "chat")
+    where = f"{path}:4" if fmt.startswith("jsonl") else f"{path}: row 3"
+    assert str(err).startswith(f"{where}: last-not-assistant: the last message is 'user'"), err
+    assert "\n" not in str(err)
+
+
+def test_a_cut_compressed_file_is_one_line(rows, tmp_path):
+    import zstandard
+
+    whole = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(zstandard.ZstdCompressor().compress(whole)[:-50])
+    (err,) = validate_files([str(cut)], "chat")
+    assert err.rule in ("damaged-file", "invalid-json"), err
+    assert "\n" not in str(err)
