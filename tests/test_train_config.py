@@ -345,7 +345,7 @@ def test_help_lists_every_setting_with_its_type_default_and_doc(monkeypatch):
             default = config_to_dict(load_config(None, REQUIRED))[section][name]
         if info.is_required():
             assert "(required)" in flat
-        elif isinstance(default, list):
+        elif isinstance(default, list | dict):
             assert f"(default:{','.join(map(str, default)) or 'empty'})" in flat, key
         else:
             shown = (
