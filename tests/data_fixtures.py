@@ -5,10 +5,14 @@
 - :func:`llama31_tokenizer_dir`: the real Llama 3 tokenizer (``llama_models`` package's
   ``tokenizer.model``) converted by transformers' ``TikTokenConverter``, with
   :data:`LLAMA31_CHAT_TEMPLATE`; cached under ``longtune.assets.cache_dir()``.
+- :func:`llama31_tools_tokenizer_dir`: the same tokenizer with a tool-calling template
+  (:data:`LLAMA31_TOOLS_TEMPLATE`, Meta's JSON call format, or
+  :data:`LLAMA31_TOOLS_TEMPLATE_HF_SHAPE`, the call shape of HF's published template).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -29,6 +33,59 @@ LLAMA31_CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
+
+# Llama 3.1's chat format with tool calling, written for these tests, as Meta's
+# llama_models/llama3/chat_format.py encodes it with ToolPromptFormat.json and
+# StopReason.end_of_turn: like LLAMA31_CHAT_TEMPLATE, plus an assistant message's tool calls
+# written after its content, each as json.dumps({"type": "function", "name": ...,
+# "parameters": ...}) (ToolUtils.encode_tool_call; `tojson(ensure_ascii=True)` so non-ASCII
+# characters are \uXXXX escapes, as json.dumps writes them), then <|eot_id|>. Tool results are
+# `tool` messages, written under the `ipython` header. Meta's ChatFormat does not write tool
+# definitions; this template writes `tools` into the system message: the system content (if the
+# conversation has one), then "\n\n" (only after a system content), then TOOLS_PREAMBLE and
+# one line per tool, `tool | tojson` — see `llama31_tools_text`.
+# HF's published Llama 3.1 template writes a call as {"name": ..., "parameters": ...} (no
+# "type", non-ASCII characters as they are): LLAMA31_TOOLS_TEMPLATE_HF_SHAPE writes that shape.
+TOOLS_PREAMBLE = "Environment: ipython\n\nFunctions you may call, one JSON object a line:"
+_LLAMA31_TOOLS_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- set loop_messages = messages %}"
+    "{%- if tools %}"
+    "{%- set ns = namespace(text='') %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set ns.text = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- endif %}"
+    "{%- set ns.text = ns.text + " + repr(TOOLS_PREAMBLE).replace("\n", "\\n") + " %}"
+    "{%- for tool in tools %}{%- set ns.text = ns.text + '\\n' + (tool | tojson) %}{%- endfor %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + ns.text + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'tool' %}{%- set role = 'ipython' %}"
+    "{%- else %}{%- set role = message['role'] %}{%- endif %}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\\n\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] %}{{- CALL }}{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+LLAMA31_TOOLS_TEMPLATE = _LLAMA31_TOOLS_TEMPLATE.replace(
+    "CALL",
+    "{'type': 'function', 'name': call['function']['name'], "
+    "'parameters': call['function']['arguments']} | tojson(ensure_ascii=True)",
+)
+LLAMA31_TOOLS_TEMPLATE_HF_SHAPE = _LLAMA31_TOOLS_TEMPLATE.replace(
+    "CALL",
+    "'{\"name\": \"' + call['function']['name'] + '\", \"parameters\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}'",
+)
+
+
+def llama31_tools_text(system: str | None, tools: list[dict]) -> str:
+    """The system message content the tools templates write for ``tools``."""
+    lines = [TOOLS_PREAMBLE] + [json.dumps(t, ensure_ascii=False) for t in tools]
+    return (f"{system}\n\n" if system is not None else "") + "\n".join(lines)
+
 
 LLAMA3_SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -85,6 +142,24 @@ def llama31_tokenizer_dir() -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out)
     marker.write_text(stamp)
+    return out
+
+
+def llama31_tools_tokenizer_dir(template: str = LLAMA31_TOOLS_TEMPLATE) -> Path:
+    """The Llama 3 tokenizer folder of :func:`llama31_tokenizer_dir` with another chat template
+    (by default :data:`LLAMA31_TOOLS_TEMPLATE`), in a cache folder named by the template."""
+    from transformers import AutoTokenizer
+
+    digest = hashlib.sha256(template.encode()).hexdigest()[:16]
+    out = cache_dir() / f"test-llama31-tokenizer-{digest}"
+    marker = out / ".complete"
+    if marker.is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(llama31_tokenizer_dir())
+    tok.chat_template = template
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    marker.write_text(digest)
     return out
 
 

@@ -181,7 +181,7 @@ def test_sharegpt_roles_system_and_function_calls_map_to_messages(tmp_path):
             {"from": "gpt", "value": "21 C and clear."},
         ],
     }
-    from longtune.data.validation import _sharegpt_messages, _tools
+    from longtune.data.validation import _sharegpt_messages, _sharegpt_tools
 
     msgs = _sharegpt_messages("f", 1, row)
     assert msgs == [
@@ -199,7 +199,7 @@ def test_sharegpt_roles_system_and_function_calls_map_to_messages(tmp_path):
         {"role": "tool", "content": "21 C"},
         {"role": "assistant", "content": "21 C and clear."},
     ]
-    assert _tools("f", 1, row["tools"])[0]["function"]["name"] == "weather"
+    assert _sharegpt_tools("f", 1, row["tools"])[0]["function"]["name"] == "weather"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "bot", "value": "x"}]}])
     (err,) = validate_files([str(bad)], "chat")
     assert str(err).startswith(f"{bad}:1: unknown-role: conversations[0].from='bot'; use one of")
@@ -284,3 +284,48 @@ def test_a_cut_compressed_file_is_one_line(rows, tmp_path):
     (err,) = validate_files([str(cut)], "chat")
     assert err.rule in ("damaged-file", "invalid-json"), err
     assert "\n" not in str(err)
+
+
+def test_a_sharegpt_tool_conversation_tokenizes_as_its_openai_form(tmp_path):
+    """ShareGPT function_call / observation turns (LLaMA-Factory's shape, tools as JSON text)
+    give the same tokens as the same conversation in OpenAI's messages with tool_calls, through
+    a template that renders tools (Llama 3.1's format)."""
+    from data_fixtures import llama31_tools_tokenizer_dir
+
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    arguments = {"city": "Paris", "unit": "C"}
+    sharegpt = {
+        "system": "Be brief.",
+        "tools": json.dumps([tool]),
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {
+                "from": "function_call",
+                "value": json.dumps({"name": "weather", "arguments": arguments}),
+            },
+            {"from": "observation", "value": '{"temp": 21}'},
+            {"from": "gpt", "value": "21 degrees."},
+        ],
+    }
+    openai = {
+        "tools": [tool],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "weather", "arguments": arguments}}
+                ],
+            },
+            {"role": "tool", "content": '{"temp": 21}'},
+            {"role": "assistant", "content": "21 degrees."},
+        ],
+    }
+    tok = llama31_tools_tokenizer_dir()
+    a = write_jsonl(tmp_path / "sharegpt.jsonl", [sharegpt])
+    b = write_jsonl(tmp_path / "openai.jsonl", [openai])
+    (sa,) = tokenize_files([str(a)], tok, "chat", cache_dir=tmp_path / "c")
+    (sb,) = tokenize_files([str(b)], tok, "chat", cache_dir=tmp_path / "c")
+    assert store_bytes(sa) == store_bytes(sb)
+    assert int(sa.mask.sum()) > 0

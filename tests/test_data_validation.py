@@ -51,6 +51,25 @@ BAD_LINES = [
     ("chat", chat(("user", "q"), ("tool", "t"), ("assistant", "a")), "roles-not-alternating"),
     ("chat", chat(("user", "q"), ("assistant", "a"), ("user", "q2")), "last-not-assistant"),
     ("chat", chat(("system", "s"), ("user", "q")), "last-not-assistant"),
+    (
+        "chat",
+        chat(("user", [{"type": "image_url", "image_url": {"url": "x"}}]), ("assistant", "a")),
+        "unsupported-content-part",
+    ),
+    (
+        "chat",
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}],
+                },
+            ]
+        },
+        "invalid-tool-arguments",
+    ),
+    ("chat", {"tools": "f", "messages": GOOD_CHAT["messages"]}, "wrong-type"),
     ("instruction", {"prompt": "p"}, "missing-key"),
     ("instruction", {"prompt": "p", "response": "r", "completion": "c"}, "unknown-key"),
     ("instruction", {"prompt": "", "response": "r"}, "empty-content"),

@@ -9,8 +9,12 @@ The assistant spans come from the rendered text, not from guessing token pattern
 supervised assistant turn ``i`` the template is rendered for ``messages[:i]`` with the
 generation prompt; everything the model would write after that prompt — up to the end of the
 message content and the special end-of-turn token right after it (``<|eot_id|>``,
-``<|im_end|>``) — is supervised. Tokens are marked from the fast tokenizer's
-character-to-token map, so the ids are exactly ``apply_chat_template``'s.
+``<|im_end|>``) — is supervised. An assistant turn that calls tools is supervised to the end of
+the rendering of ``messages[:i + 1]`` (less trailing whitespace), so the calls are learnt in the
+form the template writes them; a template that does not write the example's tools or calls is
+refused (``tools-unsupported``) rather than trained on a conversation without them. Tokens
+are marked from the fast tokenizer's character-to-token map, so the ids are exactly
+``apply_chat_template``'s.
 
 The token store of one data file is a folder of ``.npy`` arrays read with ``numpy`` memory
 mapping; its name hashes the file content, the tokenizer files and the settings, so a second
@@ -37,7 +41,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ import numpy as np
 from jinja2 import TemplateError
 
 from longtune.data.formats import ROW_KINDS, data_size, file_kind, fingerprint, is_compressed, where
-from longtune.data.validation import MAX_EXAMPLE_BYTES, Record, iter_records
+from longtune.data.validation import MAX_EXAMPLE_BYTES, DataValidationError, Record, iter_records
 from longtune.fsutil import (
     OUTPUT_MARKER,
     OutputDirError,
@@ -153,11 +157,14 @@ class Encoder:
         self.special_tokens = sorted(specials, key=len, reverse=True)
 
     def _render(
-        self, messages: list[dict[str, str]], generation_prompt: bool, record: Record
+        self, messages: list[dict[str, Any]], generation_prompt: bool, record: Record
     ) -> str:
+        # Tools only when the example declares them: the call stays the one every text-only
+        # example has always had.
+        kwargs = {"tools": record.tools} if record.tools else {}
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
+                messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
             )
         except TemplateError as e:  # the template's own raise_exception(), or a broken template
             raise record.error(
@@ -168,6 +175,12 @@ class Encoder:
     def render(self, record: Record) -> tuple[str, list[tuple[int, int]]]:
         """Render one chat record and find the character spans to supervise.
 
+        A text-only assistant turn is supervised from the end of the generation prompt to the
+        end of its content and the special token right after it. An assistant turn with
+        ``tool_calls`` is supervised from the end of the generation prompt to the end of the
+        turn: the rendering of ``messages[:i + 1]``, trailing whitespace removed (so its calls
+        are supervised in whatever form the template writes them).
+
         Args:
             record: a validated chat or instruction record.
 
@@ -176,8 +189,8 @@ class Encoder:
 
         Raises:
             DataValidationError: the template raises on the conversation, or does not render it
-                verbatim (drops a tool message, is not prefix-stable), named with the record's
-                file and line.
+                verbatim (drops a tool message or a tool, is not prefix-stable), named with the
+                record's file and line.
         """
         messages = record.messages
         assert messages is not None
@@ -189,6 +202,14 @@ class Encoder:
                     f"the chat template dropped messages[{i}] (role 'tool'); "
                     "remove tool messages or use a model whose template renders them",
                 )
+        for name in _tool_names(record):
+            if name not in full:
+                raise _tools_unsupported(
+                    record, f"tool {name!r} is not in the rendered conversation"
+                )
+        # A template may write the calls and ignore the tool list (whose names the calls repeat).
+        if record.tools and full == self._render(messages, False, replace(record, tools=None)):
+            raise _tools_unsupported(record, "'tools' leaves the rendered conversation unchanged")
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.loss_on == "last_assistant":
             turns = turns[-1:]
@@ -196,11 +217,10 @@ class Encoder:
         for i in turns:
             prompt = self._render(messages[:i], True, record)
             if not full.startswith(prompt):
-                raise record.error(
-                    "template-not-prefix-stable",
-                    f"the rendering of messages[:{i}] with the generation prompt is not a prefix "
-                    "of the whole conversation; this template cannot be masked per turn",
-                )
+                raise _not_prefix_stable(record, f"messages[:{i}] with the generation prompt")
+            if "tool_calls" in messages[i]:
+                spans.append(self._tool_call_span(record, i, full, len(prompt)))
+                continue
             content = messages[i]["content"].strip()
             start = full.find(content, len(prompt))
             if start < 0:
@@ -215,6 +235,23 @@ class Encoder:
                     break
             spans.append((len(prompt), end))
         return full, spans
+
+    def _tool_call_span(self, record: Record, i: int, full: str, start: int) -> tuple[int, int]:
+        """``[start, end)`` of assistant turn ``i`` with tool calls: to the end of the rendering
+        of ``messages[:i + 1]``, less trailing whitespace (ChatML's ``<|im_end|>`` is supervised,
+        not the newline after it, as for a text turn)."""
+        assert record.messages is not None
+        turn = self._render(record.messages[: i + 1], False, record)
+        if not full.startswith(turn):
+            raise _not_prefix_stable(record, f"messages[:{i + 1}]")
+        end = len(turn.rstrip())
+        for call in record.messages[i]["tool_calls"]:
+            name = call["function"]["name"]
+            if name not in full[start:end]:
+                raise _tools_unsupported(
+                    record, f"tool {name!r} is not in the rendered messages[{i}]"
+                )
+        return start, end
 
     def encode(self, records: list[Record]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Tokenize a batch of records with one batched fast-tokenizer call.
@@ -358,10 +395,37 @@ def _describe_npy(path: Path) -> dict[str, Any]:
     return {"dtype": dtype.str, "shape": list(shape), "crc32": crc}
 
 
+def _tool_names(record: Record) -> list[str]:
+    """Names of the tools a chat record declares and calls, each once, in order."""
+    names = [t["function"]["name"] for t in record.tools or ()]
+    for m in record.messages or ():
+        names += [c["function"]["name"] for c in m.get("tool_calls", ())]
+    return list(dict.fromkeys(names))
+
+
+def _tools_unsupported(record: Record, why: str) -> DataValidationError:
+    return record.error(
+        "tools-unsupported",
+        f"the model's chat template does not render tools ({why}); remove 'tools'/'tool_calls' "
+        "or use a model whose template supports them",
+    )
+
+
+def _not_prefix_stable(record: Record, what: str) -> DataValidationError:
+    return record.error(
+        "template-not-prefix-stable",
+        f"the rendering of {what} is not a prefix of the whole conversation; this template "
+        "cannot be masked per turn",
+    )
+
+
 def _chars(record: Record) -> int:
     if record.text is not None:
         return len(record.text)
-    return sum(len(m.get("content") or "") for m in record.messages or ())
+    n = sum(len(m.get("content") or "") for m in record.messages or ())
+    if record.tools or any("tool_calls" in m for m in record.messages or ()):
+        n += len(json.dumps([record.tools, [m.get("tool_calls") for m in record.messages or ()]]))
+    return n
 
 
 def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:

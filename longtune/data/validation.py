@@ -9,13 +9,21 @@ fail in seconds on a bad row 2,000,000. Files are read by :mod:`longtune.data.fo
 
 Record shapes (``task_type``), whatever the file format:
 
-- ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (``content`` a string or a
-  list of ``{"type": "text", "text": ...}`` parts), or ShareGPT ``{"conversations": [{"from":
-  ..., "value": ...}, ...]}`` (see :data:`SHAREGPT_ROLES`; an optional top-level ``system``
-  string becomes the system message, an optional ``tools`` list or JSON string the tools).
-  Roles ``system`` (first message only), ``user``, ``assistant`` and ``tool`` (answers an
-  assistant turn). User and assistant alternate; a tool message follows an assistant or another
-  tool message and is followed by an assistant message; the last message is the assistant's.
+- ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}``, or ShareGPT
+  ``{"conversations": [{"from": ..., "value": ...}, ...]}`` (see :data:`SHAREGPT_ROLES`; an
+  optional top-level ``system`` string becomes the system message, an optional ``tools`` list or
+  JSON string the tools). Roles ``system`` (first message only), ``user``, ``assistant`` and
+  ``tool`` (answers an assistant turn). User and assistant alternate; a tool message follows an
+  assistant or another tool message and is followed by an assistant message; the last message
+  is the assistant's. Tool calling in OpenAI's shape: ``content`` may be a list of
+  ``{"type": "text", "text": ...}`` parts, joined with ``""`` into one string (any other part
+  type, such as ``image_url``, is refused by name); an assistant message may carry
+  ``tool_calls`` (``[{"type": "function", "id": ..., "function": {"name": ..., "arguments":
+  ...}}]``, with ``arguments`` an object or a string holding a JSON object, which is parsed) and
+  then needs no ``content``; a tool message may carry ``tool_call_id`` and ``name``; the example
+  may carry a top-level ``tools`` list (``{"type": "function", "function": {"name",
+  "description", "parameters"}}``), passed to the chat template as given. Any other key of a
+  message is refused.
 - ``instruction``: ``prompt`` and ``response`` (or ``completion``), or Alpaca's
   ``instruction``, optional ``input`` and ``output`` (the prompt is the instruction, then a blank
   line and the input when there is one).
@@ -117,13 +125,19 @@ class Record:
     """One validated example: where it came from and its normalized content.
 
     ``messages`` for ``chat`` and ``instruction`` (turned into a user/assistant pair),
-    ``text`` for ``text``. ``line`` is the 1-based line, or the 0-based row when ``row``.
+    ``text`` for ``text``; ``tools`` for a chat example that declares tools. Plain JSON data:
+    each message is ``{"role", "content"}`` with ``content`` one string (``""`` for an
+    assistant message that only calls tools), plus ``tool_calls`` (normalized, see
+    :func:`_tool_calls`) on an assistant message and ``tool_call_id`` / ``name`` on a tool
+    message when the data gives them. ``line`` is the 1-based line, or the 0-based row when
+    ``row``.
     """
 
     file: str
     line: int
     messages: list[dict[str, Any]] | None = None
     text: str | None = None
+    tools: list[dict[str, Any]] | None = None
     row: bool = False
 
     def error(self, rule: str, detail: str) -> DataValidationError:
@@ -295,22 +309,181 @@ def _check_keys(file: str, line: int, obj: dict, required: set[str], optional: s
         )
 
 
+# Keys a message may carry beside ``role`` and ``content``, by role.
+_OPTIONAL_MESSAGE_KEYS: dict[str, set[str]] = {
+    "assistant": {"tool_calls"},
+    "tool": {"tool_call_id", "name"},
+}
+
+
+def _check_json_text(file: str, line: int, value: Any, where: str) -> None:
+    """Refuse lone surrogates anywhere in a JSON value (the tokenizer cannot encode them)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataValidationError(
+            file,
+            line,
+            "invalid-unicode",
+            f"{where} holds a lone surrogate (a \\ud800-\\udfff escape that is not one half of "
+            "a pair); fix the text's encoding",
+        ) from None
+
+
+def _content_text(file: str, line: int, content: Any, where: str) -> Any:
+    """``content`` as one string: a string as is, a list of ``{"type": "text", "text": ...}``
+    parts joined with ``""``; any other value is returned for :func:`_check_string` to refuse."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise DataValidationError(
+                file,
+                line,
+                "wrong-type",
+                f"{where}[{k}] must be an object {{type, text}}, got {type(part).__name__}",
+            )
+        kind = part.get("type")
+        if kind != "text":
+            raise DataValidationError(
+                file,
+                line,
+                "unsupported-content-part",
+                f"{where}[{k}] has type {kind!r}; only 'text' parts are read",
+            )
+        _check_keys(file, line, part, {"type", "text"}, set())
+        if not isinstance(part["text"], str):
+            raise DataValidationError(
+                file,
+                line,
+                "wrong-type",
+                f"{where}[{k}].text must be a string, got {type(part['text']).__name__}",
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _tool_calls(file: str, line: int, calls: Any, where: str) -> list[dict[str, Any]]:
+    """Validate an assistant's ``tool_calls`` (OpenAI shape) and normalize each to
+    ``{"type": "function", ["id": ...,] "function": {"name": ..., "arguments": {...}}}``, with
+    ``arguments`` parsed when given as a JSON string."""
+    if not isinstance(calls, list) or not calls:
+        raise DataValidationError(
+            file,
+            line,
+            "wrong-type",
+            f"{where} must be a non-empty list of {{type, id, function}} objects",
+        )
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise DataValidationError(
+                file, line, "wrong-type", f"{at} must be an object, got {type(call).__name__}"
+            )
+        _check_keys(file, line, call, {"function"}, {"type", "id"})
+        if call.get("type", "function") != "function":
+            raise DataValidationError(
+                file,
+                line,
+                "unsupported-tool-call",
+                f"{at}.type={call['type']!r}; only 'function' calls are read",
+            )
+        normalized: dict[str, Any] = {"type": "function"}
+        if "id" in call:
+            normalized["id"] = _check_string(file, line, call["id"], f"{at}.id")
+        function = call["function"]
+        if not isinstance(function, dict):
+            raise DataValidationError(
+                file,
+                line,
+                "wrong-type",
+                f"{at}.function must be an object {{name, arguments}}, "
+                f"got {type(function).__name__}",
+            )
+        _check_keys(file, line, function, {"name", "arguments"}, set())
+        name = _check_string(file, line, function["name"], f"{at}.function.name")
+        arguments = _arguments(file, line, function["arguments"], f"{at}.function.arguments")
+        normalized["function"] = {"name": name, "arguments": arguments}
+        out.append(normalized)
+    return out
+
+
+def _arguments(file: str, line: int, arguments: Any, where: str) -> dict[str, Any]:
+    """A call's arguments as an object: given as one, or as a string holding a JSON object
+    (chat templates write them with ``tojson``, so a string would be quoted twice)."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise DataValidationError(
+                file,
+                line,
+                "invalid-tool-arguments",
+                f"{where} is not valid JSON ({e.msg} at column {e.colno}); "
+                "give a JSON object or a string holding one",
+            ) from None
+        except RecursionError:
+            raise DataValidationError(
+                file, line, "too-deeply-nested", f"{where} nests too deeply to read"
+            ) from None
+    if not isinstance(arguments, dict):
+        raise DataValidationError(
+            file,
+            line,
+            "invalid-tool-arguments",
+            f"{where} must be a JSON object (or a string holding one), "
+            f"got {type(arguments).__name__}",
+        )
+    _check_json_text(file, line, arguments, where)
+    return arguments
+
+
+def _tools(file: str, line: int, tools: Any) -> list[dict[str, Any]] | None:
+    """Validate the example's ``tools`` (OpenAI shape), kept as given; ``[]`` is no tools."""
+    if not isinstance(tools, list):
+        raise DataValidationError(
+            file,
+            line,
+            "wrong-type",
+            f"'tools' must be a list of {{type, function}} objects, got {type(tools).__name__}",
+        )
+    for k, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise DataValidationError(
+                file,
+                line,
+                "wrong-type",
+                f'tools[{k}] must be an object {{"type": "function", "function": '
+                f'{{"name": ..., "parameters": ...}}}} with a function name',
+            )
+    _check_json_text(file, line, tools, "'tools'")
+    return tools or None
+
+
 def _chat_record(file: str, line: int, obj: dict) -> Record:
-    _check_keys(file, line, obj, {"messages"}, set())
+    _check_keys(file, line, obj, {"messages"}, {"tools"})
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise DataValidationError(
             file, line, "wrong-type", "'messages' must be a non-empty list of {role, content}"
         )
+    tools = _tools(file, line, obj["tools"]) if "tools" in obj else None
     prev: str | None = None
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DataValidationError(
                 file, line, "wrong-type", f"messages[{i}] must be an object, got {type(m).__name__}"
             )
-        _check_keys(file, line, m, {"role", "content"}, set())
-        role = m["role"]
+        role = m.get("role")
+        calls = role == "assistant" and "tool_calls" in m
+        required = {"role"} if calls else {"role", "content"}
+        optional = _OPTIONAL_MESSAGE_KEYS.get(role, set()) if isinstance(role, str) else set()
+        _check_keys(file, line, m, required, optional | {"content"})
         if role not in CHAT_ROLES:
             raise DataValidationError(
                 file, line, "unknown-role", f"messages[{i}].role={role!r}; use one of {CHAT_ROLES}"
@@ -330,8 +503,21 @@ def _chat_record(file: str, line: int, obj: dict) -> Record:
                 f"messages[{i}].role={role!r} follows {prev or 'the start'!r}; "
                 f"expected one of {_NEXT_ROLES[prev]}",
             )
-        content = _check_string(file, line, m["content"], f"messages[{i}].content")
-        out.append({"role": role, "content": content})
+        where = f"messages[{i}].content"
+        content = _content_text(file, line, m.get("content"), where)
+        message: dict[str, Any] = {"role": role}
+        if calls and (content is None or (isinstance(content, str) and not content.strip())):
+            message["content"] = ""  # a call without text: "" renders in any template
+        else:
+            message["content"] = _check_string(file, line, content, where)
+        if calls:
+            message["tool_calls"] = _tool_calls(
+                file, line, m["tool_calls"], f"messages[{i}].tool_calls"
+            )
+        for key in ("tool_call_id", "name"):
+            if key in m:
+                message[key] = _check_string(file, line, m[key], f"messages[{i}].{key}")
+        out.append(message)
         prev = role
     if prev != "assistant":
         raise DataValidationError(
@@ -340,7 +526,7 @@ def _chat_record(file: str, line: int, obj: dict) -> Record:
             "last-not-assistant",
             f"the last message is {prev!r}; a training example must end with an assistant message",
         )
-    return Record(file, line, messages=out)
+    return Record(file, line, messages=out, tools=tools)
 
 
 def _instruction_record(file: str, line: int, obj: dict) -> Record:
@@ -385,7 +571,7 @@ def _shaped(file: str, line: int, obj: dict, task_type: str) -> tuple[dict, list
     if task_type == "chat" and "messages" not in obj and "conversations" in obj:
         used = {"conversations", "system", "tools"}
         shaped = {"messages": _sharegpt_messages(file, line, obj)}
-        tools = _tools(file, line, obj.get("tools"))
+        tools = _sharegpt_tools(file, line, obj.get("tools"))
         if tools is not None:
             shaped["tools"] = tools
     elif task_type == "chat":
@@ -433,7 +619,7 @@ def _check_required(file: str, line: int, obj: dict, task_type: str) -> None:
     )
 
 
-def _tools(file: str, line: int, tools: Any) -> Any:
+def _sharegpt_tools(file: str, line: int, tools: Any) -> Any:
     """ShareGPT's ``tools``: a list, or the JSON text of one (as LLaMA-Factory writes it)."""
     if not isinstance(tools, str):
         return tools
