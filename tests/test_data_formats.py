@@ -329,3 +329,12 @@ def test_a_sharegpt_tool_conversation_tokenizes_as_its_openai_form(tmp_path):
     (sb,) = tokenize_files([str(b)], tok, "chat", cache_dir=tmp_path / "c")
     assert store_bytes(sa) == store_bytes(sb)
     assert int(sa.mask.sum()) > 0
+
+
+def test_the_config_knows_the_same_column_names_as_validation():
+    import typing
+
+    from longtune.data.validation import COLUMNS
+    from longtune.train.config import ColumnName
+
+    assert typing.get_args(ColumnName) == COLUMNS
