@@ -10,6 +10,10 @@ at the end of the run, the anonymous and file-backed parts of the resident memor
 
     python benchmarks/bench_data.py --mb 50 --context-length 8192
     python benchmarks/bench_data.py --mb 2048 --workdir /tmp/bench-data   # the 2 GB case
+    python benchmarks/bench_data.py --mb 200 --processes 2   # tokenized in 2 processes
+
+With several tokenizing processes (``--processes``, or auto on 4+ CPUs for files of 64 MiB or
+more) it also prints the largest process's peak and the sum bound of all of them.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from longtune.data import build_packed_dataset
+from longtune.data.tokenize import tokenize_processes
 
 
 def status_kb(*fields: str) -> dict[str, int]:
@@ -68,6 +74,9 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=8192)
     parser.add_argument("--model", default=None, help="HF folder (default: SmolLM2 asset)")
     parser.add_argument("--workdir", default=None, help="where to put the file and cache")
+    parser.add_argument(
+        "--processes", type=int, default=0, help="data.tokenize_processes (0: auto)"
+    )
     args = parser.parse_args()
 
     if args.model is None:
@@ -90,7 +99,12 @@ def main() -> None:
         base = status_kb("VmRSS")["VmRSS"]
         t = time.perf_counter()
         ds = build_packed_dataset(
-            [str(data)], args.model, "chat", args.context_length, cache_dir=cache
+            [str(data)],
+            args.model,
+            "chat",
+            args.context_length,
+            cache_dir=cache,
+            tokenize_processes=args.processes,
         )
         dt = time.perf_counter() - t
         s = ds.stats
@@ -105,6 +119,14 @@ def main() -> None:
             f"{base / 2**20:.2f} GiB; at the end anonymous {mem['RssAnon'] / 2**20:.2f} GiB, "
             f"file-backed {mem['RssFile'] / 2**20:.2f} GiB)"
         )
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB, largest child
+        if run == "first" and children:
+            n = tokenize_processes(args.processes, str(data))
+            print(
+                f"{'':>6}      {n} tokenizing processes, the largest peaked at "
+                f"{children / 2**20:.2f} GiB (all together at most "
+                f"{(mem['VmHWM'] + n * children) / 2**20:.2f} GiB with this process)"
+            )
         del ds
     shutil.rmtree(work) if args.workdir is None else None
 

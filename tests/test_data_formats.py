@@ -338,3 +338,45 @@ def test_the_config_knows_the_same_column_names_as_validation():
     from longtune.train.config import ColumnName
 
     assert typing.get_args(ColumnName) == COLUMNS
+
+
+def test_tokenizing_in_processes_writes_the_same_store(rows, tok, tmp_path):
+    from longtune.data import tokenize
+
+    path = write_jsonl(tmp_path / "many.jsonl", rows)
+    (one,) = tokenize_files([str(path)], tok, "chat", cache_dir=tmp_path / "a", processes=1)
+    old = tokenize.BATCH_SIZE
+    tokenize.BATCH_SIZE = 16  # several batches in flight in each process
+    try:
+        (two,) = tokenize_files([str(path)], tok, "chat", cache_dir=tmp_path / "b", processes=2)
+        assert store_bytes(one) == store_bytes(two)
+        # A template refusing an example in a process: the same one line, naming the row.
+        bad = write_parquet(
+            tmp_path / "bad.parquet",
+            [
+                *rows[:40],
+                {
+                    "messages": [
+                        {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                },
+            ],
+        )
+        refusing = tmp_path / "refusing"
+        refusing.mkdir()
+        for f in Path(tok).iterdir():
+            (refusing / f.name).write_bytes(f.read_bytes())
+        config = json.loads((refusing / "tokenizer_config.json").read_text())
+        config["chat_template"] = (
+            "{% for m in messages %}{% if m['content'] == 'q' %}{{ raise_exception('no q') }}"
+            "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        (refusing / "tokenizer_config.json").write_text(json.dumps(config))
+        (refusing / "chat_template.jinja").unlink(missing_ok=True)
+        with pytest.raises(Exception) as raised:
+            tokenize_files([str(bad)], refusing, "chat", cache_dir=tmp_path / "c", processes=2)
+        assert str(raised.value).startswith(f"{bad}: row 40: chat-template-error:"), raised.value
+    finally:
+        tokenize.BATCH_SIZE = old

@@ -85,6 +85,9 @@ class DataValidationError(ValueError):
         self.row = row
         super().__init__(f"{where(self.file, line, row)}: {rule}: {detail}")
 
+    def __reduce__(self) -> tuple:  # raised in a tokenizing process, re-raised in this one
+        return (type(self), (self.file, self.line, self.rule, self.detail, self.row))
+
 
 def where(file: str, line: int, row: bool = False) -> str:
     """``file:line``, ``file: row N`` or ``file`` (line 0: the whole file)."""

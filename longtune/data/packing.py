@@ -380,6 +380,7 @@ def build_packed_dataset(
     cache_dir: str | os.PathLike | None = None,
     data_format: str = "auto",
     columns: Mapping[str, str] | None = None,
+    tokenize_processes: int = 0,
 ) -> PackedDataset:
     """Validate, tokenize (cached) and pack data files.
 
@@ -396,6 +397,7 @@ def build_packed_dataset(
         cache_dir: token store folder (default ``~/.cache/longtune/tokens``).
         data_format: ``data.format`` (``auto``: each file's own).
         columns: ``data.columns`` (canonical name -> the file's column).
+        tokenize_processes: processes to tokenize a file in (0: auto).
 
     Returns:
         The packed dataset.
@@ -423,5 +425,6 @@ def build_packed_dataset(
         cache_dir,
         data_format=data_format,
         columns=columns,
+        processes=tokenize_processes,
     )
     return PackedDataset(stores, context_length, stores[0].pad_id, overlength)

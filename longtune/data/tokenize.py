@@ -40,6 +40,7 @@ import socket
 import time
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -86,6 +87,10 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 BATCH_SIZE = 512
+WORKERS_MIN_BYTES = 64 * 2**20
+"""Smallest data file that ``data.tokenize_processes=0`` (auto) tokenizes in several processes
+(a smaller one is done before the processes would have started)."""
+MAX_AUTO_WORKERS = 8
 BATCH_CHARS = MAX_EXAMPLE_BYTES
 """Characters per tokenizer call (one example may reach it alone): bounds the memory used."""
 
@@ -524,6 +529,7 @@ def build_store(
     path: Path,
     data_format: str = "auto",
     columns: Mapping[str, str] | None = None,
+    workers: _Workers | None = None,
 ) -> TokenStore:
     """Tokenize one (already validated) file into a store folder at ``path``, atomically.
 
@@ -533,6 +539,7 @@ def build_store(
         path: the store folder to create (written to a temporary sibling, then renamed).
         data_format: ``data.format`` (``auto``: from the file).
         columns: ``data.columns``.
+        workers: processes to render and tokenize in (None: this process).
 
     Returns:
         The memory-mapped store.
@@ -543,7 +550,7 @@ def build_store(
     try:
         # The marker first: a data folder holding the cache skips even a half-written store.
         (tmp / OUTPUT_MARKER).write_text(_marker_text())
-        _write_store(file, encoder, tmp, data_format, columns)
+        _write_store(file, encoder, tmp, data_format, columns, workers)
     except OSError as exc:
         _remove_store_folder(tmp)
         if exc.filename is not None and not str(exc.filename).startswith(str(tmp)):
@@ -583,13 +590,15 @@ def _write_store(
     tmp: Path,
     data_format: str = "auto",
     columns: Mapping[str, str] | None = None,
+    workers: _Workers | None = None,
 ) -> None:
     """Tokenize ``file`` and write its arrays and ``meta.json`` into ``tmp``.
 
     The arrays are written as the batches come (:class:`_Column`): memory holds one batch of
     examples and their tokens, not the file's, so a data file larger than the memory is
     tokenized all the same. A line in the log about every :data:`PROGRESS_EVERY_S` seconds says
-    how far it is, at what rate, and about how long is left.
+    how far it is, at what rate, and about how long is left. With ``workers``, batches are
+    rendered and tokenized in those processes, a few at a time, and written in order.
     """
     arrays = {
         "ids": _Column(tmp, "ids", np.uint32),
@@ -603,8 +612,9 @@ def _write_store(
         arrays["offsets"].append(np.zeros(1, dtype=np.int64))
         end = 0
         records = iter_records(file, encoder.task_type, data_format, columns)
-        for batch in _batches(records, BATCH_SIZE):
-            encoded = encoder.encode(batch)
+        batches = _batches(records, BATCH_SIZE)
+        pairs = workers.encode(batches) if workers else ((b, encoder.encode(b)) for b in batches)
+        for batch, encoded in pairs:
             lengths = np.fromiter((len(ids) for ids, _ in encoded), np.int64, len(encoded))
             arrays["ids"].append(np.concatenate([ids for ids, _ in encoded]))
             arrays["mask"].append(np.concatenate([mask for _, mask in encoded]))
@@ -706,6 +716,73 @@ class _Progress:
             )
 
 
+def tokenize_processes(setting: int, file: str) -> int:
+    """Processes to tokenize ``file`` in: ``setting`` when it is not 0; for 0 (auto), one per two
+    CPUs this process may use, at most :data:`MAX_AUTO_WORKERS`, for a file of
+    :data:`WORKERS_MIN_BYTES` or more on a machine of 4 CPUs or more, else 1 (this process).
+
+    The Rust tokenizer already encodes a batch on every CPU; the processes add the rest in
+    parallel (rendering the chat template and finding the loss spans, in Python).
+    """
+    if setting > 0:
+        return setting
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 4 or data_size(file) < WORKERS_MIN_BYTES:
+        return 1
+    return min(MAX_AUTO_WORKERS, cpus // 2)
+
+
+_WORKER_ENCODER: Encoder | None = None
+
+
+def _start_worker(tokenizer_dir: str, task_type: str, loss_on: str, threads: int) -> None:
+    """In a worker process: the tokenizer, with its share of the CPUs for batch encoding."""
+    global _WORKER_ENCODER
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when the Rust tokenizer first encodes
+    _WORKER_ENCODER = Encoder(load_tokenizer(tokenizer_dir), task_type, loss_on)
+
+
+def _encode_in_worker(batch: list[Record]) -> list[tuple[np.ndarray, np.ndarray]]:
+    assert _WORKER_ENCODER is not None
+    return _WORKER_ENCODER.encode(batch)
+
+
+class _Workers:
+    """Processes that render and tokenize batches of records (spawned: no state of this
+    process is copied into them), each with the tokenizer loaded once."""
+
+    def __init__(self, n: int, tokenizer_dir: str | os.PathLike, task_type: str, loss_on: str):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.n = n
+        threads = max(1, len(os.sched_getaffinity(0)) // n)
+        self.pool = ProcessPoolExecutor(
+            n,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(os.fspath(tokenizer_dir), task_type, loss_on, threads),
+        )
+
+    def encode(
+        self, batches: Iterator[list[Record]]
+    ) -> Iterator[tuple[list[Record], list[tuple[np.ndarray, np.ndarray]]]]:
+        """Each batch with its encoding, in order; at most two batches per process in flight
+        (memory stays a few batches, whatever the file's size)."""
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, self.pool.submit(_encode_in_worker, batch)))
+            if len(pending) >= 2 * self.n:
+                batch0, future = pending.popleft()
+                yield batch0, future.result()
+        while pending:
+            batch0, future = pending.popleft()
+            yield batch0, future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -722,6 +799,7 @@ def tokenize_files(
     *,
     data_format: str = "auto",
     columns: Mapping[str, str] | None = None,
+    processes: int = 0,
 ) -> list[TokenStore]:
     """Tokenize validated files into cached token stores, reusing stores that are up to date.
 
@@ -739,6 +817,8 @@ def tokenize_files(
         tokenizer: the tokenizer of ``tokenizer_dir`` if the caller has it loaded already.
         data_format: ``data.format`` (``auto``: each file's own).
         columns: ``data.columns``.
+        processes: ``data.tokenize_processes``: processes to tokenize a file in (0: auto, see
+            :func:`tokenize_processes`).
 
     Returns:
         One memory-mapped store per file.
@@ -751,19 +831,31 @@ def tokenize_files(
         cache_dir = default_cache_dir() / "tokens"
     stores = []
     encoder: Encoder | None = None
-    for file in files:
-        key = store_key(file, tokenizer_dir, task_type, loss_on, data_format, columns)
-        path = Path(cache_dir) / key
-        if path.exists():
-            try:
-                stores.append(TokenStore.open(file, path))
-                continue
-            except DamagedStoreError as e:
-                logger.warning("token cache of %s is damaged, tokenizing it again: %s", file, e)
-                _discard_damaged(path)
-        if encoder is None:  # the first store to write
-            _prepare_cache(Path(cache_dir))
-            tok = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
-            encoder = Encoder(tok, task_type, loss_on)
-        stores.append(build_store(file, encoder, path, data_format, columns))
+    workers: _Workers | None = None
+    try:
+        for file in files:
+            key = store_key(file, tokenizer_dir, task_type, loss_on, data_format, columns)
+            path = Path(cache_dir) / key
+            if path.exists():
+                try:
+                    stores.append(TokenStore.open(file, path))
+                    continue
+                except DamagedStoreError as e:
+                    logger.warning("token cache of %s is damaged, tokenizing it again: %s", file, e)
+                    _discard_damaged(path)
+            if encoder is None:  # the first store to write
+                _prepare_cache(Path(cache_dir))
+                tok = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
+                encoder = Encoder(tok, task_type, loss_on)
+            n = tokenize_processes(processes, file)
+            if n > 1 and (workers is None or workers.n != n):
+                if workers is not None:
+                    workers.close()
+                logger.info("tokenizing %s in %d processes", file, n)
+                workers = _Workers(n, tokenizer_dir, task_type, loss_on)
+            use = workers if n > 1 else None
+            stores.append(build_store(file, encoder, path, data_format, columns, use))
+    finally:
+        if workers is not None:
+            workers.close()
     return stores

@@ -261,6 +261,10 @@ class DataConfig:
     cache_dir: Annotated[PathText | None, BeforeValidator(_none)] = None
     """Where to cache tokenized data; None = ~/.cache/longtune/tokens."""
 
+    tokenize_processes: Int = Field(0, ge=0, le=256)
+    """Processes to tokenize a data file in; 0 = auto (one per two CPUs, at most 8, for files of
+    64 MiB or more on 4+ CPUs; else this process, whose tokenizer uses every CPU already)."""
+
 
 @dataclass(config=_FIELDS)
 class OptimConfig:

@@ -245,6 +245,7 @@ class Trainer:
             cache_dir=d.cache_dir,
             data_format=d.format,
             columns=d.columns,
+            tokenize_processes=d.tokenize_processes,
         )
 
     def _loader(self, dataset: PackedDataset | MixedDataset) -> PackedLoader:
