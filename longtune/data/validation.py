@@ -614,8 +614,8 @@ def _check_required(file: str, line: int, obj: dict, task_type: str) -> None:
         file,
         line,
         "missing-key",
-        f"{'an' if task_type[0] in 'aeiou' else 'a'} {task_type} example needs {shapes}; found {sorted(obj)} (data.columns maps "
-        "another column name, e.g. messages=dialog)",
+        f"{'an' if task_type[0] in 'aeiou' else 'a'} {task_type} example needs {shapes}; found "
+        f"{sorted(obj)} (data.columns maps another column name, e.g. messages=dialog)",
     )
 
 
@@ -644,8 +644,8 @@ def _sharegpt_messages(file: str, line: int, obj: dict) -> list[Any]:
         )
     messages: list[Any] = []
     system = obj.get("system")
-    if system is not None:
-        messages.append({"role": "system", "content": system})
+    if system is not None and not (isinstance(system, str) and not system.strip()):
+        messages.append({"role": "system", "content": system})  # "" (LLaMA-Factory's none): none
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise DataValidationError(
