@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import mmap
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -176,9 +177,8 @@ def _usable_docs(
         keep &= ~over
     # Supervised targets per piece: mask[1:] over the piece's tokens.
     first = store.offsets[:-1][doc] + start
-    sup = _prefix_sums(store.mask, first + length) - _prefix_sums(
-        store.mask, first + np.minimum(length, 1)
-    )
+    ends = _prefix_sums(store.mask, np.concatenate([first + length, first + np.minimum(length, 1)]))
+    sup = ends[: len(first)] - ends[len(first) :]  # one pass over the mask
     unsupervised = keep & (sup == 0)
     keep &= ~unsupervised
     stats = FileStats(
@@ -199,30 +199,47 @@ def _usable_docs(
     return doc[keep], start[keep], length[keep], stats
 
 
-PREFIX_CHUNK = 1 << 24
+PREFIX_CHUNK = 1 << 22
 """Tokens of a mask summed at a time by :func:`_prefix_sums` (its memory: 8 bytes each)."""
 
 
 def _prefix_sums(mask: np.ndarray, at: np.ndarray) -> np.ndarray:
     """``mask[:i].sum()`` for every ``i`` of ``at`` (each in ``[0, len(mask)]``), one chunk of
-    the mask at a time: memory in the chunk and ``at``, not in the mask's length."""
+    the mask at a time: memory in the chunk and ``at``, not in the mask's length. The chunks of
+    a memory-mapped mask are read with plain reads (:func:`_chunk`)."""
     order = np.argsort(at, kind="stable")
     where = at[order]
     out = np.empty(len(at), dtype=np.int64)
     total, done = 0, 0
     for lo in range(0, len(mask), PREFIX_CHUNK):
         hi = min(len(mask), lo + PREFIX_CHUNK)
+        chunk = _chunk(mask, lo, hi)
         upto = int(np.searchsorted(where, hi, side="left"))  # indices in [lo, hi)
         if upto > done:
-            csum = np.cumsum(mask[lo:hi], dtype=np.int64)
+            csum = np.cumsum(chunk, dtype=np.int64)
             rel = where[done:upto] - lo
             out[order[done:upto]] = total + np.where(rel > 0, csum[np.maximum(rel - 1, 0)], 0)
             total += int(csum[-1])
             done = upto
         else:
-            total += int(np.sum(mask[lo:hi], dtype=np.int64))
+            total += int(np.sum(chunk, dtype=np.int64))
     out[order[done:]] = total  # indices == len(mask)
     return out
+
+
+def _chunk(array: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``array[lo:hi]``; of a memory-mapped ``.npy`` file, read with a plain read: pages touched
+    through a map stay in the process's resident memory (as file pages) for as long as the map
+    lives, and a whole mask read that way would add its size to the peak."""
+    # Only the map itself: a slice of it keeps the map's offset, not its own.
+    if isinstance(array, np.memmap) and array.filename and isinstance(array.base, mmap.mmap):
+        return np.fromfile(
+            array.filename,
+            dtype=array.dtype,
+            count=hi - lo,
+            offset=array.offset + lo * array.itemsize,
+        )
+    return np.asarray(array[lo:hi])
 
 
 def overlength_summary(stats: DatasetStats) -> str:
