@@ -57,3 +57,21 @@ def test_the_house_can_be_drawn(tmp_path):
     house.draw(tmp_path / "house.svg")
     svg = (tmp_path / "house.svg").read_text()
     assert svg.startswith("<svg") and "checkpoint" in svg and 'stroke="#d00"' not in svg
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Small named steps: a function over 80 lines (docstring included) is split."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "longtune"
+    long = [
+        f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({size} lines)"
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and (size := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES
+    ]
+    assert not long, long

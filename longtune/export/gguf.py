@@ -214,8 +214,8 @@ def check_gguf_output(out: Path, hf_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise OutputDirError(
-            f"output file {out} exists; pass --overwrite (overwrite=True) to replace a GGUF "
-            "file, or choose another name"
+            f"output file {out} exists; to replace a GGUF file pass --overwrite on the command "
+            "line (overwrite=True in Python), or choose another name"
         )
     if out.is_symlink() or not out.is_file() or not _is_gguf(out):
         raise OutputDirError(

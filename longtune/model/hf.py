@@ -478,19 +478,7 @@ def save_model(
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, kind="hf", sources=sources, overwrite=overwrite) as tmp:
-        by_file: dict[str, list[str]] = {}
-        for key, fname in weight_map.items():
-            by_file.setdefault(fname, []).append(key)
-        total = 0
-        for fname, keys in by_file.items():
-            file_specs = {key: specs[key] for key in keys}
-            total += write_safetensors(tmp / fname, file_specs, pieces.take, out_dir)
-        if len(by_file) > 1 or src.sharded:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            (tmp / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write_tensors(tmp, weight_map, specs, pieces, sharded=src.sharded, shown_as=out_dir)
         copy_meta_files(src.meta_dir, tmp)
         config_text, changes = export_config_text(src.config_text, want)
         (tmp / "config.json").write_text(config_text)
@@ -498,6 +486,29 @@ def save_model(
     if changes:
         logger.info("export %s: %s", out_dir, "; ".join(changes))
     return out_dir
+
+
+def _write_tensors(
+    folder: Path,
+    weight_map: dict[str, str],
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    pieces: _Pieces,
+    sharded: bool,
+    shown_as: Path,
+) -> None:
+    """The safetensors files of ``weight_map`` (HF key -> file name) in ``folder``, each
+    streamed from ``pieces``, and the index when there are several files (or the source had
+    one); errors name ``shown_as``, the folder the user asked for."""
+    by_file: dict[str, list[str]] = {}
+    for key, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(key)
+    total = 0
+    for fname, keys in by_file.items():
+        file_specs = {key: specs[key] for key in keys}
+        total += write_safetensors(folder / fname, file_specs, pieces.take, shown_as)
+    if len(by_file) > 1 or sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def hf_pieces(args: ModelArgs, with_lm_head: bool) -> dict[str, tuple[str, int, int]]:
