@@ -120,8 +120,8 @@ def main() -> None:
             f"file-backed {mem['RssFile'] / 2**20:.2f} GiB)"
         )
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB, largest child
-        if run == "first" and children:
-            n = tokenize_processes(args.processes, str(data))
+        n = tokenize_processes(args.processes, str(data))
+        if run == "first" and n > 1:
             print(
                 f"{'':>6}      {n} tokenizing processes, the largest peaked at "
                 f"{children / 2**20:.2f} GiB (all together at most "
