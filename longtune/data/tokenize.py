@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 import uuid
 import zlib
@@ -626,6 +627,7 @@ def _write_store(
     finally:
         for column in arrays.values():
             column.close()
+        progress.close()
     progress.done()
     tok = encoder.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -678,19 +680,35 @@ class _Progress:
     """Log lines while one file is tokenized: examples, tokens, rate and, for plain JSON and
     text files, the share of the file (by its characters against the file's bytes, so a little
     low for JSON) and the time left. (Of compressed and columnar files the characters say
-    nothing of the share read: there, no share and no time left.)"""
+    nothing of the share read: there, no share and no time left.) On a terminal, also a
+    progress bar (tqdm) with the same rate and time left."""
 
     def __init__(self, file: str, kind: str) -> None:
         plain = kind in ("jsonl", "json", "text") and not is_compressed(file)
         self.file, self.size = file, max(1, data_size(file)) if plain else None
         self.start = self.last = time.monotonic()
         self.chars = self.tokens = self.examples = 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.size,  # characters of a plain file; examples otherwise
+                unit="B" if self.size else " examples",
+                unit_scale=bool(self.size),
+                desc=f"tokenizing {Path(file).name}",
+                leave=False,
+                mininterval=1.0,
+            )
 
     def update(self, chars: int, tokens: int, examples: int) -> None:
         self.chars += chars
         self.tokens += tokens
         self.examples += examples
         now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(min(chars, self.size - self.bar.n) if self.size else examples)
+            self.bar.set_postfix_str(f"{self.tokens / max(now - self.start, 1e-9):,.0f} tokens/s")
         if now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
@@ -702,6 +720,11 @@ class _Progress:
             left = elapsed * (1 - share) / max(share, 1e-9)
             said += f", about {100 * share:.0f}% of the file, about {_duration(left)} left"
         logger.info("%s", said)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def done(self) -> None:
         elapsed = time.monotonic() - self.start
