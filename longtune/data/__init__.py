@@ -1,16 +1,21 @@
-"""The training-data path: validate, tokenize (cached), pack, load per rank.
+"""The training-data path: read (every file format), validate, tokenize (cached), pack, mix,
+load per rank.
 
 Public API (the trainer and the CLI use only these names):
 
 - :func:`validate_files`, :class:`DataValidationError` — structure checks, no tokenizer.
 - :func:`build_packed_dataset` → :class:`PackedDataset` — tokenized, packed sequences.
+- :class:`MixedDataset` — packed datasets sampled by weight (``data.mix``).
 - :class:`PackedLoader` — deterministic, resumable micro-batches for one DP × SP rank.
+- :func:`data_size` — bytes of a data file or ``datasets`` folder.
 - :func:`check_data` → :class:`DataReport` (errors, statistics, loss-mask previews),
   :func:`print_report`, and :func:`validate_command` (the two: ``longtune validate``).
 """
 
 from longtune.data.command import DataReport, check_data, print_report, validate_command
+from longtune.data.formats import data_size
 from longtune.data.loader import PackedLoader, pad_to_multiple
+from longtune.data.mix import MixedDataset
 from longtune.data.packing import (
     IGNORE_INDEX,
     DatasetStats,
@@ -31,11 +36,13 @@ __all__ = [
     "DatasetStats",
     "Encoder",
     "FileStats",
+    "MixedDataset",
     "PackedDataset",
     "PackedLoader",
     "Record",
     "build_packed_dataset",
     "check_data",
+    "data_size",
     "iter_records",
     "overlength_summary",
     "pack_lengths",

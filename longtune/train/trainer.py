@@ -40,13 +40,13 @@ from longtune.checkpoint import (
 )
 from longtune.data import (
     IGNORE_INDEX,
+    MixedDataset,
     PackedDataset,
     PackedLoader,
     build_packed_dataset,
+    data_size,
     overlength_summary,
 )
-from longtune.data.formats import data_size
-from longtune.data.mix import MixedDataset
 from longtune.export.check import export_and_check
 from longtune.export.gguf import export_gguf
 from longtune.model.hf import HFSource, read_hf_source
