@@ -380,3 +380,14 @@ def test_tokenizing_in_processes_writes_the_same_store(rows, tok, tmp_path):
         assert str(raised.value).startswith(f"{bad}: row 40: chat-template-error:"), raised.value
     finally:
         tokenize.BATCH_SIZE = old
+
+
+def test_a_forced_format_reads_only_its_files_of_a_folder(written):
+    folder = written["jsonl messages"].parent
+    names = {
+        fmt: sorted(Path(f).name for f in expand_paths([str(folder)], "chat", fmt))
+        for fmt in ("parquet", "arrow", "jsonl")
+    }
+    assert names["parquet"] == ["messages.parquet", "sharegpt.parquet"]
+    assert names["arrow"] == ["saved"]
+    assert "saved" not in names["jsonl"] and "messages.jsonl.zst" in names["jsonl"]

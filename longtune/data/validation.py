@@ -234,10 +234,11 @@ def _data_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
                 path = os.path.join(root, d)
                 if d.startswith(".") or _written_by_longtune(Path(path)):
                     continue
-                if is_dataset_dict_folder(path):
+                if ".arrow" in suffixes and is_dataset_dict_folder(path):
                     raise dataset_dict_error(path)
                 if is_dataset_folder(path):  # one data "file", never walked into
-                    candidates.append((linked or os.path.islink(path), path, _identity(path)))
+                    if ".arrow" in suffixes:  # read as Arrow data (auto or data.format=arrow)
+                        candidates.append((linked or os.path.islink(path), path, _identity(path)))
                     continue
                 if os.path.islink(path):  # walked after the real tree, if not walked by then
                     roots.append((path, True))
