@@ -391,3 +391,95 @@ def test_a_forced_format_reads_only_its_files_of_a_folder(written):
     assert names["parquet"] == ["messages.parquet", "sharegpt.parquet"]
     assert names["arrow"] == ["saved"]
     assert "saved" not in names["jsonl"] and "messages.jsonl.zst" in names["jsonl"]
+
+
+def test_bad_input_found_in_review_is_one_line(tmp_path):
+    """A huge parquet row, a syntax error inside a JSON array, deep or odd ShareGPT values,
+    non-JSON values in columnar tool arguments: each one line, never a traceback."""
+    from datetime import datetime
+
+    huge = write_parquet(tmp_path / "huge.parquet", [{"text": "word " * (2 * 2**20)}])
+    (err,) = validate_files([str(huge)], "text")
+    assert str(err).startswith(f"{huge}: row 0: example-too-large: 10.0 MiB"), err
+
+    good = {"prompt": "p", "response": "r"}
+    broken = tmp_path / "broken.json"
+    rows = [json.dumps(good), '{"prompt": tru, "response": "r"}'] + [json.dumps(good)] * 9000
+    broken.write_text("[" + ",".join(rows) + "]")
+    (err,) = validate_files([str(broken)], "instruction")
+    assert str(err).startswith(f"{broken}: row 1: invalid-json: Expecting value (character 12"), err
+
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = {
+        "deep call": {
+            "conversations": [
+                {"from": "human", "value": "q"},
+                {"from": "function_call", "value": deep},
+            ]
+        },
+        "deep tools": {
+            "tools": deep,
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        },
+        "list from": {
+            "conversations": [{"from": ["human"], "value": "q"}, {"from": "gpt", "value": "a"}]
+        },
+    }
+    for name, row in cases.items():
+        path = write_jsonl(tmp_path / f"{name.replace(' ', '_')}.jsonl", [row])
+        (err,) = validate_files([str(path)], "chat")
+        assert err.rule in ("too-deeply-nested", "unknown-role"), (name, err)
+
+    dated = write_parquet(
+        tmp_path / "dated.parquet",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "when?"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "type": "function",
+                                "function": {
+                                    "name": "f",
+                                    "arguments": {"at": datetime(2024, 1, 1)},
+                                },
+                            }
+                        ],
+                    },
+                    {"role": "tool", "content": "ok"},
+                    {"role": "assistant", "content": "done"},
+                ]
+            }
+        ],
+    )
+    (err,) = validate_files([str(dated)], "chat")
+    assert err.rule == "wrong-type" and "JSON cannot hold" in str(err), err
+
+
+def test_llama_factory_tools_and_empty_tool_calls_are_read(tmp_path):
+    """LLaMA-Factory's bare tool objects are wrapped in OpenAI's shape; ``tool_calls: []`` or
+    null (as many exporters write them) is no call."""
+    from longtune.data.validation import iter_records
+
+    bare = [{"name": "bmi", "description": "BMI", "parameters": {"type": "object"}}]
+    rows = [
+        {
+            "tools": json.dumps(bare),
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "q", "tool_calls": None},
+                {"role": "assistant", "content": "a", "tool_calls": []},
+            ]
+        },
+    ]
+    path = write_jsonl(tmp_path / "lf.jsonl", rows)
+    first, second = iter_records(str(path), "chat")
+    assert first.tools == [{"type": "function", "function": bare[0]}]
+    assert second.messages == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]

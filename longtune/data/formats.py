@@ -57,6 +57,12 @@ tokens."""
 BATCH_ROWS = 256
 """Rows per parquet / Arrow batch read: bounds the memory of a reader."""
 _CHUNK = 1 << 20
+_CUT_TAIL = 8
+"""A JSON error this close to the end of the text read so far may be a value the chunk's end
+cut (``tr`` of ``true``, ``-`` of a number): read on before calling it an error."""
+_ZSTD_SLICE = 1 << 10
+"""Compressed bytes decompressed at a time: zstandard's output has no size limit per call (a
+1 KiB slice of a 10,000:1 file holds about 10 MiB)."""
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -282,25 +288,31 @@ class _ZstdFrames(io.RawIOBase):
         self._d = self._new()
         self._ended = True  # at a frame boundary: where the file may end
         self._out, self._pos = b"", 0
+        self._in = b""
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
         while self._pos == len(self._out):
-            chunk = self._f.read(_CHUNK)
-            if not chunk:
-                if not self._ended:
-                    raise EOFError("the file ends inside a zstandard frame")
-                return 0
-            pieces = []
-            while chunk:
-                pieces.append(self._d.decompress(chunk))
-                self._ended = self._d.eof
-                chunk = self._d.unused_data if self._d.eof else b""
-                if self._d.eof:
-                    self._d = self._new()
-            self._out, self._pos = b"".join(pieces), 0
+            if not self._in:
+                self._in = self._f.read(_CHUNK)
+                if not self._in:
+                    if not self._ended:
+                        raise EOFError("the file ends inside a zstandard frame")
+                    return 0
+            piece, self._in = self._in[:_ZSTD_SLICE], self._in[_ZSTD_SLICE:]
+            out = [self._d.decompress(piece)]
+            while self._d.eof:  # a frame ended in this piece: the rest starts the next one
+                rest = self._d.unused_data
+                self._d = self._new()
+                self._ended = True
+                if not rest:
+                    break
+                out.append(self._d.decompress(rest))
+            else:
+                self._ended = False
+            self._out, self._pos = b"".join(out), 0
         n = min(len(buffer), len(self._out) - self._pos)
         buffer[:n] = self._out[self._pos : self._pos + n]
         self._pos += n
@@ -472,6 +484,11 @@ def _array_elements(src: _ArrayText, file: str) -> Iterator[tuple[int, Any]]:
                 value, end = decoder.raw_decode(src.text, src.pos)
                 complete = end < len(src.text) or src.eof
             except json.JSONDecodeError as e:
+                if len(src.text) - e.pos > _CUT_TAIL and not e.msg.startswith("Unterminated"):
+                    # Broken inside what has been read, not cut by the chunk's end: say where.
+                    raise DataValidationError(
+                        file, row, "invalid-json", _array_error(e, src), row=True
+                    ) from None
                 complete, error = False, e
             except RecursionError:
                 raise _too_deep(file, row, row=True) from None
@@ -519,6 +536,25 @@ def _array_error(e: json.JSONDecodeError, src: _ArrayText) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _row(file: str, row: int, value: Any) -> Any:
+    """A columnar row without its nulls, or the ``example-too-large`` error of a row whose text
+    is over :data:`MAX_EXAMPLE_BYTES` (the row is read; its tokenization would not be)."""
+    value = _without_nulls(value)
+    size = _text_size(value)
+    return too_large(file, row, size, row=True) if size > MAX_EXAMPLE_BYTES else value
+
+
+def _text_size(value: Any) -> int:
+    """Characters of every string (and bytes) in a row, at every depth."""
+    if isinstance(value, str | bytes):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
 def _without_nulls(value: Any) -> Any:
     """A row with its null values dropped, at every depth (a missing key in columnar data)."""
     if isinstance(value, dict):
@@ -544,7 +580,7 @@ def _parquet_rows(file: str) -> Iterator[tuple[int, Any]]:
         batches = pq.ParquetFile(file).iter_batches(batch_size=BATCH_ROWS)
         for batch in batches:
             for value in batch.to_pylist():
-                yield row, _without_nulls(value)
+                yield row, _row(file, row, value)
                 row += 1
     except (pa.ArrowException, OSError) as e:
         raise _unreadable(file, "parquet file", e) from None
@@ -566,7 +602,7 @@ def _arrow_rows(file: str) -> Iterator[tuple[int, Any]]:
         for batch in ds.iter(batch_size=BATCH_ROWS):
             names = list(batch)
             for values in zip(*(batch[n] for n in names), strict=True):
-                yield row, _without_nulls(dict(zip(names, values, strict=True)))
+                yield row, _row(file, row, dict(zip(names, values, strict=True)))
                 row += 1
     except (pa.ArrowException, OSError, ValueError, KeyError) as e:
         if isinstance(e, DataValidationError):

@@ -321,6 +321,14 @@ def _check_json_text(file: str, line: int, value: Any, where: str) -> None:
     """Refuse lone surrogates anywhere in a JSON value (the tokenizer cannot encode them)."""
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except TypeError as e:  # a parquet / Arrow value JSON has no type for (a date, bytes)
+        raise DataValidationError(
+            file, line, "wrong-type", f"{where} holds a value JSON cannot hold ({e})"
+        ) from None
+    except RecursionError:
+        raise DataValidationError(
+            file, line, "too-deeply-nested", f"{where} nests too deeply to read"
+        ) from None
     except UnicodeEncodeError:
         raise DataValidationError(
             file,
@@ -480,6 +488,8 @@ def _chat_record(file: str, line: int, obj: dict) -> Record:
             raise DataValidationError(
                 file, line, "wrong-type", f"messages[{i}] must be an object, got {type(m).__name__}"
             )
+        if "tool_calls" in m and m["tool_calls"] in (None, []):  # written by many exporters
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
         role = m.get("role")
         calls = role == "assistant" and "tool_calls" in m
         required = {"role"} if calls else {"role", "content"}
@@ -621,11 +631,16 @@ def _check_required(file: str, line: int, obj: dict, task_type: str) -> None:
 
 
 def _sharegpt_tools(file: str, line: int, tools: Any) -> Any:
-    """ShareGPT's ``tools``: a list, or the JSON text of one (as LLaMA-Factory writes it)."""
-    if not isinstance(tools, str):
-        return tools
+    """ShareGPT's ``tools``: a list, or the JSON text of one (as LLaMA-Factory writes it); a
+    bare ``{"name", "description", "parameters"}`` (LLaMA-Factory's) is wrapped as OpenAI's
+    ``{"type": "function", "function": ...}``."""
     try:
-        return json.loads(tools) if tools.strip() else None
+        if isinstance(tools, str):
+            tools = json.loads(tools) if tools.strip() else None
+    except RecursionError:
+        raise DataValidationError(
+            file, line, "too-deeply-nested", "tools nests too deeply to read"
+        ) from None
     except json.JSONDecodeError as e:
         raise DataValidationError(
             file,
@@ -633,6 +648,14 @@ def _sharegpt_tools(file: str, line: int, tools: Any) -> Any:
             "invalid-json",
             f"tools is a string but not JSON: {e.msg} at column {e.colno}",
         ) from None
+    if not isinstance(tools, list):
+        return tools
+    return [
+        {"type": "function", "function": t}
+        if isinstance(t, dict) and "name" in t and "function" not in t
+        else t
+        for t in tools
+    ]
 
 
 def _sharegpt_messages(file: str, line: int, obj: dict) -> list[Any]:
@@ -664,7 +687,7 @@ def _sharegpt_messages(file: str, line: int, obj: dict) -> list[Any]:
                 f"conversations[{i}] has no {missing[0]!r}; found {sorted(turn)}",
             )
         who = turn["from"]
-        if who not in SHAREGPT_ROLES:
+        if not isinstance(who, str) or who not in SHAREGPT_ROLES:
             raise DataValidationError(
                 file,
                 line,
@@ -685,6 +708,10 @@ def _sharegpt_calls(file: str, line: int, i: int, value: Any) -> list[dict]:
     where_ = f"conversations[{i}].value"
     try:
         calls = json.loads(value) if isinstance(value, str) else value
+    except RecursionError:
+        raise DataValidationError(
+            file, line, "too-deeply-nested", f"{where_} nests too deeply to read"
+        ) from None
     except json.JSONDecodeError as e:
         raise DataValidationError(
             file,

@@ -204,6 +204,7 @@ RESUME_FREE_KEYS = (
     "model.attention",
     "train.compile",
     "data.cache_dir",
+    "data.tokenize_processes",
     "train.eval_every",
     "train.eval_batches",
 )
