@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -171,6 +172,12 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+REFUSAL_GRACE_S = 10.0
+"""How long a rank other than 0 waits after refusing a run before it exits: torchrun stops the
+job's other processes when the first one exits, and rank 0, refusing the same a moment later,
+must still be there to say why."""
+
+
 def _reports() -> bool:
     """Whether this process says why a run did not start or stopped: global rank 0 does, the
     other ranks of a job (the same refusal, or torchrun stopping them after it) exit quietly
@@ -214,6 +221,8 @@ def _train(argv: list[str], stop: StopSignals) -> int:
         # ConfigError, DataValidationError, ParallelConfigError, UnsupportedModelError, ...
         if _reports():
             print(f"longtune train: error: {e}", file=sys.stderr)
+        else:  # rank 0 refuses the same: give it the time to say why before torchrun stops it
+            time.sleep(REFUSAL_GRACE_S)
         return 2
     except OSError as e:  # disk full, read-only folder, ...: the folder and the cause
         from longtune.fsutil import describe_os_error
