@@ -11,6 +11,11 @@ at the end of the run, the anonymous and file-backed parts of the resident memor
     python benchmarks/bench_data.py --mb 50 --context-length 8192
     python benchmarks/bench_data.py --mb 2048 --workdir /tmp/bench-data   # the 2 GB case
     python benchmarks/bench_data.py --mb 200 --processes 2   # tokenized in 2 processes
+    python benchmarks/bench_data.py --mb 50 --phases   # + a cached run phase by phase
+
+The phases of an already-built 2 GB workdir alone: ``cd benchmarks && python -c "import
+bench_data as b; from pathlib import Path; w = Path('/tmp/bench-data'); b.phases(w / 'chat.jsonl',
+MODEL, w / 'cache', 8192)"``.
 
 With several tokenizing processes (``--processes``, or auto on 4+ CPUs for files of 64 MiB or
 more) it also prints the largest process's peak and the sum bound of all of them.
@@ -77,6 +82,12 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=0, help="data.tokenize_processes (0: auto)"
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="after the runs: each phase of a cached run with its peak, and where a first run's "
+        "time goes on a 3 MB sample",
+    )
     args = parser.parse_args()
 
     if args.model is None:
@@ -128,8 +139,60 @@ def main() -> None:
                 f"{(mem['VmHWM'] + n * children) / 2**20:.2f} GiB with this process)"
             )
         del ds
+    if args.phases:
+        phases(data, args.model, cache, args.context_length)
+        time_split(work, args.model)
     shutil.rmtree(work) if args.workdir is None else None
 
 
-if __name__ == "__main__":
-    main()
+def measured(name: str, fn):  # noqa: ANN001, ANN201
+    """Run ``fn`` with the peak RSS reset; print its time and peak."""
+    Path("/proc/self/clear_refs").write_text("5")
+    t = time.perf_counter()
+    out = fn()
+    mem = status_kb("VmHWM", "VmRSS")
+    print(
+        f"  {name:<12} {time.perf_counter() - t:7.2f} s  peak RSS {mem['VmHWM'] / 2**20:.2f} GiB "
+        f"(after: {mem['VmRSS'] / 2**20:.2f} GiB)"
+    )
+    return out
+
+
+def phases(data: Path, model: str, cache: Path, context_length: int) -> None:
+    """A cached run phase by phase: validation, opening (and verifying) the stores, packing."""
+    from longtune.data import PackedDataset, tokenize_files, validate_files
+
+    print("cached run, phase by phase:")
+    measured("validate", lambda: validate_files([str(data)], "chat"))
+    stores = measured(
+        "open stores", lambda: tokenize_files([str(data)], model, "chat", cache_dir=cache)
+    )
+    measured("pack", lambda: PackedDataset(stores, context_length, stores[0].pad_id, "truncate"))
+
+
+def time_split(work: Path, model: str) -> None:
+    """Where a first run's time goes, on a 3 MB sample: rendering the chat template (per
+    assistant turn) and the Rust tokenizer's batch encoding, each alone, then
+    ``Encoder.encode`` doing both and the masks."""
+    from longtune.data import Encoder, iter_records
+    from longtune.data.tokenize import load_tokenizer
+
+    sample = work / "sample.jsonl"
+    generate(sample, 3, seed=1)
+    tok = load_tokenizer(model)
+    encoder = Encoder(tok, "chat")
+    records = list(iter_records(str(sample), "chat"))
+    t = time.perf_counter()
+    texts = [encoder.render(r)[0] for r in records]
+    render = time.perf_counter() - t
+    t = time.perf_counter()
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encode = time.perf_counter() - t
+    t = time.perf_counter()
+    encoder.encode(records)
+    whole = time.perf_counter() - t
+    tokens = sum(len(e.ids) for e in encodings)
+    print(
+        f"3 MB sample, {len(records)} conversations, {tokens:,} tokens: rendering {render:.2f} s, "
+        f"encode_batch {encode:.2f} s; Encoder.encode (both, and the masks) {whole:.2f} s"
+    )

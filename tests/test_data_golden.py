@@ -52,18 +52,29 @@ def labels_of(store, d: int) -> tuple[np.ndarray, np.ndarray]:
 def meta_encoding(messages: list[dict], loss_on: str) -> tuple[list[int], list[bool]]:
     """Token ids and supervised flags from Meta's llama_models ChatFormat (the ground truth)."""
     from llama_models.datatypes import RawMessage, StopReason
+
+    raw = [
+        RawMessage(role=m["role"], content=m["content"], stop_reason=StopReason.end_of_turn)
+        for m in messages
+    ]
+    return meta_dialog(raw, loss_on)
+
+
+def meta_dialog(messages: list, loss_on: str, tool_format=None) -> tuple[list[int], list[bool]]:  # noqa: ANN001
+    """Meta's ``ChatFormat`` encoding of ``RawMessage`` s after ``<|begin_of_text|>``: each
+    header unsupervised, the rest of an assistant message supervised (every one, or the last
+    only for ``last_assistant``)."""
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer
 
     fmt = ChatFormat(Tokenizer.get_instance())
     ids = [fmt.tokenizer.special_tokens["<|begin_of_text|>"]]
     supervised = [False]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
     for i, m in enumerate(messages):
-        msg = RawMessage(role=m["role"], content=m["content"], stop_reason=StopReason.end_of_turn)
-        toks, _ = fmt.encode_message(msg, None)
-        header = len(fmt._encode_header(m["role"]))
-        on = m["role"] == "assistant" and (loss_on == "all_assistant" or i == last)
+        toks, _ = fmt.encode_message(m, tool_format)
+        header = len(fmt._encode_header(m.role))
+        on = m.role == "assistant" and (loss_on == "all_assistant" or i == last)
         ids += toks
         supervised += [False] * header + [on] * (len(toks) - header)
     return ids, supervised

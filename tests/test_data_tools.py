@@ -15,7 +15,7 @@ from data_fixtures import (
     tiny_tokenizer_dir,
     write_jsonl,
 )
-from test_data_golden import expected_labels, labels_of
+from test_data_golden import expected_labels, labels_of, meta_dialog
 
 from longtune.data import (
     IGNORE_INDEX,
@@ -263,8 +263,6 @@ def meta_tool_encoding(example: dict, loss_on: str) -> tuple[list[int], list[boo
     message ending its turn): header unsupervised, the rest of an assistant message supervised.
     ``tools`` go into the system message as the template writes them (Meta writes none)."""
     from llama_models.datatypes import RawMessage, StopReason, ToolCall, ToolPromptFormat
-    from llama_models.llama3.chat_format import ChatFormat
-    from llama_models.llama3.tokenizer import Tokenizer
 
     messages = [dict(m) for m in example["messages"]]
     if example.get("tools"):
@@ -272,11 +270,8 @@ def meta_tool_encoding(example: dict, loss_on: str) -> tuple[list[int], list[boo
         messages.insert(
             0, {"role": "system", "content": llama31_tools_text(system, example["tools"])}
         )
-    fmt = ChatFormat(Tokenizer.get_instance())
-    ids = [fmt.tokenizer.special_tokens["<|begin_of_text|>"]]
-    supervised = [False]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    for i, m in enumerate(messages):
+    raw = []
+    for m in messages:
         content = m.get("content") or ""
         if isinstance(content, list):
             content = "".join(part["text"] for part in content)
@@ -294,15 +289,15 @@ def meta_tool_encoding(example: dict, loss_on: str) -> tuple[list[int], list[boo
             )
             for c in m.get("tool_calls", [])
         ]
-        msg = RawMessage(
-            role=m["role"], content=content, stop_reason=StopReason.end_of_turn, tool_calls=calls
+        raw.append(
+            RawMessage(
+                role=m["role"],
+                content=content,
+                stop_reason=StopReason.end_of_turn,
+                tool_calls=calls,
+            )
         )
-        toks, _ = fmt.encode_message(msg, ToolPromptFormat.json)
-        header = len(fmt._encode_header(m["role"]))
-        on = m["role"] == "assistant" and (loss_on == "all_assistant" or i == last)
-        ids += toks
-        supervised += [False] * header + [on] * (len(toks) - header)
-    return ids, supervised
+    return meta_dialog(raw, loss_on, ToolPromptFormat.json)
 
 
 @pytest.fixture(scope="module")

@@ -89,6 +89,7 @@ def build_cases(root: Path) -> Cases:
         **_data_cases(root, train, model, good),
         **_format_cases(root, train, good),
         **_model_cases(root, train, model, good),
+        **_weight_cases(root, train, model, good),
         **_run_folder_cases(root, train, good),
         **_config_cases(root, train, good),
     }
@@ -206,7 +207,7 @@ def _format_cases(root: Path, train, good: Path) -> Cases:  # noqa: ANN001
 
 
 def _model_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: ANN001
-    """Bad model folders."""
+    """Bad model folders: missing, without a tokenizer, a broken config.json."""
     cases: Cases = {}
     cases["missing model folder (train)"] = (
         train(good, model_dir="meta-llama/Llama-3.1-8B"),
@@ -256,6 +257,12 @@ def _model_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: 
         root,
         f"{incomplete}/config.json: missing key 'hidden_size'",
     )
+    return cases
+
+
+def _weight_cases(root: Path, train, model: Path, good: Path) -> Cases:  # noqa: ANN001
+    """Bad weight files of a model folder."""
+    cases: Cases = {}
 
     def truncate(d: Path) -> None:
         data = (d / "model.safetensors").read_bytes()
