@@ -49,7 +49,8 @@ def finetune(
             and at the end.
         config: optional YAML file; the arguments here override it.
         **more: any other setting as ``section__key=value`` or ``**{"section.key": value}``
-            (e.g. ``train__grad_accum=4``, ``optim__warmup_steps=10``), as Python values.
+            (e.g. ``train__grad_accum=4``, ``optim__warmup_steps=10``), as Python values; a
+            group's as ``section__group__key`` (``model__lora__rank=16`` for LoRA adapters).
 
     Returns:
         The run's :class:`RunResult` (status, metrics, export path, export self-check); a run

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import types
 
 import pytest
 import yaml
 
+from longtune.api import finetune
 from longtune.model.args import ATTENTION_BACKENDS
 from longtune.train.config import (
     FLAG_ALIASES,
+    LORA_TARGETS,
     SETTINGS,
     ConfigError,
     Duration,
     JobConfig,
+    LoraConfig,
+    ModelConfig,
     choices,
     config_from_values,
     config_to_dict,
     flag_parser,
     flag_values,
+    flat_settings,
     load_config,
     resolve_grad_accum,
     save_config,
@@ -280,9 +287,10 @@ def test_resolve_grad_accum():
 
 
 def test_every_field_has_a_docstring():
-    for section, body in config_to_dict(load_config(None, REQUIRED)).items():
-        for name in body:
-            assert SETTINGS[f"{section}.{name}"].description, f"{section}.{name} has no docstring"
+    assert list(flat_settings(load_config(None, REQUIRED))) == list(SETTINGS)
+    for key, info in SETTINGS.items():
+        assert info.description, f"{key} has no docstring"
+    assert ModelConfig.__pydantic_fields__["lora"].description  # a group's own field
 
 
 def test_typed_values_build_the_same_config_as_flags(tmp_path):
@@ -336,13 +344,14 @@ def test_help_lists_every_setting_with_its_type_default_and_doc(monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     text = flag_parser("Fine-tune a model.").format_help()
     flat = "".join(text.split())  # argparse wraps the docs to the width, also after a dash
+    saved = flat_settings(load_config(None, REQUIRED))
     for key, info in SETTINGS.items():
-        section, name = key.split(".")
-        assert f"--{key} " in text and f"{section} settings:" in text, key
+        container = key.rpartition(".")[0]  # model, model.lora, ...
+        assert f"--{key} " in text and f"\n{container} settings:" in text, key
         assert "".join(info.description.split()) in flat, key
         default = info.get_default(call_default_factory=True)  # as given, not as saved
         if isinstance(default, tuple | Duration):
-            default = config_to_dict(load_config(None, REQUIRED))[section][name]
+            default = saved[key]
         if info.is_required():
             assert "(required)" in flat
         elif isinstance(default, list | dict):
@@ -458,3 +467,224 @@ def test_commas_in_data_paths(tmp_path, monkeypatch):
     # The Python API: a string is one path, a Path object is a string.
     cfg = config_from_values({"model.path": tmp_path, "data.train": "a,b.jsonl"})
     assert cfg.model.path == str(tmp_path) and cfg.data.train == ["a,b.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A group of settings inside a section: model.lora
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lora_defaults_are_full_fine_tuning():
+    lora = load_config(None, REQUIRED).model.lora
+    assert lora == LoraConfig() and lora.rank == 0 and lora.alpha is None
+    assert lora.targets == list(LORA_TARGETS) and not lora.rslora and not lora.train_embeddings
+    assert "model.lora" not in SETTINGS and "model.lora.rank" in SETTINGS
+
+
+def test_lora_flags_in_every_form():
+    cfg = load_config(
+        None,
+        REQUIRED
+        + ["--model.lora.rank", "16", "--model.lora.alpha=32", "model.lora.dropout=0.05"]
+        + ["--model.lora.train-embeddings", "--model.lora.rslora", "--lr=1e-4"],
+    )
+    assert cfg.model.lora == LoraConfig(
+        rank=16, alpha=32.0, dropout=0.05, rslora=True, train_embeddings=True
+    )
+    assert cfg.optim.lr == 1e-4  # a bare boolean flag takes no value from the next one
+    assert load_config(None, REQUIRED + ["--model.lora.rank=8"]).model.lora.rank == 8
+    off = load_config(None, REQUIRED + ["--model.lora.rslora=false", "--model.lora.alpha=none"])
+    assert off.model.lora == LoraConfig()
+    assert flag_values(["--model.lora.train-embeddings", "--model.lora.rank", "4"]) == {
+        "model.lora.train_embeddings": ("true", "--model.lora.train-embeddings"),
+        "model.lora.rank": ("4", "--model.lora.rank"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("given", "targets"),
+    [
+        ("all", LORA_TARGETS),
+        ("all-linear", LORA_TARGETS),
+        ("attention", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        ("v_proj,q_proj,v_proj", ("q_proj", "v_proj")),  # each once, in LORA_TARGETS order
+        ("down_proj, attention", ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")),
+    ],
+)
+def test_lora_targets_and_their_shorthands(given, targets):
+    by_flag = load_config(None, REQUIRED + [f"--model.lora.targets={given}"])
+    by_value = config_from_values(
+        {"model.path": "m", "data.train": ["t"], "model.lora.targets": given}
+    )
+    by_list = config_from_values(
+        {"model.path": "m", "data.train": ["t"], "model.lora.targets": given.split(",")}
+    )
+    assert by_flag.model.lora.targets == by_value.model.lora.targets == list(targets)
+    assert by_list.model.lora.targets == list(targets)
+
+
+def test_lora_in_a_yaml_file(tmp_path):
+    lora = {"rank": 16, "targets": ["q_proj", "v_proj"], "rslora": True, "alpha": 8}
+    path = write_yaml(tmp_path, {"model": {"path": "m", "lora": lora}, "data": {"train": ["a"]}})
+    cfg = load_config(path, ["--model.lora.rank=4"])  # a flag beats the file
+    assert cfg.model.lora == LoraConfig(
+        rank=4, alpha=8.0, targets=["q_proj", "v_proj"], rslora=True
+    )
+    assert load_config(path, []).model.lora.rank == 16
+    for bad, message in (
+        (
+            16,
+            f"config file {tmp_path}/run.yaml: group 'model.lora' must be a mapping of keys "
+            "(rank, alpha, dropout, targets, rslora, train_embeddings), got 16",
+        ),
+        (
+            {"rnak": 4},
+            f"config file {tmp_path}/run.yaml: unknown key 'model.lora.rnak' (known "
+            "keys in model.lora: rank, alpha, dropout, targets, rslora, train_embeddings)",
+        ),
+        (
+            {"rank": 1.5},
+            f"model.lora.rank (from config file {tmp_path}/run.yaml): 1.5 is "
+            "invalid; must be a valid integer, got a number with a fractional part",
+        ),
+    ):
+        path = write_yaml(tmp_path, {"model": {"path": "m", "lora": bad}, "data": {"train": ["a"]}})
+        with pytest.raises(ConfigError) as info:
+            load_config(path, [])
+        assert str(info.value) == message
+
+
+def test_lora_from_python_values_and_the_api(monkeypatch):
+    typed = config_from_values(
+        {"model.path": "m", "data.train": ["t"], "model.lora.rank": 16, "model.lora.rslora": True}
+    )
+    flags = ["--model=m", "--data=t", "--model.lora.rank=16", "--model.lora.rslora"]
+    assert typed == load_config(None, flags)
+    seen = []
+    fake_run = types.SimpleNamespace(run_training=lambda cfg: seen.append(cfg))
+    monkeypatch.setitem(sys.modules, "longtune.train.run", fake_run)  # no training, no torch
+    finetune("m", "t", model__lora__rank=16, model__lora__targets="attention")
+    assert seen[0].model.lora == LoraConfig(rank=16, targets=list(LORA_TARGETS[:4]))
+    with pytest.raises(ConfigError, match=r"^argument model.lora.bogus: unknown key 'model.lora"):
+        finetune("m", "t", model__lora__bogus=1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--model.lora.rank=-1"],
+            "model.lora.rank (from --model.lora.rank): '-1' is invalid; must be greater than or "
+            "equal to 0",
+        ),
+        (
+            ["--model.lora.rank", "5000"],
+            "model.lora.rank (from --model.lora.rank): '5000' is invalid; must be less than or "
+            "equal to 4096",
+        ),
+        (
+            ["--model.lora.targets=q_proj,qproj"],
+            "model.lora.targets (from --model.lora.targets): 'qproj' is not one of q_proj, "
+            "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, all, all-linear, attention, "
+            "mlp",
+        ),
+        (
+            ["--model.lora.targets="],
+            "model.lora.targets (from --model.lora.targets): '' is invalid; must have at least 1 "
+            "item, not 0",
+        ),
+        (
+            ["--model.lora.dropout=1"],
+            "model.lora.dropout (from --model.lora.dropout): '1' is invalid; must be less than 1",
+        ),
+        (
+            ["--model.lora.alpha=0"],
+            "model.lora.alpha (from --model.lora.alpha): '0' is invalid; must be greater than 0",
+        ),
+        (
+            ["--model.lora.foo=1"],
+            "--model.lora.foo: unknown key 'model.lora.foo' (known keys in model.lora: rank, "
+            "alpha, dropout, targets, rslora, train_embeddings)",
+        ),
+        (
+            ["--model.foo=1"],
+            "--model.foo: unknown key 'model.foo' (known keys in model: path, dtype, "
+            "activation_checkpointing, attention, lora)",
+        ),
+        (
+            ["--model.lora=16"],
+            "--model.lora: 'model.lora' is a group of settings; set its keys (model.lora.rank, "
+            "model.lora.alpha, model.lora.dropout, model.lora.targets, model.lora.rslora, "
+            "model.lora.train_embeddings)",
+        ),
+        (["--model.lora.rank"], "argument --model.lora.rank: needs a value (--flag=VALUE)"),
+    ],
+)
+def test_lora_errors_are_one_exact_line(flags, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, REQUIRED + flags)
+    assert str(info.value) == message
+
+
+def test_lora_settings_with_rank_0_are_ignored_not_refused():
+    cfg = load_config(
+        None,
+        REQUIRED + ["--model.lora.alpha=8", "--model.lora.dropout=0.1", "--model.lora.targets=mlp"],
+    )
+    assert cfg.model.lora.rank == 0 and cfg.model.lora.alpha == 8.0
+
+
+def test_lora_scale():
+    assert LoraConfig(rank=16).scale() == 2.0  # alpha defaults to 2 x rank
+    assert LoraConfig(rank=16).effective_alpha() == 32.0
+    assert LoraConfig(rank=16, alpha=8).scale() == 0.5
+    assert LoraConfig(rank=16, alpha=8, rslora=True).scale() == 2.0  # 8 / sqrt(16)
+    with pytest.raises(ValueError, match="model.lora.rank is 0"):
+        LoraConfig().scale()
+
+
+def test_lora_save_round_trip_and_flat_settings(tmp_path):
+    cfg = load_config(
+        None,
+        REQUIRED
+        + ["--model.lora.rank=16", "--model.lora.alpha=8", "--model.lora.targets=mlp,q_proj"]
+        + ["--model.lora.train-embeddings"],
+    )
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert yaml.safe_load(path.read_text())["model"]["lora"] == {
+        "rank": 16,
+        "alpha": 8.0,
+        "dropout": 0.0,
+        "targets": ["q_proj", "gate_proj", "up_proj", "down_proj"],
+        "rslora": False,
+        "train_embeddings": True,
+    }
+    again = load_config(str(path), [])
+    assert again.model.lora == cfg.model.lora
+    assert again == dataclasses.replace(cfg, data=again.data, output=again.output)  # paths absolute
+    flat = flat_settings(again)
+    assert list(flat) == list(SETTINGS)
+    assert flat["model.lora.rank"] == 16 and flat["optim.lr"] == 1e-5
+    assert flat["model.lora.targets"] == ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    assert flat["data.columns"] == {}  # a mapping setting is one value
+
+
+def test_resume_refuses_a_changed_lora_setting(tmp_path):
+    old = load_config(None, REQUIRED)
+    new = load_config(None, REQUIRED + ["--model.lora.rank=16", "--model.attention=sdpa"])
+    with pytest.raises(ConfigError) as info:
+        check_resume_config(old, new, 1, 1, tmp_path)
+    message = str(info.value)
+    assert (
+        "changed settings: model.lora.rank: 0 → 16 (these change the data or the model)" in message
+    )
+    assert "model.attention" not in message  # still free to change
+    targets = load_config(None, REQUIRED + ["--model.lora.targets=attention"])
+    with pytest.raises(
+        ConfigError,
+        match=r"model.lora.targets: q_proj,k_proj,.*,down_proj → q_proj,k_proj,v_proj,o_proj \(",
+    ):
+        check_resume_config(old, targets, 1, 1, tmp_path)
+    check_resume_config(new, dataclasses.replace(new), 1, 1, tmp_path)

@@ -13,6 +13,9 @@ Example::
 The sections are pydantic dataclasses (not ``BaseModel``s): to the code that reads them they are
 plain dataclasses (``cfg.optim.lr``, ``==``, ``dataclasses.replace``), while pydantic validates
 every value that comes in, from a YAML file, the command line, the Python API or the web form.
+A field whose type is another such dataclass is a group of settings inside its section
+(``model.lora``): its fields are settings too, ``--model.lora.rank=16`` on the command line,
+``model: {lora: {rank: 16}}`` in YAML, ``model__lora__rank=16`` in ``longtune.finetune``.
 Choices are ``Literal`` types, ranges are ``Field`` bounds, the rules between keys are one model
 validator, and each field's doc is the docstring under it. The command line is an ``argparse``
 parser generated from the same fields (:func:`flag_parser`, which is also ``longtune train
@@ -45,7 +48,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-from pydantic.dataclasses import dataclass
+from pydantic.dataclasses import dataclass, is_pydantic_dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
@@ -197,6 +200,74 @@ _FIELDS = ConfigDict(
 )
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The projections of a Llama block that can get LoRA adapters (Hugging Face module names)."""
+
+#: Shorthands of model.lora.targets.
+LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "all": LORA_TARGETS,
+    "all-linear": LORA_TARGETS,  # PEFT's word for it
+    "attention": LORA_TARGETS[:4],
+    "mlp": LORA_TARGETS[4:],
+}
+
+
+def _targets(value: Any) -> Any:
+    """``"q_proj,v_proj"`` or a shorthand (all, attention, mlp) -> the projections, each once,
+    in :data:`LORA_TARGETS` order."""
+    items = _words(value)
+    if not isinstance(items, list | tuple):
+        return value  # pydantic says what a list is
+    wanted: set[str] = set()
+    for item in items:
+        for word in _words(item) if isinstance(item, str) else [item]:
+            if word not in LORA_TARGETS and word not in LORA_TARGET_GROUPS:
+                valid = ", ".join([*LORA_TARGETS, *LORA_TARGET_GROUPS])
+                raise ValueError(f"{word!r} is not one of {valid}")
+            wanted.update(LORA_TARGET_GROUPS.get(word, (word,)))
+    return [t for t in LORA_TARGETS if t in wanted]
+
+
+@dataclass(config=_FIELDS)
+class LoraConfig:
+    rank: Int = Field(0, ge=0, le=4096)
+    """LoRA rank: 0 = full fine-tuning (every weight trained, the default); > 0 trains low-rank
+    adapters on model.lora.targets and freezes the rest of the model."""
+
+    alpha: Annotated[Float | None, BeforeValidator(_none)] = Field(None, gt=0, le=1e6)
+    """Adapter scale: alpha / rank (alpha / sqrt(rank) with rslora); none = 2 x rank."""
+
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input (PEFT's lora_dropout)."""
+
+    targets: Annotated[list[Literal[LORA_TARGETS]], BeforeValidator(_targets)] = Field(
+        default_factory=lambda: list(LORA_TARGETS), min_length=1
+    )
+    """Projections that get adapters (HF module names, comma-separated): q_proj, k_proj,
+    v_proj, o_proj, gate_proj, up_proj, down_proj, or all (or all-linear) | attention (q, k, v,
+    o) | mlp (gate, up, down)."""
+
+    rslora: bool = False
+    """Rank-stabilized LoRA: scale alpha / sqrt(rank)."""
+
+    train_embeddings: bool = False
+    """Also train the input embeddings and the output layer in full (PEFT's modules_to_save)."""
+
+    def effective_alpha(self) -> float:
+        """``alpha``, or its default 2 x rank when unset."""
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    def scale(self) -> float:
+        """The factor on the adapters' output: alpha / rank, or alpha / sqrt(rank) with rslora.
+
+        Raises:
+            ValueError: rank is 0 (full fine-tuning has no adapters).
+        """
+        if self.rank == 0:
+            raise ValueError("model.lora.rank is 0 (full fine-tuning): there are no adapters")
+        return self.effective_alpha() / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
 @dataclass(config=_FIELDS)
 class ModelConfig:
     path: PathText
@@ -212,6 +283,9 @@ class ModelConfig:
     """Attention kernel: auto | sdpa | varlen | flex (auto = SDPA for unpacked sequences,
     varlen_attn (FlashAttention-2, or -3 when installed) for packed ones on CUDA, per-document
     SDPA on CPU; varlen and flex need CUDA)."""
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (model.lora.rank > 0)."""
 
 
 @dataclass(config=_FIELDS)
@@ -446,12 +520,32 @@ _ADAPTER = TypeAdapter(JobConfig)
 _SECTIONS: dict[str, Any] = {
     name: f.annotation for name, f in JobConfig.__pydantic_fields__.items()
 }
-SETTINGS: dict[str, FieldInfo] = {
-    f"{section}.{name}": info
-    for section, cls in _SECTIONS.items()
-    for name, info in cls.__pydantic_fields__.items()
+
+
+def _containers(prefix: str, cls: Any) -> dict[str, Any]:
+    """``prefix`` and its groups (a field whose type is a pydantic dataclass, such as
+    ``model.lora``), at any depth -> their classes."""
+    found = {prefix: cls}
+    for name, info in cls.__pydantic_fields__.items():
+        if is_pydantic_dataclass(info.annotation):
+            found.update(_containers(f"{prefix}.{name}", info.annotation))
+    return found
+
+
+_CONTAINERS: dict[str, Any] = {
+    path: cls
+    for section, body in _SECTIONS.items()
+    for path, cls in _containers(section, body).items()
 }
-"""Every setting: ``section.key`` -> its pydantic field (type, default, bounds, doc)."""
+"""Every section and group of settings -> its class: ``model``, ``model.lora``, ``data``, ..."""
+SETTINGS: dict[str, FieldInfo] = {
+    f"{path}.{name}": info
+    for path, cls in _CONTAINERS.items()
+    for name, info in cls.__pydantic_fields__.items()
+    if f"{path}.{name}" not in _CONTAINERS
+}
+"""Every setting: ``section.key`` or ``section.group.key`` (``model.lora.rank``) -> its pydantic
+field (type, default, bounds, doc). Groups are not settings: their keys are."""
 
 
 def _base(tp: Any) -> Any:
@@ -465,7 +559,7 @@ def choices(key: str) -> tuple[str, ...]:
     """The values a choice setting takes (its ``Literal``), e.g. ``choices("data.task_type")``.
 
     Args:
-        key: the setting, ``section.key``.
+        key: the setting, ``section.key`` or ``section.group.key``.
 
     Returns:
         The choices in order (of each item, for a list of choices); empty for a setting that
@@ -481,7 +575,7 @@ assert choices("model.attention") == ATTENTION_BACKENDS, "model.attention: list 
 
 
 def _check_key(key: str, source: str) -> None:
-    """Refuse a key that is not ``section.name`` of a known section and name."""
+    """Refuse a key that is not a setting: ``section.name`` or ``section.group.name``."""
     section, dot, _ = key.partition(".")
     if not dot:
         raise ConfigError(
@@ -492,9 +586,14 @@ def _check_key(key: str, source: str) -> None:
         raise ConfigError(
             f"{source}: unknown section {section!r} in {key!r} (known sections: {', '.join(_SECTIONS)})"
         )
-    if key not in SETTINGS:
-        known = ", ".join(_SECTIONS[section].__pydantic_fields__)
-        raise ConfigError(f"{source}: unknown key {key!r} (known keys in {section}: {known})")
+    if key in SETTINGS:
+        return
+    if key in _CONTAINERS:  # model.lora
+        keys = ", ".join(k for k in SETTINGS if k.startswith(f"{key}."))
+        raise ConfigError(f"{source}: {key!r} is a group of settings; set its keys ({keys})")
+    parent = max((c for c in _CONTAINERS if key.startswith(f"{c}.")), key=len)
+    known = ", ".join(_CONTAINERS[parent].__pydantic_fields__)
+    raise ConfigError(f"{source}: unknown key {key!r} (known keys in {parent}: {known})")
 
 
 _METAVARS = {str: "PATH", list: "PATH[,PATH...]", tuple: "B1,B2", dict: "NAME=COLUMN[,...]"}
@@ -514,8 +613,9 @@ class _AsTyped(argparse.Action):
 
 
 def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The command line of ``longtune train``: a ``--section.key`` flag for every setting (with
-    its type or choices, default and doc, grouped by section) and the aliases.
+    """The command line of ``longtune train``: a ``--section.key`` (``--section.group.key``)
+    flag for every setting, with its type or choices, default and doc, grouped by section and
+    group, and the aliases.
 
     Args:
         description: text under the usage line of ``--help``.
@@ -530,10 +630,13 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
         allow_abbrev=False,  # --optim.l is not --optim.lr
         add_help=False,
     )
-    for section, cls in _SECTIONS.items():
-        group = parser.add_argument_group(f"{section} settings")
-        for name, info in cls.__pydantic_fields__.items():
-            key = f"{section}.{name}"
+    groups = {path: parser.add_argument_group(f"{path} settings") for path in _CONTAINERS}
+    for path, group in groups.items():
+        if path not in _SECTIONS:  # a group: its field's doc says what it is
+            parent, _, name = path.rpartition(".")
+            group.description = _CONTAINERS[parent].__pydantic_fields__[name].description
+        for key in (k for k in SETTINGS if k.rpartition(".")[0] == path):
+            info, name = SETTINGS[key], key.rpartition(".")[2]
             aliases = [f"--{flag}" for flag, k in FLAG_ALIASES.items() if k == key]
             bare = {"nargs": "?", "const": "true"} if info.annotation is bool else {}
             kw = dict(dest=key, action=_AsTyped, default=argparse.SUPPRESS, **bare)
@@ -547,7 +650,7 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
                 many = "[,...]" if typing.get_origin(tp) is list else ""
                 metavar = "{" + ",".join(choices(key)) + "}" + many
             group.add_argument(f"--{key}", *aliases, metavar=metavar, help=doc, **kw)
-            if "_" in name:  # --train.batch-tokens works too, without a second line in --help
+            if "_" in key:  # --train.batch-tokens works too, without a second line in --help
                 group.add_argument(f"--{key.replace('_', '-')}", help=argparse.SUPPRESS, **kw)
     return parser
 
@@ -565,16 +668,17 @@ def _as_flag(info: FieldInfo) -> str:
 def flag_values(tokens: list[str]) -> dict[str, tuple[str, str]]:
     """Read settings from command-line tokens, as typed (the checks are :func:`load_config`'s).
 
-    Accepted: ``--optim.lr=3e-5``, ``--optim.lr 3e-5``, ``optim.lr=3e-5``, the aliases of
-    :data:`FLAG_ALIASES` (``--lr=3e-5``, ``--task-type chat``), dashes for underscores
-    (``--train.batch-tokens``), a bare boolean flag for true (``--output.tensorboard``) and
-    ``--data.columns.NAME=COLUMN`` for one column of ``data.columns``.
+    Accepted: ``--optim.lr=3e-5``, ``--optim.lr 3e-5``, ``optim.lr=3e-5``, the keys of a group
+    (``--model.lora.rank=16``), the aliases of :data:`FLAG_ALIASES` (``--lr=3e-5``,
+    ``--task-type chat``), dashes for underscores (``--train.batch-tokens``), a bare boolean
+    flag for true (``--output.tensorboard``) and ``--data.columns.NAME=COLUMN`` for one column
+    of ``data.columns``.
 
     Args:
         tokens: the tokens, in command-line order (later ones win).
 
     Returns:
-        ``{section.key: (value as typed, flag as typed)}``.
+        ``{section.key or section.group.key: (value as typed, flag as typed)}``.
 
     Raises:
         ConfigError: for an unknown key or flag, a flag without a value, a stray argument.
@@ -596,7 +700,8 @@ def flag_values(tokens: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def _read_yaml(path: str) -> dict[str, tuple[Any, str]]:
-    """``{section.key: (value, "config file PATH")}`` from a YAML file."""
+    """``{section.key: (value, "config file PATH")}`` from a YAML file (a group's settings are
+    a mapping inside their section's: ``model: {lora: {rank: 16}}`` is ``model.lora.rank``)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist or is not a file")
@@ -619,17 +724,34 @@ def _read_yaml(path: str) -> dict[str, tuple[Any, str]]:
             raise ConfigError(
                 f"{source}: section {section!r} must be a mapping of keys, got {body!r}"
             )
-        for name, value in (body or {}).items():
-            _check_key(f"{section}.{name}", source)
-            values[f"{section}.{name}"] = (value, source)
+        _yaml_settings(str(section), body, source, values)
     return values
+
+
+def _yaml_settings(
+    path: str, body: dict | None, source: str, values: dict[str, tuple[Any, str]]
+) -> None:
+    """Add the settings of one section or group of a YAML file to ``values``, its groups' too."""
+    for name, value in (body or {}).items():
+        key = f"{path}.{name}"
+        if key in _CONTAINERS:
+            if not isinstance(value, dict | None):
+                keys = ", ".join(_CONTAINERS[key].__pydantic_fields__)
+                raise ConfigError(
+                    f"{source}: group {key!r} must be a mapping of keys ({keys}), got {value!r}"
+                )
+            _yaml_settings(key, value, source, values)
+        else:
+            _check_key(key, source)
+            values[key] = (value, source)
 
 
 def load_config(path: str | None, overrides: list[str]) -> JobConfig:
     """Build and validate the run configuration from defaults, a YAML file and CLI overrides.
 
     Args:
-        path: YAML file with one mapping per section (``model:``, ``optim:``, ...), or None.
+        path: YAML file with one mapping per section (``model:``, ``optim:``, ...), a group a
+            mapping inside its section (``model: {lora: {rank: 16}}``), or None.
         overrides: command-line tokens such as ``["--optim.lr=3e-5", "--task-type", "chat"]``;
             they take precedence over the file.
 
@@ -652,8 +774,9 @@ def config_from_values(values: dict[str, Any], path: str | None = None) -> JobCo
     with a comma in it stays one path).
 
     Args:
-        values: ``"section.key"`` -> value (Python types: str, int, float, bool, list, tuple,
-            :class:`Duration` or its string form).
+        values: ``"section.key"`` or ``"section.group.key"`` (``"model.lora.rank"``) -> value
+            (Python types: str, int, float, bool, list, tuple, :class:`Duration` or its string
+            form).
         path: optional YAML file under the values.
 
     Returns:
@@ -672,11 +795,15 @@ def config_from_values(values: dict[str, Any], path: str | None = None) -> JobCo
 
 
 def _build(values: dict[str, tuple[Any, str]]) -> JobConfig:
-    """Validate ``{section.key: (value, where it came from)}`` over the defaults."""
+    """Validate ``{section.key or section.group.key: (value, where it came from)}`` over the
+    defaults."""
     sections: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
     for key, (value, _) in values.items():
-        section, name = key.split(".")
-        sections[section][name] = value
+        *path, name = key.split(".")
+        body = sections
+        for part in path:
+            body = body.setdefault(part, {})
+        body[name] = value
     try:
         return _ADAPTER.validate_python(sections)
     except ValidationError as e:
@@ -686,14 +813,18 @@ def _build(values: dict[str, tuple[Any, str]]) -> JobConfig:
 def _error_line(error: ErrorDetails, values: dict[str, tuple[Any, str]]) -> str:
     """One line for a pydantic error: ``key (from source): value is invalid; what is valid``."""
     exc = error.get("ctx", {}).get("error")
-    key = getattr(exc, "key", None) or ".".join(map(str, error["loc"][:2]))
+    loc = [str(part) for part in error["loc"]]
+    # The setting is the longest start of the location that is one: model.lora.targets of
+    # (model, lora, targets, 0); what follows is an item of a list or a key of a mapping.
+    depth = next((n for n in range(len(loc), 0, -1) if ".".join(loc[:n]) in SETTINGS), 2)
+    key = getattr(exc, "key", None) or ".".join(loc[:depth])
     value, source = values.get(key, (error["input"], None))
     where = f"{key} (from {source})" if source else key
     if error["type"] == "missing":
         alias = "".join(f" or --{flag}" for flag, k in FLAG_ALIASES.items() if k == key)
         return f"missing required key {key!r}: set it in the config file or with --{key}=...{alias}"
     if error["type"] == "literal_error":
-        if len(error["loc"]) > 2:  # an item of a list, a key of a mapping
+        if len(loc) > depth:  # an item of a list, a key of a mapping
             value = error["input"]
         valid = choices(key) or typing.get_args(ColumnName)  # data.columns: its keys
         return f"{where}: {value!r} is not one of {', '.join(valid)}"
@@ -733,9 +864,35 @@ def config_to_dict(cfg: JobConfig) -> dict[str, dict[str, Any]]:
         cfg: the configuration.
 
     Returns:
-        ``{section: {key: value}}`` for every field, defaults included.
+        ``{section: {key: value}}`` for every field, defaults included; a group is a mapping
+        inside its section (``{"model": {"lora": {"rank": 16, ...}, ...}, ...}``).
     """
     return _ADAPTER.dump_python(cfg, mode="json")
+
+
+def flat_settings(cfg: JobConfig) -> dict[str, Any]:
+    """Every setting of the config by its full key, values as :func:`config_to_dict` writes
+    them (YAML/JSON-safe).
+
+    Args:
+        cfg: the configuration.
+
+    Returns:
+        ``{"section.key" or "section.group.key": value}`` for every setting of :data:`SETTINGS`
+        (``"optim.lr"``, ``"model.lora.rank"``; ``data.columns`` is one value, a mapping).
+    """
+
+    def leaves(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, value in body.items():
+            key = f"{path}.{name}"
+            out.update(leaves(key, value) if key in _CONTAINERS else {key: value})
+        return out
+
+    flat = {}
+    for section, body in config_to_dict(cfg).items():
+        flat.update(leaves(section, body))
+    return flat
 
 
 def save_config(cfg: JobConfig, path: str | Path) -> None:

@@ -42,7 +42,7 @@ from longtune.run_dir import RunDir, check_run_folder
 from longtune.train.config import (
     ConfigError,
     JobConfig,
-    config_to_dict,
+    flat_settings,
     load_config,
     resolve_grad_accum,
 )
@@ -197,7 +197,8 @@ def data_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 #: Settings a resumed run may change freely: where and how the job runs, what it writes, how
-#: often it evaluates and saves. Everything else is compared with the run's own config.yaml.
+#: often it evaluates and saves. Everything else is compared with the run's own config.yaml
+#: (the model.lora settings too: they change what is trained).
 RESUME_FREE_SECTIONS = ("parallel", "checkpoint", "output", "export")
 RESUME_FREE_KEYS = (
     "model.activation_checkpointing",
@@ -241,19 +242,18 @@ def check_resume_config(
     """
     data_model: list[str] = []
     training: list[str] = []
-    old_d, new_d = config_to_dict(old), config_to_dict(new)
-    for section, fields in new_d.items():
-        for name, value in fields.items():
-            key, before = f"{section}.{name}", old_d[section][name]
-            if value == before or section in RESUME_FREE_SECTIONS or key in RESUME_FREE_KEYS:
-                continue
-            if key in RESUME_BATCH_KEYS:
-                continue  # judged by the global batch below
-            change = f"{key}: {_show(before)} → {_show(value)}"
-            if section in RESUME_TRAINING_SECTIONS or key in RESUME_TRAINING_KEYS:
-                training.append(change)
-            else:
-                data_model.append(change)
+    before_all = flat_settings(old)
+    for key, value in flat_settings(new).items():
+        section, before = key.partition(".")[0], before_all[key]
+        if value == before or section in RESUME_FREE_SECTIONS or key in RESUME_FREE_KEYS:
+            continue
+        if key in RESUME_BATCH_KEYS:
+            continue  # judged by the global batch below
+        change = f"{key}: {_show(before)} → {_show(value)}"
+        if section in RESUME_TRAINING_SECTIONS or key in RESUME_TRAINING_KEYS:
+            training.append(change)
+        else:
+            data_model.append(change)
     data_model += [f"data file {change}" for change in changed_data]
     if old_batch != new_batch:
         data_model.append(
