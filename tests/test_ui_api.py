@@ -23,7 +23,7 @@ from longtune.data import check_data
 from longtune.run_dir import RunDir, mark_run, read_status, write_status
 from longtune.train.config import ConfigError, config_from_values
 from longtune.train.preflight import preflight
-from longtune.ui.forms import parse_form
+from longtune.ui.forms import FormError, defaults, parse_form
 
 # A process that records a run as `running` (itself) and stays alive: a live run for the UI.
 RUNNING = (
@@ -184,6 +184,34 @@ def test_bad_form_values_get_the_config_modules_own_error(env):
         )
         assert status == 422 and words in body["detail"], (fields, body)
     assert not (ui.runs_dir / "x").exists()
+
+
+def test_the_lora_rank_field_and_more_settings_set_model_lora(tmp_path):
+    """The form's LoRA rank is model.lora.rank; the other model.lora keys go in More settings
+    (checked here without the server: the form's translation is the whole of it)."""
+    allowed = [tmp_path.resolve(), DEMO_DATA]
+    extra = "--model.lora.alpha=8 --model.lora.targets attention --model.lora.train-embeddings"
+    form = tiny_run_form("lora", tmp_path / "model", "2st", lora_rank="16", extra=extra)
+    lora = parse_form(form, tmp_path / "runs", allowed).cfg.model.lora
+    assert (lora.rank, lora.alpha, lora.train_embeddings) == (16, 8.0, True)
+    assert lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    full = parse_form(tiny_run_form("full", tmp_path, "2st"), tmp_path, allowed).cfg
+    assert full.model.lora.rank == 0 and defaults()["lora_rank"] == "0"
+    known = "rank, alpha, dropout, targets, rslora, train_embeddings"
+    for fields, message in (
+        ({"lora_rank": "-1"}, config_error("model.lora.rank", "-1")),
+        (
+            {"extra": "--model.lora.rank=8"},
+            "--model.lora.rank: model.lora.rank cannot be set in more settings",
+        ),
+        (
+            {"extra": "--model.lora.rnak=8"},
+            f"--model.lora.rnak: unknown key 'model.lora.rnak' (known keys in model.lora: {known})",
+        ),
+    ):
+        with pytest.raises(FormError) as e:
+            parse_form(tiny_run_form("x", tmp_path, "2st", **fields), tmp_path, allowed)
+        assert (e.value.status, str(e.value)) == (422, message), fields
 
 
 def test_preview_reports_statistics_and_loss_masks(env):

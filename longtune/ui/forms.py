@@ -31,6 +31,7 @@ FIELDS: dict[str, str] = {
     "context_length": "data.context_length",
     "duration": "train.duration",
     "lr": "optim.lr",
+    "lora_rank": "model.lora.rank",
     "sp": "parallel.sp",
 }
 
@@ -76,6 +77,7 @@ def defaults() -> dict[str, str]:
         "context_length": str(DEMO_SETTINGS["context_length"]),
         "duration": f"{DEMO_STEPS}st",
         "lr": str(DEMO_SETTINGS["learning_rate"]),
+        "lora_rank": "0",
         "sp": "1",
         "nproc": "1",
         "extra": "\n".join(extra),
