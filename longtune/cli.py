@@ -41,8 +41,13 @@ def export(
     format: str = "hf",
     gguf_type: str | None = None,
     max_shard_gb: str | None = None,
+    base: str | None = None,
+    adapter_dir: str | None = None,
 ) -> int:
-    """Export a checkpoint or native folder as a Hugging Face folder, or a model as a GGUF file."""
+    """Export a checkpoint or native folder as a Hugging Face folder, or a model as a GGUF file.
+
+    A LoRA run's checkpoint gives the merged model in OUT and the PEFT adapter folder in
+    --adapter-dir (default OUT-adapter); --base names its base model folder if it moved."""
     from longtune.export.command import export as export_model
 
     shard_bytes = None
@@ -62,6 +67,8 @@ def export(
         format=format,
         gguf_type=gguf_type,
         max_shard_bytes=shard_bytes,
+        base=base,
+        adapter_dir=adapter_dir,
     )
     print(f"wrote {'GGUF file' if format == 'gguf' else 'Hugging Face checkpoint'} {written}")
     return 0
@@ -319,6 +326,16 @@ def _add_model_commands(sub: Any) -> None:
         "--max-shard-gb",
         help="hf: safetensors files of at most this many GB (10^9 bytes), with an index; "
         "default: the files of the source model.",
+    )
+    p.add_argument(
+        "--base",
+        help="a LoRA run's checkpoint: the base model folder its adapters were trained on, if it "
+        "moved (checked against the one the checkpoint names); default: that one.",
+    )
+    p.add_argument(
+        "--adapter-dir",
+        help="a LoRA run's checkpoint: where the PEFT adapter folder goes (OUT is the merged "
+        "model); default: OUT-adapter.",
     )
     p.add_argument(
         "--gguf-type",

@@ -44,7 +44,7 @@ from pathlib import Path
 OUTPUT_MARKER = ".longtune-output"
 """The file that marks a folder as written by longtune (JSON: ``written_by``, ``kind``, ``time``
 and, for an output, ``files``: every file's ``size``, ``mtime_ns`` and ``crc32``)."""
-OUTPUT_KINDS = ("hf", "native", "asset")
+OUTPUT_KINDS = ("hf", "native", "adapter", "asset")
 """Marker kinds :func:`atomic_dir` writes, the only folders ``overwrite`` may replace."""
 
 _SHOW_ENTRIES = 5
@@ -244,7 +244,8 @@ def atomic_dir(
 
     Args:
         final: the output folder (checked with :func:`check_output_dir` first).
-        kind: what the folder is (``hf``, ``native``, ``asset``), recorded in the marker.
+        kind: what the folder is (``hf``, ``native``, ``adapter``, ``asset``), recorded in the
+            marker.
         sources: folders the output is made from.
         overwrite: replace a folder longtune wrote before.
 

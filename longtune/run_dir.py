@@ -15,6 +15,7 @@ runs through this module and nothing else. Layout of ``RUN/``::
     hf/                  the exported Hugging Face folder
     export_check.json    the export's self-check
     model.gguf           the GGUF export (``export.formats`` with ``gguf`` only)
+    adapter/             the PEFT adapter folder (LoRA runs with ``export.lora_adapter`` only)
     launch.json          written only for a run launched by ``longtune.runs.launch`` (the web UI,
                          ``longtune runs resume``): the launched process (pid, pgid, host, start
                          time, argv, exit code)
@@ -67,6 +68,7 @@ SOURCE = "source"
 EXPORT = "hf"
 EXPORT_CHECK = "export_check.json"
 GGUF = "model.gguf"
+ADAPTER = "adapter"
 LAUNCH = "launch.json"
 LAUNCH_LOG = "launch.log"
 LAUNCH_LOCK = "launch.lock"
@@ -88,6 +90,7 @@ _ENTRIES = (
     SOURCE,
     EXPORT,
     EXPORT_CHECK,
+    ADAPTER,
     LAUNCH,
     LAUNCH_LOG,
     LAUNCH_LOCK,
@@ -152,6 +155,10 @@ class RunDir:
     @property
     def gguf(self) -> Path:
         return self.path / GGUF
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
 
     @property
     def demo_summary(self) -> Path:

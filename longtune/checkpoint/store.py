@@ -27,6 +27,10 @@ every rank (:class:`~longtune.fsutil.OutputDirError`); complete checkpoints are 
 Reading goes through :mod:`~longtune.checkpoint.dcp_safe`'s allowlist (``weights_only`` for
 the rank files), and a checkpoint whose model tensors have other names or shapes than the model
 it is loaded into is refused ("checkpoint ... is for a different model").
+
+A model with frozen parameters (LoRA: the base model) checkpoints its trainable ones only: the
+frozen ones are read from the base model's own folder, so an 8B model's LoRA checkpoint holds
+megabytes of adapters and their optimizer state.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -105,12 +110,37 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
+def _options(model: nn.Module) -> StateDictOptions:
+    """What a checkpoint of ``model`` holds: every parameter, or, when some are frozen, the
+    trainable ones only (loaded non-strictly: the frozen ones come from the base model)."""
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
+def _without_frozen(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without any frozen parameter. ``ignore_frozen_params`` misses the second name
+    of a tied one (``output.weight`` when it is the embedding): dropped here by every name."""
+    frozen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            for part in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+                name = name.replace(part, "")
+            frozen.add(name)
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def _model_state(model: nn.Module) -> dict[str, Any]:
+    options = _options(model)
+    return _without_frozen(model, get_model_state_dict(model, options=options))
+
+
 def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """DCP-ready state: plain or FSDP2-sharded (DTensor) model and optimizer state dicts."""
+    options = _options(model)
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd}
+        return {"model": _model_state(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    return {"model": _without_frozen(model, model_sd), "optim": optim_sd}
 
 
 def _rank_file(path: Path, rank: int) -> Path:
@@ -374,7 +404,7 @@ def check_checkpoint_model(path: str | Path, model: nn.Module) -> None:
         ValueError: "checkpoint ... is for a different model (...)".
     """
     checkpoint_info(path)
-    _check_same_model(Path(path), read_metadata(path), get_model_state_dict(model))
+    _check_same_model(Path(path), read_metadata(path), _model_state(model))
 
 
 def _check_same_model(path: Path, metadata: Any, model_state: dict[str, Any]) -> None:
@@ -433,11 +463,16 @@ def load_checkpoint(
     reader = SafeReader(path)
     _check_same_model(path, reader.read_metadata(), state["model"])
     _dcp_load(path, state, reader, initialized)
+    options = _options(model)
     if optimizer is None:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=options)
     else:
         set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=options,
         )
     if file_rank != rank:
         logger.warning(

@@ -10,14 +10,21 @@ from pathlib import Path
 
 import torch
 
-from longtune.checkpoint import CheckpointTensors, check_checkpoint_model, checkpoint_info
+from longtune.checkpoint import (
+    CheckpointTensors,
+    check_checkpoint_model,
+    checkpoint_info,
+    read_rank_states,
+)
 from longtune.export.check import export_and_check
 from longtune.export.gguf import GGUF_TYPES, check_gguf_output, export_gguf
+from longtune.export.lora import MergedTensors, write_peft_adapter
 from longtune.fsutil import OutputDirError, check_output_dir
 from longtune.model.args import ModelArgs
 from longtune.model.convert import is_native_dir, read_native_meta
 from longtune.model.hf import HFSource, ShardReader, save_model
 from longtune.model.llama import Transformer
+from longtune.model.lora import add_lora, check_record
 from longtune.run_dir import RunDir
 
 
@@ -29,6 +36,8 @@ def export(
     format: str = "hf",
     gguf_type: str | None = None,
     max_shard_bytes: int | None = None,
+    base: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> Path:
     """Export a native folder or a training checkpoint as a Hugging Face checkpoint folder, or
     any of these or an HF folder as one GGUF file.
@@ -43,6 +52,10 @@ def export(
         gguf_type: GGUF only: ``auto`` (default), ``f32``, ``f16``, ``bf16`` or ``q8_0``.
         max_shard_bytes: HF only: files of at most this size; default: the source model's
             layout.
+        base: LoRA checkpoints only: the base model folder the adapters were trained on, if it
+            moved (default: the one the checkpoint names; checked either way).
+        adapter_dir: LoRA checkpoints only: where the PEFT adapter folder goes (default:
+            ``OUT-adapter`` beside ``out``).
 
     Returns:
         ``out``.
@@ -60,8 +73,10 @@ def export(
         raise ValueError("--gguf-type applies to --format gguf only")
     kw = {"dtype": dtype, "overwrite": overwrite, "max_shard_bytes": max_shard_bytes}
     if is_native_dir(source):
+        if base is not None or adapter_dir is not None:
+            raise ValueError("--base and --adapter-dir apply to the checkpoints of LoRA runs")
         return export_native(source, out, **kw)
-    return export_checkpoint(source, out, **kw)
+    return export_checkpoint(source, out, **kw, base=base, adapter_dir=adapter_dir)
 
 
 def export_gguf_file(
@@ -156,6 +171,8 @@ def export_checkpoint(
     dtype: str | None = None,
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
+    base: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> Path:
     """``longtune export RUN_DIR/checkpoints/step-N OUT``: an HF folder from a training checkpoint.
 
@@ -169,6 +186,9 @@ def export_checkpoint(
         dtype: write tensors in this dtype; default: each in its source dtype.
         overwrite: replace ``out_dir`` if longtune wrote it before.
         max_shard_bytes: files of at most this size; default: the source model's layout.
+        base, adapter_dir: for the checkpoint of a LoRA run: see :func:`export`. Such a
+            checkpoint holds the adapters only; ``out_dir`` gets the merged model (base + adapters)
+            and ``adapter_dir`` the PEFT folder.
 
     Returns:
         ``out_dir``.
@@ -190,8 +210,26 @@ def export_checkpoint(
     source = HFSource.load(run.source)
     args = ModelArgs.from_hf_config(source.config)
     tensors = CheckpointTensors(ckpt_dir)
+    record = read_rank_states(ckpt_dir).get("lora")
+    if record is None and (base is not None or adapter_dir is not None):
+        raise ValueError(
+            f"--base and --adapter-dir apply to the checkpoints of LoRA runs; {ckpt_dir} is of "
+            "a full fine-tuning run (it holds every weight)"
+        )
+    spec = None
+    if record is not None:
+        base = str(base or record["base"])
+        spec = check_record(record, None, base, "--base")
+        adapter_dir = Path(adapter_dir or out.with_name(out.name + "-adapter"))
+        check_output_dir(adapter_dir, [ckpt_dir, base], overwrite)
     with torch.device("meta"):
-        check_checkpoint_model(ckpt_dir, Transformer(args))
+        model = Transformer(args)
+        if spec is not None:
+            add_lora(model, spec)
+        check_checkpoint_model(ckpt_dir, model)
+    if spec is not None:
+        write_peft_adapter(tensors, spec, args, base, adapter_dir, overwrite)
+        tensors = MergedTensors(tensors, base, args, spec)
     export_and_check(
         tensors,
         args,

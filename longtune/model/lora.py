@@ -308,3 +308,62 @@ def peft_key(native_adapter: str) -> str:
 
 def spec_json(spec: LoraSpec) -> str:
     return json.dumps(spec.to_json(), sort_keys=True)
+
+
+class LoraRecord:
+    """What a LoRA checkpoint's adapters belong to: their spec and the base model (its folder
+    and :func:`base_fingerprint`). Registered with the checkpointer as the ``lora`` state, so
+    a resume and an export find the base and refuse another one.
+
+    Args:
+        spec: the adapters.
+        base: the base model folder (``model.path``).
+    """
+
+    def __init__(self, spec: LoraSpec, base: str | Path) -> None:
+        self.spec, self.base = spec, str(Path(base).resolve())
+        self.fingerprint = base_fingerprint(base)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_json(), "base": self.base, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_record(state, self.spec, self.base, "model.path")
+
+
+def check_record(
+    state: dict[str, Any], spec: LoraSpec | None, base: str | Path, what: str
+) -> LoraSpec:
+    """Refuse adapters saved for another base model or with another spec (one line).
+
+    Args:
+        state: a checkpoint's ``lora`` state (:meth:`LoraRecord.state_dict`).
+        spec: the spec they must have (None: any, e.g. for an export).
+        base: the base model folder meant to go under them.
+        what: how the user names ``base`` (``model.path``, ``--base``) for the message.
+
+    Returns:
+        The saved spec.
+
+    Raises:
+        ValueError: the base folder is missing or differs in config or weight file sizes, or
+            the spec differs.
+    """
+    saved = LoraSpec.from_json(state["spec"])
+    if spec is not None and saved != spec:
+        raise ValueError(
+            f"the checkpoint's adapters are {saved}, the run asks for {spec}; resume with the "
+            "run's own model.lora settings"
+        )
+    if not Path(base, "config.json").is_file():
+        raise ValueError(
+            f"the base model of these LoRA adapters, {base}, is not a model folder (no "
+            f"config.json); they were trained on {state['base']}: give that folder as {what}"
+        )
+    if base_fingerprint(base) != state["fingerprint"]:
+        raise ValueError(
+            f"{what}={base} is not the base model these LoRA adapters were trained on "
+            f"({state['base']}, fingerprint {state['fingerprint']}): its config.json or weight "
+            "file sizes differ"
+        )
+    return saved

@@ -41,6 +41,7 @@ from longtune.model.hf import (
     native_tensor_names,
     read_hf_source,
 )
+from longtune.model.lora import is_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +190,10 @@ def _fill(param: torch.Tensor, name: str, pieces: list[Piece], root: Path) -> No
 
 def _clean_named_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``named_parameters`` under the checkpoint's names (a tied matrix once, as the
-    embedding)."""
+    embedding); LoRA adapters, which no base checkpoint holds, are left out."""
     for name, p in model.named_parameters():
+        if is_adapter(name):
+            continue
         for part in _WRAPPER_PARTS:
             name = name.replace(part, "")
         yield name, p
@@ -241,6 +244,6 @@ def load_by_broadcast(model: nn.Module, path: str | Path) -> None:
     full = {}
     if dist.get_rank() == 0:
         full = load_model(path, dtype=dtype, device="cpu").state_dict()
-    set_model_state_dict(
-        model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    )
+    adapters = any(is_adapter(name) for name, _ in model.named_parameters())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not adapters)
+    set_model_state_dict(model, full, options=options)

@@ -53,6 +53,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from longtune.model.args import ATTENTION_BACKENDS
+from longtune.model.lora import LORA_TARGETS, LoraSpec
 
 
 class ConfigError(ValueError):
@@ -199,9 +200,6 @@ _FIELDS = ConfigDict(
     allow_inf_nan=False,  # every float setting is finite
 )
 
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The projections of a Llama block that can get LoRA adapters (Hugging Face module names)."""
 
 #: Shorthands of model.lora.targets.
 LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -454,6 +452,10 @@ class ExportConfig:
     """Largest safetensors file of the Hugging Face export, in GB (10^9 bytes), with an index;
     none = the files of the source model."""
 
+    lora_adapter: bool = False
+    """With model.lora.rank > 0: also write the adapters as a PEFT folder (adapter/:
+    adapter_config.json + adapter_model.safetensors) beside the merged Hugging Face folder."""
+
 
 class _KeyRule(ValueError):
     """A rule between settings is broken; ``key`` is the one to change."""
@@ -491,6 +493,9 @@ class JobConfig:
         if d.format == "text" and d.task_type != "text":
             rule = f"reads .txt documents, which only data.task_type=text trains on ({d.task_type})"
             raise _KeyRule("data.format", d.format, rule)
+        if self.export.lora_adapter and self.model.lora.rank == 0:
+            rule = "writes LoRA adapters, and model.lora.rank is 0 (full fine-tuning)"
+            raise _KeyRule("export.lora_adapter", True, rule)
         if d.mix and len(d.mix) != len(d.train):
             rule = f"give one weight per data.train entry ({len(d.train)}), or none"
             raise _KeyRule("data.mix", ",".join(f"{w:g}" for w in d.mix), rule)
@@ -832,6 +837,21 @@ def _error_line(error: ErrorDetails, values: dict[str, tuple[Any, str]]) -> str:
         return f"{where}: {exc}"
     rule = re.sub(r"^\w+ should", "must", error["msg"])  # Input should be greater than 0
     return f"{where}: {value!r} is invalid; {rule.replace(' after validation', '')}"
+
+
+def lora_spec(cfg: JobConfig) -> LoraSpec | None:
+    """The adapters of a LoRA run (``model.lora.rank`` > 0), or None for full fine-tuning."""
+    lora = cfg.model.lora
+    if lora.rank == 0:
+        return None
+    return LoraSpec(
+        rank=lora.rank,
+        alpha=lora.effective_alpha(),
+        dropout=lora.dropout,
+        targets=tuple(lora.targets),
+        rslora=lora.rslora,
+        train_embeddings=lora.train_embeddings,
+    )
 
 
 def resolve_grad_accum(cfg: JobConfig, dp_size: int) -> int:

@@ -37,6 +37,7 @@ from longtune.model.attention import check_backend
 from longtune.model.checks import read_model_config
 from longtune.model.convert import check_model_folder
 from longtune.model.llama import Transformer
+from longtune.model.lora import add_lora, check_record
 from longtune.parallel.dims import ParallelDims, device_type
 from longtune.run_dir import RunDir, check_run_folder
 from longtune.train.config import (
@@ -44,6 +45,7 @@ from longtune.train.config import (
     JobConfig,
     flat_settings,
     load_config,
+    lora_spec,
     resolve_grad_accum,
 )
 
@@ -154,9 +156,18 @@ def _check_start(
             )
     if ckpt is not None:
         _check_same_settings(cfg, ckpt, dims, data_files)
+        spec = lora_spec(cfg)
         with torch.device("meta"):
             model = Transformer(args)
+            if spec is not None:
+                add_lora(model, spec)
         check_checkpoint_model(ckpt, model)  # another model: refused before anything starts
+        if spec is not None:  # adapters for another base model: refused too
+            record = read_rank_states(ckpt, require=("lora",))["lora"]
+            try:
+                check_record(record, spec, cfg.model.path, "model.path")
+            except ValueError as e:
+                raise ConfigError(f"cannot resume {ckpt}: {e}") from None
     return None if resume in ("auto", "never") else ckpt
 
 

@@ -31,6 +31,11 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 
 from longtune.checkpoint import (
     Checkpointer,
@@ -49,8 +54,10 @@ from longtune.data import (
 )
 from longtune.export.check import export_and_check
 from longtune.export.gguf import export_gguf
+from longtune.export.lora import MergedTensors, write_peft_adapter
 from longtune.model.hf import HFSource, read_hf_source
 from longtune.model.llama import Transformer
+from longtune.model.lora import LoraRecord, add_lora, freeze_base_dtype, init_adapters, is_adapter
 from longtune.parallel.load import load_parallel_model
 from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
 from longtune.run_dir import RunDir, read_metrics, rewrite_metrics
@@ -58,7 +65,8 @@ from longtune.train.config import (
     ConfigError,
     Duration,
     JobConfig,
-    config_to_dict,
+    flat_settings,
+    lora_spec,
     resolve_grad_accum,
     save_config,
 )
@@ -102,6 +110,8 @@ class Trainer:
         self.cfg, self.rank, self.device = cfg, rank, device
         self.dims, self.args = checked.dims, checked.args
         self.compute_dtype = checked.compute_dtype
+        self.lora = lora_spec(cfg)
+        """The adapters of a LoRA run (None: full fine-tuning)."""
         self.world = self.dims.world_size
         self.dp_rank, self.sp_rank = self.dims.coords(rank)
         self.run = RunDir(cfg.output.dir)
@@ -150,12 +160,15 @@ class Trainer:
             self.loader.resume_position(states["data"])
         self.build_model()
         self.build_optimizer()
+        states = {"train": self.state, "data": self.loader, "schedule": self.scheduler}
+        if self.lora is not None:  # what the adapters are for: checked on resume and export
+            states["lora"] = LoraRecord(self.lora, self.cfg.model.path)
         self.checkpointer = Checkpointer(
             self.run.checkpoints,
             keep_last=self.cfg.checkpoint.keep_last,
             model=self.model,
             optimizer=self.optimizer,
-            states={"train": self.state, "data": self.loader, "schedule": self.scheduler},
+            states=states,
         )
 
     def _agreed_latest_checkpoint(self) -> Path | None:
@@ -272,6 +285,9 @@ class Trainer:
             read_hf_source(cfg.model.path)[1].save(self.run.source)
         with torch.device("meta"):
             model = Transformer(self.args)
+            if self.lora is not None:  # adapters in float32; the frozen base in compute dtype
+                add_lora(model, self.lora)
+                freeze_base_dtype(model, self.compute_dtype)
         parallelize(
             model,
             self.dims.build_mesh(device.type),
@@ -290,13 +306,38 @@ class Trainer:
         model.init_buffers(device=device)
         model.train()
         self.model = model
+        if self.lora is not None:
+            self._init_adapters()
+
+    def _init_adapters(self) -> None:
+        """PEFT's initial adapters (A Kaiming-uniform, B zero), the same values on every rank
+        and layout for a seed; a resume then overwrites them."""
+        trainable = get_model_state_dict(
+            self.model, options=StateDictOptions(ignore_frozen_params=True)
+        )
+        values = init_adapters(
+            {n: t for n, t in trainable.items() if is_adapter(n)}, self.cfg.train.seed
+        )
+        set_model_state_dict(
+            self.model, values, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+        n = sum(v.numel() for v in values.values())
+        logger.info(
+            "LoRA rank %d (scale %.4g) on %s: %d adapter parameters (%.3f%% of the model)%s",
+            self.lora.rank,
+            self.lora.scale,
+            ",".join(self.lora.targets),
+            n,
+            100 * n / self.args.num_params(),
+            "; embeddings and output trained in full" if self.lora.train_embeddings else "",
+        )
 
     def build_optimizer(self) -> None:
         """AdamW (fused: one kernel per parameter and no optimizer-wide temporaries, on CPU
         and GPU) and the warmup + decay schedule."""
         opt = self.cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],  # LoRA: adapters only
             lr=opt.lr,
             betas=tuple(opt.betas),
             eps=opt.eps,
@@ -328,7 +369,7 @@ class Trainer:
             self.run, rank, tensorboard=cfg.output.tensorboard, mlflow=cfg.output.mlflow
         )
         if rank == 0 and ckpt is None:
-            params = {k: v for s in config_to_dict(cfg).values() for k, v in s.items()}
+            params = flat_settings(cfg)
             self.metrics.log_params(params)
         self.progress = ProgressLine(self.total_steps, rank)
         logger.info(
@@ -448,7 +489,8 @@ class Trainer:
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm to ``optim.grad_clip`` (0: no clipping); returns it."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         return float(grad_norm)
@@ -570,8 +612,18 @@ class Trainer:
         result = RunResult(status="succeeded", run_dir=self.run.path, final_step=self.state.step)
         if self.rank == 0:
             source = HFSource.load(self.run.source)
+            trained = CheckpointTensors(final)
+            if self.lora is not None and self.cfg.export.lora_adapter:
+                info = write_peft_adapter(
+                    trained, self.lora, self.args, self.cfg.model.path, self.run.adapter, True
+                )
+                logger.info(
+                    "exported %s (PEFT adapter, %d tensors)", self.run.adapter, info["tensors"]
+                )
             check = export_and_check(
-                CheckpointTensors(final),
+                trained
+                if self.lora is None
+                else MergedTensors(trained, self.cfg.model.path, self.args, self.lora),
                 self.args,
                 source,
                 self.run.export,
