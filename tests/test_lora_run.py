@@ -183,3 +183,47 @@ def test_sp3_lora_equals_one_process_and_resumes_on_one(setup, lora_run):
     run(1, lora_args(setup, out, "--grad-accum", "2"))
     assert "resumed from" in (out / "train.log").read_text()
     assert_same_run(out, lora_run, steps=(1, 2, 3, 4))
+
+
+def test_trained_embeddings_with_tied_output_export_for_peft(setup):
+    """train_embeddings on a tied model: the embedding (= output) matrix is trained in full;
+    PEFT's folder (modules_to_save, weight tying kept) gives the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run(
+        1,
+        lora_args(
+            setup,
+            setup["root"] / "lora-embed",
+            "--model.lora.targets=q_proj,v_proj",
+            "--model.lora.train_embeddings",
+            "--duration=2st",
+        ),
+    )
+    source, merged = read_all(setup["model"]), read_all(out / "hf")
+    embed = "model.embed_tokens.weight"
+    assert not torch.equal(source[embed], merged[embed])
+    assert torch.equal(
+        source["model.layers.0.self_attn.k_proj.weight"],
+        merged["model.layers.0.self_attn.k_proj.weight"],
+    )
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+        got = PeftModel.from_pretrained(base, out / "adapter")(ids).logits
+    assert rel_err(got, want) < 1e-5
+
+
+def test_bfloat16_lora_under_fsdp_keeps_the_base_in_bfloat16(setup):
+    """Two data-parallel ranks (FSDP2), bf16 compute: the frozen base is stored in bf16 (no
+    float32 copy), the adapters in float32; the run trains and exports."""
+    out = run(
+        2,
+        lora_args(setup, setup["root"] / "lora-bf16", "--model.dtype=bfloat16", "--duration=2st"),
+    )
+    log = (out / "train.log").read_text()
+    assert "in float32, the frozen base in torch.bfloat16" in log
+    losses = [r["loss"] for r in train_records(out).values()]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)

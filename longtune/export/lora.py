@@ -125,9 +125,11 @@ def write_peft_adapter(
     """
     tensors = {peft_key(n): trained[n].contiguous() for n in trained if is_adapter(n)}
     if spec.train_embeddings:
-        tensors["base_model.model.model.embed_tokens.weight"] = trained[EMBEDDINGS[0]]
-        if not args.tie_embeddings:
-            tensors["base_model.model.lm_head.weight"] = trained[EMBEDDINGS[1]]
+        embed = trained[EMBEDDINGS[0]]
+        tensors["base_model.model.model.embed_tokens.weight"] = embed
+        # Tied: the same matrix again (a copy: safetensors stores no shared tensors).
+        out = embed.clone() if args.tie_embeddings else trained[EMBEDDINGS[1]]
+        tensors["base_model.model.lm_head.weight"] = out
     config = adapter_config(spec, base, args.tie_embeddings)
     with atomic_dir(out_dir, kind="adapter", sources=[base], overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

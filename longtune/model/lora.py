@@ -278,9 +278,9 @@ def base_fingerprint(path: str | Path) -> str:
 
 def adapter_config(spec: LoraSpec, base: str, tie_embeddings: bool) -> dict[str, Any]:
     """PEFT's ``adapter_config.json`` for these adapters on an HF ``LlamaForCausalLM``."""
-    modules_to_save = None
-    if spec.train_embeddings:
-        modules_to_save = ["embed_tokens"] if tie_embeddings else ["embed_tokens", "lm_head"]
+    # Trained embeddings: both modules saved whole; with tied embeddings PEFT must tie its two
+    # copies again (ensure_weight_tying), or lm_head would keep the base's matrix.
+    modules_to_save = ["embed_tokens", "lm_head"] if spec.train_embeddings else None
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -294,6 +294,7 @@ def adapter_config(spec: LoraSpec, base: str, tie_embeddings: bool) -> dict[str,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": modules_to_save,
+        "ensure_weight_tying": bool(spec.train_embeddings and tie_embeddings),
         "inference_mode": True,
     }
 

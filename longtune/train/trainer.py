@@ -318,17 +318,19 @@ class Trainer:
         values = init_adapters(
             {n: t for n, t in trainable.items() if is_adapter(n)}, self.cfg.train.seed
         )
-        set_model_state_dict(
-            self.model, values, options=StateDictOptions(full_state_dict=True, strict=False)
-        )
         n = sum(v.numel() for v in values.values())
+        set_model_state_dict(  # (fills the dict it is given with the model's other tensors)
+            self.model, dict(values), options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         logger.info(
-            "LoRA rank %d (scale %.4g) on %s: %d adapter parameters (%.3f%% of the model)%s",
+            "LoRA rank %d (scale %.4g) on %s: %d adapter parameters (%.3f%% of the model) in "
+            "float32, the frozen base in %s%s",
             self.lora.rank,
             self.lora.scale,
             ",".join(self.lora.targets),
             n,
             100 * n / self.args.num_params(),
+            _stored_dtypes(self.model, frozen=True),
             "; embeddings and output trained in full" if self.lora.train_embeddings else "",
         )
 
@@ -615,7 +617,7 @@ class Trainer:
             trained = CheckpointTensors(final)
             if self.lora is not None and self.cfg.export.lora_adapter:
                 info = write_peft_adapter(
-                    trained, self.lora, self.args, self.cfg.model.path, self.run.adapter, True
+                    trained, self.lora, self.args, _abs(self.cfg.model.path), self.run.adapter, True
                 )
                 logger.info(
                     "exported %s (PEFT adapter, %d tensors)", self.run.adapter, info["tensors"]
@@ -649,6 +651,16 @@ class Trainer:
 
     def _stop_flag(self) -> float:
         return 1.0 if self.stop.requested else 0.0
+
+
+def _stored_dtypes(model: torch.nn.Module, frozen: bool) -> str:
+    """The dtypes the (frozen or trainable) parameters are stored in, as in the log."""
+    found = {str(p.dtype) for p in model.parameters() if p.requires_grad != frozen}
+    return ",".join(sorted(found))
+
+
+def _abs(path: str) -> str:
+    return str(Path(path).resolve())
 
 
 def _gb_to_bytes(gb: float | None) -> int | None:
