@@ -281,3 +281,9 @@ def test_every_checkpointing_mode_and_compile_give_the_same_adapter_gradients(ac
     }
     if not ac.endswith("compile"):  # compiled graphs run as one kernel call: nothing to see
         assert seen.shapes and not frozen & set(seen.shapes), frozen & set(seen.shapes)
+
+
+def test_the_config_lists_the_model_s_lora_targets():
+    from longtune.train import config
+
+    assert config.LORA_TARGETS == LORA_TARGETS

@@ -35,7 +35,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -53,7 +53,9 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from longtune.model.args import ATTENTION_BACKENDS
-from longtune.model.lora import LORA_TARGETS, LoraSpec
+
+if TYPE_CHECKING:
+    from longtune.model.lora import LoraSpec
 
 
 class ConfigError(ValueError):
@@ -200,6 +202,10 @@ _FIELDS = ConfigDict(
     allow_inf_nan=False,  # every float setting is finite
 )
 
+
+# The projections of a Llama block that can get LoRA adapters (Hugging Face module names):
+# longtune.model.lora.LORA_TARGETS (this module imports no torch; a test keeps them equal).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 #: Shorthands of model.lora.targets.
 LORA_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -841,6 +847,8 @@ def _error_line(error: ErrorDetails, values: dict[str, tuple[Any, str]]) -> str:
 
 def lora_spec(cfg: JobConfig) -> LoraSpec | None:
     """The adapters of a LoRA run (``model.lora.rank`` > 0), or None for full fine-tuning."""
+    from longtune.model.lora import LoraSpec  # (torch: not imported with the config)
+
     lora = cfg.model.lora
     if lora.rank == 0:
         return None
