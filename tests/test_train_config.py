@@ -451,6 +451,37 @@ def test_yaml_booleans_for_compile_are_its_words(tmp_path):
         assert load_config(path, []).train.compile == word
 
 
+def test_memory_settings_defaults_words_and_errors(tmp_path):
+    """The memory levers: defaults, YAML booleans read as their words, one-line errors."""
+    cfg = load_config(None, REQUIRED)
+    assert cfg.model.activation_checkpointing == "selective"
+    assert (cfg.model.tiled_mlp, cfg.model.offload_activations) == ("auto", "false")
+    assert cfg.parallel.cpu_offload is False and cfg.train.plan_check is True
+    cfg = load_config(
+        None,
+        REQUIRED
+        + ["--model.activation_checkpointing=auto", "--model.tiled_mlp=true"]
+        + [
+            "--model.offload_activations=auto",
+            "--parallel.cpu_offload",
+            "--train.plan_check=false",
+        ],
+    )
+    assert cfg.model.activation_checkpointing == "auto" and cfg.model.tiled_mlp == "true"
+    assert cfg.model.offload_activations == "auto"
+    assert cfg.parallel.cpu_offload is True and cfg.train.plan_check is False
+    for value, word in ((True, "true"), (False, "false")):
+        model = {"path": "m", "tiled_mlp": value, "offload_activations": value}
+        path = write_yaml(tmp_path, {"model": model, "data": {"train": ["a"]}})
+        cfg = load_config(path, [])
+        assert cfg.model.tiled_mlp == cfg.model.offload_activations == word
+    with pytest.raises(ConfigError) as info:
+        load_config(None, REQUIRED + ["--model.tiled_mlp=yes"])
+    assert str(info.value) == (
+        "model.tiled_mlp (from --model.tiled_mlp): 'yes' is not one of auto, true, false"
+    )
+
+
 def test_commas_in_data_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a,b.jsonl").write_text("{}\n")
@@ -610,7 +641,7 @@ def test_lora_from_python_values_and_the_api(monkeypatch):
         (
             ["--model.foo=1"],
             "--model.foo: unknown key 'model.foo' (known keys in model: path, dtype, "
-            "activation_checkpointing, attention, lora)",
+            "activation_checkpointing, offload_activations, tiled_mlp, attention, lora)",
         ),
         (
             ["--model.lora=16"],

@@ -2,13 +2,19 @@
 
 0. sequence parallelism (when the mesh's ``sp`` dimension is > 1): every block's
    ``Attention.core`` wrapped in Ulysses all-to-alls over the ``sp`` group;
-1. activation checkpointing (none | selective | full) around each block; selective keeps the
+1. tiled MLP (optional, ``tiled_mlp``): every block's ``feed_forward`` runs over the (local)
+   sequence in tiles of about ``dim`` tokens, forward and backward
+   (:class:`~longtune.model.tiled.TiledMLP`), so its ``tokens x ffn_dim`` intermediates never
+   exist whole; parameter names do not change;
+2. activation checkpointing (none | selective | full) around each block; selective keeps the
    attention kernel's outputs (and the all-to-all outputs only with ``keep_exchanges``);
-2. ``torch.compile`` of each block (optional), so its elementwise work (RMSNorm, RoPE,
-   SiLU * up, residual adds) fuses; the checkpointing wrapper is compiled with the block;
-3. FSDP2 (``fully_shard``) of each block, then of the root, over all ranks of the mesh
+3. ``torch.compile`` of each block (optional), so its elementwise work (RMSNorm, RoPE,
+   SiLU * up, residual adds) fuses; the checkpointing wrapper is compiled with the block (with
+   a tiled MLP, which runs eagerly between two graphs, the block inside the wrapper);
+4. FSDP2 (``fully_shard``) of each block, then of the root, over all ranks of the mesh
    (dp x sp flattened), with bf16 compute / fp32 reduction on GPU; skipped on a single rank
-   without mixed precision (a plain model: nothing to shard or cast).
+   without mixed precision (a plain model: nothing to shard or cast). With ``cpu_offload``,
+   FSDP2's ``CPUOffloadPolicy``: parameters, gradients and optimizer state in host memory.
 """
 
 from __future__ import annotations
@@ -19,11 +25,19 @@ import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from longtune.model.attention import exclude_from_compile
 from longtune.model.llama import Transformer
+from longtune.model.tiled import TiledMLP
+from longtune.model.tiled import exclude_from_compile as exclude_tiled_mlp_from_compile
 from longtune.parallel.ulysses import SAVE_OPS as _SP_SAVE_OPS
 from longtune.parallel.ulysses import apply_sequence_parallel
 
@@ -68,6 +82,25 @@ def _selective_context(keep_exchanges: bool = False):  # noqa: ANN202
     return create_selective_checkpoint_contexts(policy)
 
 
+def apply_tiled_mlp(model: Transformer, tile: int | None = None) -> None:
+    """Run every block's MLP over the sequence in tiles, forward and backward.
+
+    Each ``feed_forward`` becomes a :class:`~longtune.model.tiled.TiledMLP` of itself: the same
+    parameters under the same names (a checkpoint saved with tiling loads without, and back),
+    computed ``tile`` tokens at a time so that the ``tokens x 2 ffn_dim`` gate/up
+    intermediates exist for one tile only (their gradients too). Apply after sequence
+    parallelism (the tiles are over a rank's own tokens) and before activation checkpointing.
+
+    Args:
+        model: the native model (any device, the meta device included).
+        tile: tokens per tile; None = ALST's rule, ``ceil(tokens / dim)`` equal tiles (about
+            ``dim`` tokens each, :func:`~longtune.model.tiled.tile_tokens`).
+    """
+    for block in model.layers.values():
+        if not isinstance(block.feed_forward, TiledMLP):
+            block.feed_forward = TiledMLP(block.feed_forward, tile)
+
+
 def apply_activation_checkpointing(
     model: Transformer, mode: str, keep_exchanges: bool = False
 ) -> None:
@@ -100,22 +133,45 @@ def apply_compile(model: Transformer) -> None:
 
     Blocks share their code, so one compiled graph serves them all. The per-document attention
     path and the flex block-mask builder stay outside the graphs (they follow each batch's
-    document layout); ``varlen_attn`` and FlexAttention are traced into them.
+    document layout); ``varlen_attn`` and FlexAttention are traced into them. A tiled MLP runs
+    eagerly between two graphs of its block (inside the checkpoint, when there is one).
     """
     exclude_from_compile()
+    exclude_tiled_mlp_from_compile()
     for name, block in model.layers.named_children():
-        model.layers.register_module(name, torch.compile(block))
+        inner = getattr(block, "_checkpoint_wrapped_module", None)
+        if inner is not None and isinstance(inner.feed_forward, TiledMLP):
+            # A tiled MLP stays out of the graphs (its backward runs autograd itself): the
+            # block's graph breaks around it, and a checkpoint cannot be compiled across a break
+            # (the whole block would run eagerly). Compile the block inside the checkpoint.
+            block.register_module("_checkpoint_wrapped_module", torch.compile(inner))
+        else:
+            model.layers.register_module(name, torch.compile(block))
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
-    """Shard parameters, gradients and optimizer state over every rank of ``mesh``."""
+def apply_fsdp(
+    model: Transformer,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    cpu_offload: bool = False,
+) -> None:
+    """Shard parameters, gradients and optimizer state over every rank of ``mesh``.
+
+    Args:
+        cpu_offload: keep the shards (parameters, gradients, so optimizer state) in pinned
+            host memory, copied to the device for each block's forward and backward; the
+            optimizer step then runs on the CPU (FSDP2's ``CPUOffloadPolicy``; CUDA only).
+    """
     flat = mesh if mesh.ndim == 1 else mesh._flatten("dp_sp")
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    kw = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+        "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),  # (no offload)
+    }
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block is needed again right away by the backward pass: keep it gathered.
-        fully_shard(block, mesh=flat, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=flat, mp_policy=mp)
+        fully_shard(block, mesh=flat, reshard_after_forward=i < len(blocks) - 1, **kw)
+    fully_shard(model, mesh=flat, **kw)
 
 
 def is_fsdp_sharded(model: nn.Module) -> bool:
@@ -131,8 +187,11 @@ def parallelize(
     param_dtype: torch.dtype | None,
     compile: bool = False,
     keep_exchanges: bool = False,
+    tiled_mlp: bool = False,
+    cpu_offload: bool = False,
 ) -> nn.Module:
-    """Apply sequence parallelism, activation checkpointing, compile (optional), then FSDP2.
+    """Apply sequence parallelism, tiled MLP (optional), activation checkpointing, compile
+    (optional), then FSDP2.
 
     Args:
         model: the native model, usually still on the meta device.
@@ -142,17 +201,23 @@ def parallelize(
         compile: ``torch.compile`` each block.
         keep_exchanges: selective checkpointing keeps the SP all-to-all outputs
             (``parallel.keep_exchanges``).
+        tiled_mlp: run every MLP in tiles of about ``dim`` tokens, forward and backward
+            (:func:`apply_tiled_mlp`).
+        cpu_offload: FSDP2 keeps parameters, gradients and optimizer state in host memory
+            (``parallel.cpu_offload``; CUDA only). FSDP2 is applied even on one rank then.
 
     Returns:
         The same model, now sharded.
     """
     if mesh["sp"].size() > 1:
         apply_sequence_parallel(model, mesh["sp"].get_group())
+    if tiled_mlp:
+        apply_tiled_mlp(model)
     apply_activation_checkpointing(model, ac_mode, keep_exchanges)
     if compile:
         apply_compile(model)
-    if mesh.size() > 1 or param_dtype is not None:
-        apply_fsdp(model, mesh, param_dtype)
+    if mesh.size() > 1 or param_dtype is not None or cpu_offload:
+        apply_fsdp(model, mesh, param_dtype, cpu_offload)
     # else: one rank and no mixed precision, nothing for FSDP to do but copies (its all-gathers
     # through gloo cost a measurable part of a CPU step, docs/benchmarks.md); checkpoints stay
     # DCP, so a run resumed on more ranks reshards them like any other.

@@ -280,8 +280,21 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Parameter/compute dtype: auto | float32 | bfloat16 (auto = bfloat16 on CUDA, float32 on CPU)."""
 
-    activation_checkpointing: Literal["none", "selective", "full"] = "selective"
-    """Activation checkpointing mode: none | selective | full."""
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] = "selective"
+    """Activation checkpointing mode: auto | none | selective | full (auto = the planner picks
+    the fastest mode that fits)."""
+
+    offload_activations: Annotated[
+        Literal["auto", "true", "false"], BeforeValidator(_bool_word)
+    ] = "false"
+    """Keep the block inputs that activation checkpointing saves in pinned host memory, moved on
+    a side stream (CUDA only): auto | true | false (auto = when the planner says the layout
+    needs it)."""
+
+    tiled_mlp: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_word)] = "auto"
+    """Run the MLP over the sequence in tiles, forward and backward (the L x ffn_dim
+    intermediates never exist whole): auto = when the planner says the layout needs it | true |
+    false."""
 
     attention: Literal["auto", "sdpa", "varlen", "flex"] = "auto"
     """Attention kernel: auto | sdpa | varlen | flex (auto = SDPA for unpacked sequences,
@@ -399,6 +412,10 @@ class TrainConfig:
     """torch.compile each block (fuses norms, RoPE, SwiGLU): auto | true | false (auto = on
     with CUDA, off on CPU)."""
 
+    plan_check: bool = True
+    """Before any weight is read, refuse a layout the memory planner predicts will not fit the
+    device (false: try anyway)."""
+
 
 @dataclass(config=_FIELDS)
 class ParallelConfig:
@@ -415,6 +432,10 @@ class ParallelConfig:
     keep_exchanges: bool = False
     """With sp > 1 and selective checkpointing: keep the all-to-all outputs instead of
     exchanging again in the backward pass (fewer exchanges, about twice the activation memory)."""
+
+    cpu_offload: bool = False
+    """FSDP2's CPUOffloadPolicy: parameters, gradients and optimizer state in host memory, the
+    optimizer step on the CPU (CUDA only; for the largest models on few GPUs)."""
 
 
 @dataclass(config=_FIELDS)

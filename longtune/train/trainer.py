@@ -291,11 +291,16 @@ class Trainer:
         parallelize(
             model,
             self.dims.build_mesh(device.type),
-            cfg.model.activation_checkpointing,
+            # auto: selective, until the memory planner resolves it
+            "selective"
+            if cfg.model.activation_checkpointing == "auto"
+            else cfg.model.activation_checkpointing,
             param_dtype=None if self.compute_dtype == torch.float32 else self.compute_dtype,
             compile=cfg.train.compile == "true"
             or (cfg.train.compile == "auto" and device.type == "cuda"),
             keep_exchanges=cfg.parallel.keep_exchanges,
+            tiled_mlp=cfg.model.tiled_mlp == "true",  # auto: off until the planner resolves it
+            cpu_offload=cfg.parallel.cpu_offload,
         )
         model.to_empty(device=device)
         if not is_fsdp_sharded(model):
