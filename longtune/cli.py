@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_data_commands(sub)
     _add_run_commands(sub)
+    _add_plan_command(sub)
     sub.add_parser(
         "train",
         help="Fine-tune a model (YAML config + --section.key=value overrides; see `longtune train --help`).",
@@ -277,6 +278,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 _DEFAULT = " (default: %(default)s)"  # argparse writes the default in
 _RUNS_DIR = "the folder holding the run folders." + _DEFAULT
+
+
+def _add_plan_command(sub: Any) -> None:
+    """``plan``."""
+    p = _command(
+        sub,
+        "plan",
+        "longtune.plan.command:run",
+        "Predict, before any run, the peak memory per rank and the speed of each layout (SP, "
+        "activation checkpointing, tiled MLP, offload, micro-batch), by tracing the real "
+        "training step on fake tensors.",
+        epilog="Presets: smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, llama-3.1-70b, "
+        "llama-3.1-405b. Devices: h100-80, h200-141, a100-80, a100-40, l40s-48, cpu. "
+        "Method and accuracy: docs/planner.md.",
+    )
+    p.add_argument("model", help="a preset name or a model folder (only config.json is read).")
+    p.add_argument("--context", type=int, default=8192, help="tokens per sequence." + _DEFAULT)
+    p.add_argument("--nodes", type=int, default=1, help="nodes." + _DEFAULT)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node." + _DEFAULT)
+    p.add_argument("--device", default="h100-80", help="device preset." + _DEFAULT)
+    p.add_argument("--device-memory", help="memory per device instead of the preset's, e.g. 80GB.")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32." + _DEFAULT)
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning).")
+    p.add_argument("--sp", type=int, help="hold the SP degree fixed.")
+    p.add_argument("--ac", help="hold activation checkpointing fixed: none, selective or full.")
+    p.add_argument("--tiled-mlp", choices=("true", "false"), help="hold tiled MLP fixed.")
+    p.add_argument("--micro-batch", type=int, help="hold the micro-batch fixed.")
+    p.add_argument(
+        "--longest",
+        dest="find_longest",
+        action="store_true",
+        help="the longest context that fits, per checkpointing mode (largest SP, tiled MLP, "
+        "offload on CUDA).",
+    )
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON.")
 
 
 def _add_model_commands(sub: Any) -> None:

@@ -1,0 +1,297 @@
+"""Which layouts of a run fit a device, how fast each would go, and the longest context.
+
+For each layout (:class:`~longtune.plan.trace.Layout`: SP degree, activation checkpointing,
+tiled MLP, activation offload, micro-batch) the real step is traced on fake tensors for models
+of 3 and 4 blocks (:func:`~longtune.plan.trace.trace_step`) and extrapolated to the model's
+blocks segment by segment (tested against whole-model traces). What fake tensors cannot see is
+added as named terms (:func:`device_terms`, with their sources in ``docs/planner.md``). The
+step time is a model too: the traced FLOPs at :data:`~longtune.plan.hardware.MFU` of the
+device's bf16 peak, FSDP's traffic overlapped with it, Ulysses' all-to-alls and what offload
+cannot hide added.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from longtune.model.args import ModelArgs
+from longtune.plan.hardware import GIB, MFU, Device
+from longtune.plan.trace import Layout, StepTrace, extrapolate, trace_step
+
+AC_ORDER = ("none", "selective", "full")  # fastest first
+CUDA_CONTEXT = 512 * 2**20
+"""The CUDA context with cuBLAS and cuDNN handles: ~0.5 GiB on H100 with PyTorch 2.x."""
+NCCL_BUFFERS = 512 * 2**20
+"""NCCL's communicator buffers (channels x peers x NCCL_BUFFSIZE of 4 MiB), for a world > 1."""
+FRAGMENTATION = 0.05
+"""Allocator headroom: reserved-but-unallocated memory as a share of the tensor peak."""
+
+
+@dataclass
+class Prediction:
+    """One layout's predicted memory and speed on one rank."""
+
+    layout: Layout
+    device_bytes: int
+    """Predicted peak of the device's memory (tensors + terms)."""
+    fits: bool
+    margin_bytes: int
+    step_s: float
+    tokens_per_s: float
+    tensor_peak: int
+    """The traced tensor peak, extrapolated to every block."""
+    peak_segment: str
+    by_phase: dict[str, int]
+    """The tensor peak by what made it (parameters, optimizer, forward, backward...)."""
+    terms: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0
+    largest: tuple[int, str] = (0, "")
+    whole_model_trace: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "layout": asdict(self.layout)}
+
+
+def sp_degrees(args: ModelArgs, world: int) -> list[int]:
+    """The valid SP degrees on ``world`` ranks (see ``ParallelDims.build``)."""
+    out = []
+    for sp in range(1, world + 1):
+        if world % sp or args.n_heads % sp:
+            continue
+        if args.n_kv_heads % sp and sp % args.n_kv_heads:
+            continue
+        out.append(sp)
+    return out
+
+
+def device_terms(args: ModelArgs, layout: Layout, context: int, device: Device, world: int) -> dict:
+    """What the trace cannot see, by name, in bytes (see ``docs/planner.md``)."""
+    if not device.cuda:
+        return {}
+    heads = args.n_heads // layout.sp
+    terms = {
+        "cuda_context": CUDA_CONTEXT,
+        # FlashAttention's backward accumulates dq in float32 over the whole sequence (Ulysses
+        # gives each rank all tokens of heads/sp heads); the CPU kernel of the trace has none.
+        "attention_dq_accumulator": layout.micro_batch * context * heads * args.head_dim * 4,
+    }
+    if world > 1:
+        terms["nccl_buffers"] = NCCL_BUFFERS
+    return terms
+
+
+def predict(
+    args: ModelArgs,
+    layout: Layout,
+    *,
+    context: int,
+    device: Device,
+    nodes: int,
+    gpus_per_node: int,
+    param_dtype: torch.dtype | None,
+    lora: object | None = None,
+    supervised: float = 1.0,
+    documents: int = 1,
+    whole: bool = False,
+) -> Prediction:
+    """Trace and predict one layout (see the module docstring).
+
+    Args:
+        whole: trace the whole model instead of 2 and 3 blocks (slower; the check of the
+            extrapolation).
+    """
+    world = nodes * gpus_per_node
+    kw = dict(
+        world=world,
+        context=context,
+        param_dtype=param_dtype,
+        lora=lora,
+        supervised=supervised,
+        documents=documents,
+    )
+    base = Layout(**{**asdict(layout), "offload": False, "cpu_offload": False})
+    if whole or args.n_layers <= 4:
+        t = trace_step(args, base, n_layers=args.n_layers, **kw)
+        peak, by, where = t.peak, max(t.segments.values(), key=lambda s: s[0])[1], _argmax(t)
+        flops, large = t.flops, t
+    else:
+        small = trace_step(args, base, n_layers=3, **kw)
+        large = trace_step(args, base, n_layers=4, **kw)
+        peak, by, where = extrapolate(small, large, args.n_layers)
+        flops = large.flops + (args.n_layers - 4) * (large.flops - small.flops)
+    host = 0
+    terms = device_terms(args, layout, context, device, world)
+    if layout.offload:  # every block's kept input but the two at work lives on the host
+        moved = max(0, args.n_layers - 2) * large.kept_block_inputs
+        terms["activation_offload"] = -min(moved, by.get("forward", 0))
+        host += args.n_layers * large.kept_block_inputs
+    terms["fragmentation"] = int(FRAGMENTATION * peak)
+    total = peak + sum(terms.values())
+    step_s = _step_time(args, layout, context, device, nodes, gpus_per_node, flops, large)
+    dp = world // layout.sp
+    return Prediction(
+        layout=layout,
+        device_bytes=total,
+        fits=total <= device.memory,
+        margin_bytes=device.memory - total,
+        step_s=step_s,
+        tokens_per_s=layout.micro_batch * context * dp / step_s,
+        tensor_peak=peak,
+        peak_segment=where,
+        by_phase=by,
+        terms=terms,
+        host_bytes=host,
+        largest=large.largest,
+        whole_model_trace=whole,
+    )
+
+
+def _argmax(t: StepTrace) -> str:
+    return max(t.segments, key=lambda s: t.segments[s][0])
+
+
+def _step_time(
+    args: ModelArgs,
+    layout: Layout,
+    context: int,
+    device: Device,
+    nodes: int,
+    gpus_per_node: int,
+    flops: float,
+    trace: StepTrace,
+) -> float:
+    """Seconds per optimizer step of one micro-batch (see the module docstring)."""
+    world = nodes * gpus_per_node
+    compute = flops / (device.bf16_tflops * 1e12 * MFU)
+    params = args.num_params()
+    fsdp_bw = (device.intra_node_gbs if nodes == 1 else device.inter_node_gbs) * 1e9
+    fsdp = (2 * 2 + 4) * params * (world - 1) / world / fsdp_bw if world > 1 else 0.0
+    a2a = 0.0
+    if layout.sp > 1:
+        tokens = layout.micro_batch * context // layout.sp
+        per_exchange = (
+            tokens * (2 * args.q_size + 2 * args.kv_size) * 2 * (layout.sp - 1) / layout.sp
+        )
+        passes = 2 + (layout.ac != "none")
+        sp_bw = (
+            device.intra_node_gbs if layout.sp <= gpus_per_node else device.inter_node_gbs
+        ) * 1e9
+        a2a = args.n_layers * passes * per_exchange / sp_bw
+    offload = 0.0
+    if layout.offload:
+        moved = 2 * args.n_layers * trace.kept_block_inputs / (device.host_gbs * 1e9)
+        offload = max(0.0, moved - compute)
+    return max(compute, fsdp) + a2a + offload
+
+
+def layouts(
+    args: ModelArgs, world: int, device: Device, fixed: dict[str, Any] | None = None
+) -> list[Layout]:
+    """Every layout the planner weighs on ``world`` ranks, with ``fixed`` settings held."""
+    fixed = fixed or {}
+    out = []
+    for sp in [fixed["sp"]] if "sp" in fixed else sp_degrees(args, world):
+        for ac in [fixed["ac"]] if "ac" in fixed else AC_ORDER:
+            for tiled in [fixed["tiled_mlp"]] if "tiled_mlp" in fixed else (False, True):
+                offloads = [fixed["offload"]] if "offload" in fixed else [False]
+                if "offload" not in fixed and device.cuda and ac != "none":
+                    offloads.append(True)
+                for offload in offloads:
+                    for mbs in [fixed["micro_batch"]] if "micro_batch" in fixed else (1, 2):
+                        out.append(Layout(sp, ac, tiled, offload, mbs))
+    return out
+
+
+def plan(
+    args: ModelArgs,
+    *,
+    context: int,
+    device: Device,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    lora: object | None = None,
+    fixed: dict[str, Any] | None = None,
+    supervised: float = 1.0,
+    documents: int = 1,
+) -> list[Prediction]:
+    """Predictions for the layouts of a run, best first: those that fit by tokens/s, then the
+    others by predicted memory.
+
+    Memory falls as SP grows and as the levers go from none to selective to full
+    checkpointing, tiled MLP, offload; so for each lever setting the SP degrees are tried from
+    the smallest up and the larger ones are left out once one fits (they would only be slower).
+    """
+    world = nodes * gpus_per_node
+    kw = dict(
+        context=context,
+        device=device,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        param_dtype=param_dtype,
+        lora=lora,
+        supervised=supervised,
+        documents=documents,
+    )
+    found: list[Prediction] = []
+    fitted: set[tuple] = set()
+    for layout in sorted(layouts(args, world, device, fixed), key=lambda x: x.sp):
+        key = (layout.ac, layout.tiled_mlp, layout.offload, layout.micro_batch)
+        if key in fitted or context % layout.sp:
+            continue
+        p = predict(args, layout, **kw)
+        found.append(p)
+        if p.fits:
+            fitted.add(key)
+    return sorted(found, key=lambda p: (not p.fits, -p.tokens_per_s if p.fits else p.device_bytes))
+
+
+def longest(
+    args: ModelArgs,
+    layout: Layout,
+    *,
+    device: Device,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    lora: object | None = None,
+    granularity: int = 1024,
+    limit: int = 2**26,
+) -> tuple[int, Prediction | None]:
+    """The longest context (a multiple of ``granularity`` x SP) that fits with ``layout``,
+    by bisection on traced predictions; (0, None) when none does."""
+    kw = dict(
+        device=device,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        param_dtype=param_dtype,
+        lora=lora,
+    )
+    unit = granularity * layout.sp
+    lo, hi, best = 0, 1, None
+    while hi * unit <= limit:  # grow until it does not fit
+        p = predict(args, layout, context=hi * unit, **kw)
+        if not p.fits:
+            break
+        lo, best, hi = hi, p, hi * 2
+    while hi - lo > 1 and hi * unit <= limit:
+        mid = (lo + hi) // 2
+        p = predict(args, layout, context=mid * unit, **kw)
+        lo, hi, best = (mid, hi, p) if p.fits else (lo, mid, best)
+    return lo * unit, best
+
+
+def parse_memory(text: str) -> int:
+    """``80GB`` (10^9), ``80GiB`` (2^30) or a plain byte count -> bytes."""
+    t = text.strip().lower().replace(" ", "")
+    for suffix, scale in (("gib", GIB), ("gb", 10**9), ("mib", 2**20), ("mb", 10**6)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * scale)
+    value = float(t)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a memory size, e.g. 80GB or 75GiB")
+    return int(value)

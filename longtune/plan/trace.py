@@ -1,0 +1,308 @@
+"""One training step of longtune's own code, run on fake tensors, its memory and work counted.
+
+:func:`trace_step` builds the native model on the meta device, applies the real
+:func:`~longtune.parallel.parallelize.parallelize` (Ulysses SP, tiled MLP, activation
+checkpointing, FSDP2 with the run's mixed precision) over a mesh of a *fake* process group of
+the planned world size, materializes it as fake tensors, and runs the real step — forward with
+the chunked loss, backward (with every recompute), the AdamW step — under a dispatch-level
+memory tracker (:mod:`longtune.plan.memory`) that also counts FLOPs by PyTorch's formulas. Nothing is allocated: a 70B model at 128K traces on a laptop. What this
+rank's memory holds comes out per segment of the step (a block's forward, the loss, a block's
+backward, the tail, the optimizer step) with what made it, the FLOPs of the step, and the
+largest single tensor and the op that made it.
+
+Two things of the real step depend on the data and are parameters here: the supervised rows
+(the chunked loss keeps only those; a ``nonzero`` the fake tensors cannot size — replaced, for
+the trace only, by the first ``supervised`` rows) and the documents of a sequence (default one,
+the worst case for attention). The optimizer is traced in its
+for-loop form: the fused kernel
+the trainer uses updates the same state in place, and its fake implementation would count
+outputs the real kernel never allocates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longtune.model.args import ModelArgs
+from longtune.model.llama import Transformer
+from longtune.plan.memory import MemoryTracker
+
+#: Where in a step memory is counted, by the position of the block at work (a middle block's
+#: segment is the largest of the middle blocks). The planner extrapolates each from traces of 3
+#: and 4 blocks (both have a middle block): each grows linearly with the blocks.
+SEGMENTS = (
+    "fwd_first",
+    "fwd_mid",
+    "fwd_last",
+    "loss",
+    "bwd_first",
+    "bwd_mid",
+    "bwd_last",
+    "tail",
+    "optimizer",
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one run is laid out: the levers the planner turns."""
+
+    sp: int = 1
+    ac: str = "selective"
+    tiled_mlp: bool = False
+    offload: bool = False
+    """Activation offload: the block inputs checkpointing keeps live in pinned host memory."""
+    micro_batch: int = 1
+    cpu_offload: bool = False
+    """FSDP2's CPUOffloadPolicy: parameters, gradients and optimizer state on the host."""
+
+    def describe(self) -> str:
+        parts = [f"sp={self.sp}", f"ac={self.ac}", f"mbs={self.micro_batch}"]
+        parts += ["tiled_mlp"] * self.tiled_mlp + ["offload"] * self.offload
+        return " ".join(parts + ["cpu_offload"] * self.cpu_offload)
+
+
+@dataclass
+class StepTrace:
+    """What one traced step of an ``n_layers`` model holds and does on one rank."""
+
+    n_layers: int
+    peak: int
+    """Bytes of tensors alive at this rank's peak."""
+    segments: dict[str, tuple[int, dict[str, int]]]
+    """Segment -> (the largest live bytes there, those bytes by what made them:
+    ``parameters``, ``optimizer`` and ``inputs`` (held before the step), ``forward``,
+    ``backward``, ``optimizer step``)."""
+    flops: float
+    """FLOPs of the step on this rank (matmuls and attention; recomputes included)."""
+    largest: tuple[int, str] = (0, "")
+    """The largest tensor the step made: bytes, and the op, shape and phase that made it."""
+    kept_block_inputs: int = 0
+    """Bytes of one block's input (what full checkpointing keeps per block)."""
+
+
+def extrapolate(small: StepTrace, large: StepTrace, n_layers: int) -> tuple[int, dict, str]:
+    """The peak of an ``n_layers`` model from the traces of two smaller ones (``large`` has
+    one block more, both at least 3): each segment's figures grow linearly with the blocks
+    (block 0's forward sees no other block's state and does not grow), and the peak is the
+    largest segment.
+
+    Returns:
+        (peak bytes, those bytes by what made them, the segment where the peak is).
+    """
+    extra = n_layers - large.n_layers
+    best: tuple[int, dict, str] = (-1, {}, "")
+    for name in SEGMENTS:
+        if name not in large.segments:
+            continue
+        b_large, by_large = large.segments[name]
+        b_small, by_small = small.segments.get(name, large.segments[name])
+        k = 0 if name == "fwd_first" else extra
+        total = b_large + k * (b_large - b_small)
+        if total > best[0]:
+            by = {
+                label: by_large.get(label, 0)
+                + k * (by_large.get(label, 0) - by_small.get(label, 0))
+                for label in set(by_large) | set(by_small)
+            }
+            best = (total, by, name)
+    return best
+
+
+def ensure_fake_world(world: int) -> None:
+    """A fake process group of ``world`` ranks (this process is rank 0): collectives return
+    tensors of the right shapes and move nothing."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_backend() != "fake":
+            raise RuntimeError("the planner runs in a process without a real process group")
+        if dist.get_world_size() == world:
+            return
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+@contextlib.contextmanager
+def _first_rows_supervised(count: int | None) -> Iterator[None]:
+    """The chunked loss keeps the supervised rows with a ``nonzero`` fake tensors cannot size:
+    for the trace, the first ``count`` rows (all when None), gathered as the real code does."""
+    import longtune.model.loss as loss
+
+    real = loss.supervised_rows
+
+    def rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dim = hidden.shape[-1]
+        hidden, labels = hidden.reshape(-1, dim), labels.reshape(-1)
+        if count is None or count >= labels.numel():
+            return hidden, labels
+        keep = torch.arange(count, device=hidden.device)
+        return hidden.index_select(0, keep), labels.index_select(0, keep)
+
+    loss.supervised_rows = rows
+    try:
+        yield
+    finally:
+        loss.supervised_rows = real
+
+
+def trace_step(
+    args: ModelArgs,
+    layout: Layout,
+    *,
+    world: int,
+    context: int,
+    n_layers: int,
+    param_dtype: torch.dtype | None,
+    lora: object | None = None,
+    supervised: float = 1.0,
+    documents: int = 1,
+) -> StepTrace:
+    """Trace one optimizer step of rank 0 (see the module docstring).
+
+    Args:
+        args: the model's shape (its ``n_layers`` is replaced by ``n_layers``).
+        layout: SP degree, checkpointing, tiled MLP, micro-batch (the offloads are not traced:
+            :mod:`longtune.plan.planner` derives them from this trace).
+        world: ranks of the run (the fake process group's size).
+        context: tokens per sequence (``data.context_length``), divisible by ``layout.sp``.
+        n_layers: blocks to build.
+        param_dtype: compute dtype of the gathered parameters (None: float32, and no FSDP on
+            one rank, as the trainer does on CPU).
+        lora: a :class:`~longtune.model.lora.LoraSpec`, or None for full fine-tuning.
+        supervised: share of the tokens that carry a loss.
+        documents: documents per sequence (equal lengths).
+
+    Returns:
+        The :class:`StepTrace` of a step with the optimizer state made (every step but a
+        run's first).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = _parallel_model(args, layout, world, n_layers, param_dtype, lora)
+    local = context // layout.sp
+    tokens = layout.micro_batch * local
+    cu = None
+    if documents > 1:  # equal documents over the micro-batch (a real tensor: sized now)
+        total = layout.micro_batch * context
+        cu = torch.linspace(0, total, documents + 1).round().to(torch.int32)
+    count = None if supervised >= 1 else max(1, int(tokens * supervised))
+    with FakeTensorMode(allow_non_fake_inputs=True), _first_rows_supervised(count):
+        model.to_empty(device="cpu")
+        model.init_buffers(device="cpu")
+        model.tie_weights()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-5, foreach=False, fused=False)
+        ids = torch.zeros(layout.micro_batch, local, dtype=torch.long)
+        pos = torch.arange(local).expand(layout.micro_batch, local)
+        labels = torch.zeros(layout.micro_batch, local, dtype=torch.long)
+        for p in trainable:  # the optimizer state, as after a run's first step
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        gc.collect()  # the garbage of building the model is not the step's
+        tracker = MemoryTracker()
+        tracker.hold(model.parameters(), "parameters")
+        tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
+        tracker.hold((ids, pos, labels), "inputs")
+        with tracker, _segments(model, tracker):
+            loss = model(ids, position_ids=pos, cu_seqlens=cu, labels=labels)
+            tracker.phase = "backward"
+            loss.backward()
+            gc.collect()
+            tracker.phase, tracker.segment = "optimizer step", "optimizer"
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elem = (param_dtype or torch.float32).itemsize
+    return StepTrace(
+        n_layers=n_layers,
+        peak=tracker.peak,
+        segments=tracker.segments,
+        flops=float(tracker.flops),
+        largest=tracker.largest,
+        kept_block_inputs=tokens * args.dim * elem,
+    )
+
+
+def _parallel_model(
+    args: ModelArgs,
+    layout: Layout,
+    world: int,
+    n_layers: int,
+    param_dtype: torch.dtype | None,
+    lora: object | None,
+) -> Transformer:
+    """The model of ``n_layers`` blocks on the meta device, with LoRA and the trainer's
+    ``parallelize`` over a fake process group of ``world`` ranks."""
+    from longtune.model.lora import add_lora, freeze_base_dtype
+    from longtune.parallel.dims import ParallelDims
+    from longtune.parallel.parallelize import parallelize
+
+    ensure_fake_world(world)
+    dims = ParallelDims.build(
+        world, layout.sp, -1, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads
+    )
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(args, n_layers=n_layers))
+        if lora is not None:
+            add_lora(model, lora)
+            freeze_base_dtype(model, param_dtype or torch.float32)
+    levers = {"tiled_mlp": True} if layout.tiled_mlp else {}
+    parallelize(model, dims.build_mesh("cpu"), layout.ac, param_dtype=param_dtype, **levers)
+    return model
+
+
+@contextlib.contextmanager
+def _segments(model: Transformer, tracker: MemoryTracker) -> Iterator[None]:
+    """Name the tracker's segments from the blocks' hooks: a block's forward; the loss after
+    the last one; a block's backward from when its output's gradient is ready; the tail
+    (embedding and root) once the first block's input gradient is."""
+    blocks = list(model.layers.values())
+    last = len(blocks) - 1
+
+    def enter(name: str) -> None:
+        # Python frees reference cycles (autograd's, FSDP's) when its collector runs, which
+        # would make the trace depend on when that happens: collected at every segment's
+        # start instead, with the automatic collector off (see trace_step).
+        gc.collect()
+        tracker.segment = name
+
+    def set_segment(name: str):  # noqa: ANN202
+        def hook(*_: object) -> None:
+            enter(name)
+
+        return hook
+
+    handles = []
+    for i, block in enumerate(blocks):
+        where = "first" if i == 0 else "last" if i == last else "mid"
+        bwd = {"first": "bwd_last", "last": "bwd_first", "mid": "bwd_mid"}[where]
+
+        def pre(module, args, fwd=f"fwd_{where}", i=i):  # noqa: ANN001, ANN202
+            enter(fwd)
+            if i == 0 and args and torch.is_tensor(args[0]) and args[0].requires_grad:
+                args[0].register_hook(set_segment("tail"))
+
+        def post(module, args, out, bwd=bwd, i=i):  # noqa: ANN001, ANN202
+            if torch.is_tensor(out) and out.requires_grad:
+                out.register_hook(set_segment(bwd))
+            if i == last:
+                enter("loss")
+
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if collecting:
+            gc.enable()
