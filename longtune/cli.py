@@ -201,7 +201,7 @@ def _train(argv: list[str], stop: StopSignals) -> int:
         keeper.claim_existing()  # a folder another run writes into: refused before torch loads
         # torch and the trainer are imported only once the config is known to be good.
         from longtune.parallel.dims import PeerLostError
-        from longtune.train.result import TrainingDivergedError, failure_reason
+        from longtune.train.result import StepOutOfMemory, TrainingDivergedError, failure_reason
         from longtune.train.run import run_training
 
         try:
@@ -215,6 +215,9 @@ def _train(argv: list[str], stop: StopSignals) -> int:
         except (MemoryError, RuntimeError) as e:
             if failure_reason(e) != "oom":
                 raise
+            if isinstance(e, StepOutOfMemory):  # says where, how much and what to change
+                print(f"longtune train: stopped: {_first_line(e)}", file=sys.stderr)
+                return 1
             print(
                 f"longtune train: stopped: out of memory ({_first_line(e)}); the newest complete "
                 "checkpoint is intact: lower data.context_length or train.micro_batch_size, or "

@@ -93,3 +93,27 @@ def test_plan_command_lists_layouts_and_a_bad_model_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "neither a model folder" in lines[0], r.stderr
+
+
+def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path):
+    """An absurd context length: one line with the planner's figures, before the run folder or
+    the data is touched (and well under a minute)."""
+    import time
+
+    from helpers import make_hf_checkpoint
+
+    model = make_hf_checkpoint(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "longtune", "train", "--model", str(model), "--data", str(data),
+         "--context-length", "1000000000", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2 and time.monotonic() - t0 < 60
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "every layout keeps at least" in lines[0], r.stderr
+    assert "this device has" in lines[0] and not out.exists()

@@ -465,3 +465,33 @@ def test_a_layout_that_cannot_resume_exactly_is_refused_before_the_model_is_read
         )
     message = str(refused.value)
     assert "data-parallel degree 2" in message and "this run has 1" in message
+
+
+def test_out_of_memory_in_a_step_is_one_line_and_the_run_resumes(setup, tmp_path):
+    """A step that runs out of memory (forced: the allocator's error at step 3) ends the run
+    with one line saying where, how much and what to change; status failed / oom; the same
+    command then resumes from the newest checkpoint and finishes."""
+    from longtune.train.config import load_config
+    from longtune.train.result import StepOutOfMemory
+
+    out = tmp_path / "oom"
+    cfg = load_config(None, train_args(setup, out, "--checkpoint.every=1")[1:])
+
+    def fault(step, loss_sum):
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss_sum
+
+    with pytest.raises(StepOutOfMemory) as e:
+        R.run_training(cfg, _fault=fault)
+    message = str(e.value)
+    assert "\n" not in message and "in step 3 (96 tokens per sequence" in message
+    assert "measured peak" in message and "Tried to allocate 2.00 GiB" in message
+    assert "activation_checkpointing=full" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    status = read_status(RunDir(out))
+    assert status["state"] == "failed" and status["reason"] == "oom", status
+    r = run_cli(train_args(setup, out, "--checkpoint.every=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in (out / "train.log").read_text()
+    assert sorted(train_losses(out)) == list(range(1, 9))

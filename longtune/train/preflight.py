@@ -39,6 +39,7 @@ from longtune.model.convert import check_model_folder
 from longtune.model.llama import Transformer
 from longtune.model.lora import add_lora, check_record
 from longtune.parallel.dims import ParallelDims, device_type
+from longtune.plan.check import Planned, check_run
 from longtune.run_dir import RunDir, check_run_folder
 from longtune.train.config import (
     ConfigError,
@@ -65,6 +66,8 @@ class Checked:
     whose ranks must agree on one)."""
     data_files: dict[str, str]
     """Every train and eval data file (absolute) -> the SHA-256 of its content."""
+    plan: Planned
+    """The memory plan: the resolved checkpointing and tiling, the predicted peak."""
 
 
 def compute_dtype(setting: str, device_type: str) -> torch.dtype:
@@ -115,9 +118,39 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
         check_gguf_source(cfg.model.path)  # refused now, not after training
     dtype = compute_dtype(cfg.model.dtype, device_type())
     check_backend(cfg.model.attention, device_type(), dtype=dtype)
+    check_offload(cfg, device_type())
+    planned = check_run(  # the auto levers, and a layout that cannot fit: before any weight
+        args,
+        world=world_size,
+        sp=dims.sp,
+        micro_batch=cfg.train.micro_batch_size,
+        context=cfg.data.context_length,
+        ac=cfg.model.activation_checkpointing,
+        tiled_mlp=cfg.model.tiled_mlp,
+        compute_dtype=dtype,
+        device_type=device_type(),
+        lora=lora_spec(cfg),
+        enforce=cfg.train.plan_check,
+    )
     data_files = data_fingerprints(cfg)
     resume_from = _check_start(cfg, dims, args, data_files)
-    return Checked(dims, args, dtype, resume_from, data_files)
+    return Checked(dims, args, dtype, resume_from, data_files, planned)
+
+
+def check_offload(cfg: JobConfig, device: str) -> None:
+    """The offloads move tensors between a GPU and its host: refused on a CPU-only run."""
+    if device == "cuda":
+        return
+    if cfg.model.offload_activations == "true":
+        raise ConfigError(
+            "model.offload_activations=true moves activations from a GPU to host memory, and this "
+            "run has no GPU; leave it at false (or auto)"
+        )
+    if cfg.parallel.cpu_offload:
+        raise ConfigError(
+            "parallel.cpu_offload=true keeps a GPU run's parameters and optimizer state in host "
+            "memory, and this run has no GPU; leave it at false"
+        )
 
 
 def data_fingerprints(cfg: JobConfig) -> dict[str, str]:
@@ -213,6 +246,9 @@ def data_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
 RESUME_FREE_SECTIONS = ("parallel", "checkpoint", "output", "export")
 RESUME_FREE_KEYS = (
     "model.activation_checkpointing",
+    "model.tiled_mlp",
+    "model.offload_activations",
+    "train.plan_check",
     "model.attention",
     "train.compile",
     "data.cache_dir",

@@ -20,6 +20,11 @@ class TrainingDivergedError(RuntimeError):
     """The loss or gradient norm became NaN or infinite."""
 
 
+class StepOutOfMemory(MemoryError):
+    """A training step ran out of device (or host) memory; the message says where and what
+    to change (a MemoryError: the run's reason is ``oom``)."""
+
+
 @dataclass
 class RunResult:
     """What a finished, failed or cancelled run left behind."""

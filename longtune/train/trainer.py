@@ -73,7 +73,7 @@ from longtune.train.config import (
 from longtune.train.keeper import RunKeeper
 from longtune.train.metrics import MetricsWriter, ProgressLine, setup_logging
 from longtune.train.preflight import Checked
-from longtune.train.result import RunResult, TrainingDivergedError
+from longtune.train.result import RunResult, StepOutOfMemory, TrainingDivergedError
 from longtune.train.schedule import build_lr_scheduler
 from longtune.train.signals import RunCancelled, StopSignals, signal_name
 from longtune.train.state import TrainState
@@ -110,6 +110,9 @@ class Trainer:
         self.cfg, self.rank, self.device = cfg, rank, device
         self.dims, self.args = checked.dims, checked.args
         self.compute_dtype = checked.compute_dtype
+        self.plan = checked.plan
+        """The memory plan of the preflight (resolved levers, predicted peak per rank)."""
+        self._predicted_peak_gb = self.plan.record().get("predicted_peak_gb")
         self.lora = lora_spec(cfg)
         """The adapters of a LoRA run (None: full fine-tuning)."""
         self.world = self.dims.world_size
@@ -150,6 +153,7 @@ class Trainer:
         dist.barrier()
         setup_logging(self.run, self.rank)
         torch.manual_seed(self.cfg.train.seed)
+        self._log_plan()
         self.build_data()
         if self.cfg.checkpoint.resume == "auto":
             self.resume_from = self._agreed_latest_checkpoint()
@@ -169,6 +173,22 @@ class Trainer:
             model=self.model,
             optimizer=self.optimizer,
             states=states,
+        )
+
+    def _log_plan(self) -> None:
+        plan = self.plan.record()
+        if not plan["checked"]:
+            logger.info("memory plan: not checked (train.plan_check=false)")
+            return
+        logger.info(
+            "memory plan: %s, predicted peak %.2f GiB per rank of %.2f GiB (at %s); "
+            "activation checkpointing %s, tiled MLP %s",
+            plan["layout"],
+            plan["predicted_peak_gb"],
+            plan["device_memory_gb"],
+            plan["peak_segment"],
+            plan["ac"],
+            "on" if plan["tiled_mlp"] else "off",
         )
 
     def _agreed_latest_checkpoint(self) -> Path | None:
@@ -291,15 +311,12 @@ class Trainer:
         parallelize(
             model,
             self.dims.build_mesh(device.type),
-            # auto: selective, until the memory planner resolves it
-            "selective"
-            if cfg.model.activation_checkpointing == "auto"
-            else cfg.model.activation_checkpointing,
+            self.plan.ac,  # the setting, or what the memory planner chose for auto
             param_dtype=None if self.compute_dtype == torch.float32 else self.compute_dtype,
             compile=cfg.train.compile == "true"
             or (cfg.train.compile == "auto" and device.type == "cuda"),
             keep_exchanges=cfg.parallel.keep_exchanges,
-            tiled_mlp=cfg.model.tiled_mlp == "true",  # auto: off until the planner resolves it
+            tiled_mlp=self.plan.tiled_mlp,
             cpu_offload=cfg.parallel.cpu_offload,
         )
         model.to_empty(device=device)
@@ -413,7 +430,10 @@ class Trainer:
         self.progress.start(state.step)
         with self.stop.deferred():
             while state.step < self.total_steps:
-                record = self.train_step()
+                try:
+                    record = self.train_step()
+                except (torch.OutOfMemoryError, MemoryError) as e:
+                    raise StepOutOfMemory(self._oom_message(e)) from None
                 if record is None:  # asked to stop before this step began
                     break
                 self.metrics.log(state.step, record)
@@ -489,9 +509,25 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "tokens_per_s": step_tokens / (time.monotonic() - t0),
             "peak_memory_gb": _peak_memory_gb(self.device),
+            "predicted_peak_gb": self._predicted_peak_gb,
             "elapsed_s": self.state.elapsed_s,
             "epoch": batches[-1]["epoch"],
         }
+
+    def _oom_message(self, exc: BaseException) -> str:
+        """One line for a step that ran out of memory: where, how much, what to change."""
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        planned = self._predicted_peak_gb
+        plan = f", planned {planned:.2f} GiB" if planned is not None else ""
+        return (
+            f"out of memory in step {self.state.step + 1} ({self.cfg.data.context_length} tokens "
+            f"per sequence, {self.mbs} per micro-batch; measured peak "
+            f"{_peak_memory_gb(self.device):.2f} GiB{plan}; {first}); the newest complete "
+            f"checkpoint is intact ({self.last_checkpoint or 'none yet'}). Try "
+            "--model.activation_checkpointing=full --model.tiled_mlp=true, more sequence "
+            "parallelism (parallel.sp), or a shorter data.context_length; `longtune plan` lists "
+            "the layouts that fit"
+        )
 
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm to ``optim.grad_clip`` (0: no clipping); returns it."""

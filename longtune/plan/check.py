@@ -1,0 +1,187 @@
+"""The planner before a run: resolve the ``auto`` levers and refuse a layout that will not fit.
+
+:func:`check_run` is called by the trainer's preflight, before any process group is started or
+any weight is read. It traces the run's own step (:mod:`longtune.plan.trace`) for the layout
+the settings fix, with every ``auto`` lever tried fastest first, on the device this process
+will use; it returns the chosen layout and its prediction, or raises one line: the predicted
+peak against the device's memory, and the nearest layout that fits.
+
+The trace needs a fake process group of the run's world size; the real one is started after,
+so the fake one is closed here before returning.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longtune.model.args import ModelArgs
+from longtune.plan.hardware import DEVICES, GIB, Device, cpu_device
+from longtune.plan.planner import AC_ORDER, Prediction, predict, sp_degrees
+from longtune.plan.trace import Layout
+
+
+class PlanRefusal(ValueError):
+    """The planner predicts the run will not fit (one line; a ValueError: a config error)."""
+
+
+@dataclass
+class Planned:
+    """What the preflight's plan decided."""
+
+    ac: str
+    tiled_mlp: bool
+    prediction: Prediction | None
+    """None when the check was off and nothing was auto."""
+
+    def record(self) -> dict[str, Any]:
+        """The plan as the run stores it (``plan.json``, the log)."""
+        p = self.prediction
+        if p is None:
+            return {"checked": False, "ac": self.ac, "tiled_mlp": self.tiled_mlp}
+        return {
+            "checked": True,
+            "ac": self.ac,
+            "tiled_mlp": self.tiled_mlp,
+            "layout": p.layout.describe(),
+            "predicted_peak_gb": p.device_bytes / GIB,
+            "device_memory_gb": (p.device_bytes + p.margin_bytes) / GIB,
+            "peak_segment": p.peak_segment,
+        }
+
+
+def this_device(device_type: str, ranks_here: int) -> Device:
+    """The device of this process as the planner sees it: a CUDA card's total memory (its
+    speed constants from the preset of its name, H100's otherwise), or this machine's
+    available memory shared by the ranks on it."""
+    if device_type != "cuda":
+        cpu = cpu_device()
+        return replace(cpu, memory=cpu.memory // max(1, ranks_here))
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    name = props.name.lower()
+    preset = next(
+        (DEVICES[k] for k, tag in (("h200-141", "h200"), ("h100-80", "h100"), ("a100-80", "a100"),
+                                    ("l40s-48", "l40s")) if tag in name),
+        DEVICES["h100-80"],
+    )  # fmt: skip
+    return replace(preset, name=props.name, memory=props.total_memory)
+
+
+def check_run(
+    args: ModelArgs,
+    *,
+    world: int,
+    sp: int,
+    micro_batch: int,
+    context: int,
+    ac: str,
+    tiled_mlp: str,
+    compute_dtype: torch.dtype,
+    device_type: str,
+    lora: object | None,
+    enforce: bool,
+) -> Planned:
+    """Resolve ``auto`` levers and check the layout (see the module docstring).
+
+    Args:
+        ac: ``model.activation_checkpointing`` (``auto`` or a mode).
+        tiled_mlp: ``model.tiled_mlp`` (``auto``, ``true``, ``false``).
+        enforce: ``train.plan_check``: refuse a fixed layout predicted not to fit.
+
+    Raises:
+        PlanRefusal: nothing within the settings fits (with ``enforce``, or with an ``auto``).
+    """
+    auto = ac == "auto" or tiled_mlp == "auto"
+    if not auto and not enforce:
+        return Planned(ac, tiled_mlp == "true", None)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = this_device(device_type, ranks_here)
+    acs = AC_ORDER if ac == "auto" else (ac,)
+    tiles = (False, True) if tiled_mlp == "auto" else (tiled_mlp == "true",)
+    param_dtype = None if compute_dtype == torch.float32 else compute_dtype
+    kw = dict(
+        context=context,
+        device=device,
+        nodes=max(1, world // ranks_here),
+        gpus_per_node=min(world, ranks_here),
+        param_dtype=param_dtype,
+        lora=lora,
+    )
+    floor = kept_inputs_floor(args, context // sp * micro_batch, param_dtype)
+    if floor > device.memory:  # an absurd length: refused without tracing it
+        raise PlanRefusal(
+            f"at {context} tokens every layout keeps at least {floor / GIB:.1f} GiB per rank "
+            f"(each block's input, {args.n_layers} blocks, for the backward pass) and this device "
+            f"has {device.memory / GIB:.1f} GiB; lower data.context_length, or spread the "
+            "sequence over more ranks (parallel.sp)"
+        )
+    try:
+        first = None
+        for a in acs:  # fastest first: less checkpointing, then no tiling
+            for t in tiles:
+                p = predict(args, Layout(sp, a, t, False, micro_batch), **kw)
+                first = first or p
+                if p.fits:
+                    return Planned(a, t, p)
+        if not enforce:
+            return Planned(first.layout.ac, first.layout.tiled_mlp, first)
+        raise PlanRefusal(_refusal(args, first, world, sp, kw))
+    finally:
+        if dist.is_initialized() and dist.get_backend() == "fake":
+            dist.destroy_process_group()
+
+
+def kept_inputs_floor(args: ModelArgs, tokens: int, dtype: torch.dtype | None) -> int:
+    """Bytes every layout keeps on a rank for the backward pass, whatever its checkpointing:
+    each block's input (activation offload aside). A floor, not a prediction: a context
+    whose floor alone exceeds the device is refused before any trace (which takes longer the
+    more loss chunks a context has)."""
+    return args.n_layers * tokens * args.dim * (dtype or torch.float32).itemsize
+
+
+def _refusal(args: ModelArgs, p: Prediction, world: int, sp: int, kw: dict[str, Any]) -> str:
+    """The one line of a refused run, with the nearest layout that fits (more checkpointing,
+    tiling, then more SP within the world)."""
+    near = None
+    levers = [
+        (s, a, t)
+        for s in sp_degrees(args, world)
+        if s >= sp
+        for a in AC_ORDER
+        for t in (False, True)
+    ]
+    for s, a, t in sorted(levers, key=lambda x: (x[0], AC_ORDER.index(x[1]), x[2])):
+        if kw["context"] % s:
+            continue
+        q = predict(args, Layout(s, a, t, False, p.layout.micro_batch), **kw)
+        if q.fits:
+            near = q
+            break
+    fix = (
+        f"the nearest layout that fits: {_settings(near.layout)} (predicted "
+        f"{near.device_bytes / GIB:.1f} GiB)"
+        if near
+        else "no layout on this many ranks fits: lower data.context_length or train.micro_batch_size, "
+        "train LoRA (model.lora.rank), or add ranks"
+    )
+    memory = p.device_bytes + p.margin_bytes
+    return (
+        f"the memory planner predicts {p.device_bytes / GIB:.1f} GiB per rank for "
+        f"{p.layout.describe()} at {kw['context']} tokens, and this device has "
+        f"{memory / GIB:.1f} GiB; {fix}; --train.plan_check=false to try anyway"
+    )
+
+
+def _settings(layout: Layout) -> str:
+    return (
+        f"--parallel.sp={layout.sp} --model.activation_checkpointing={layout.ac} "
+        f"--model.tiled_mlp={'true' if layout.tiled_mlp else 'false'}"
+    )
+
+
+def prediction_json(p: Prediction | None) -> dict[str, Any] | None:
+    return None if p is None else {**asdict(p), "layout": asdict(p.layout)}
