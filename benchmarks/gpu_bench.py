@@ -27,6 +27,14 @@ before ``--budget-s`` is listed as skipped, so the whole run stays within the bu
 5. ``train``: ``longtune train`` end to end at 32K (1B shape, defaults: selective AC, FSDP2
    on one rank, bf16, AdamW, compile, ~5 documents per sequence): tokens/s and peak GB of the
    steps after the warm-up; the run is stopped once those steps are logged (export not timed).
+6. ``plan``: the memory planner (``longtune.plan``, device preset h100-80 or h200-141 by the
+   card's memory) against one real training step built as the trainer does (meta ->
+   ``parallelize``, FSDP2 on one rank in bf16 -> random init, fused AdamW with its state, no
+   compile): predicted allocated bytes (traced tensors + FlashAttention's dq accumulator) vs
+   ``max_memory_allocated``, 1B shape at 8K, 32K, 128K and 8B at 32K, 128K (an OOM is a
+   result when the planner says it does not fit); the planner's longest 8B context on the card
+   with full AC, tiled MLP and activation offload (a prediction: the trainer has no activation
+   offload yet). Last in the budget: ``--only plan --budget-s 540`` runs it alone.
 
 Everything printed also goes to ``--results`` (default ``$OUT/gpu_bench.txt`` when ``OUT`` is
 set, else ``./gpu_bench.txt``), raw records to the same name with ``.json``.
@@ -49,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("table", "mfu", "attention", "longest", "train")
+SECTIONS = ("table", "mfu", "attention", "longest", "train", "plan")
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3.2-1b": dict(
@@ -110,6 +118,14 @@ PLANS: dict[str, dict[str, Any]] = {
         train_context=32768,
         train_steps=6,
         train_warmup=2,
+        plan_rows=[
+            ("llama3.2-1b", 8192, "selective", False),
+            ("llama3.2-1b", 32768, "selective", False),
+            ("llama3.2-1b", 131072, "full", True),
+            ("llama3.1-8b", 32768, "full", False),
+            ("llama3.1-8b", 131072, "full", True),
+        ],
+        plan_longest=("llama3.1-8b", "full", True, 2**26),
     ),
     "quick": dict(
         shape="tiny",
@@ -122,6 +138,8 @@ PLANS: dict[str, dict[str, Any]] = {
         train_context=512,
         train_steps=3,
         train_warmup=1,
+        plan_rows=[("tiny", 512, "full", True)],
+        plan_longest=("tiny", "full", False, 2048),  # (tiled MLP traces slowly on tiny shapes)
     ),
 }
 
@@ -343,6 +361,131 @@ def worker_attention(spec: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(rec)
         print(json.dumps(rec), flush=True)
     return out
+
+
+def _plan_device(on_gpu: bool) -> Any:
+    """The planner's device preset for this card (by its memory), or a small CPU stand-in."""
+    import torch
+
+    from longtune.plan.hardware import DEVICES, Device, cpu_device
+
+    if on_gpu:
+        total = torch.cuda.get_device_properties(0).total_memory
+        return DEVICES["h200-141" if total > 100 * 2**30 else "h100-80"]
+    return Device(**{**cpu_device().__dict__, "memory": 24 * 2**20})  # a short longest() search
+
+
+def worker_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The planner's prediction for one layout, then the same step on real tensors: the model
+    built the trainer's way (meta -> parallelize on one rank -> to_empty -> random init), fused
+    AdamW with its state made, one forward + backward + optimizer step; GPU: peak
+    ``max_memory_allocated`` / ``reserved``; CPU: the planner's tracker on the real step.
+    ``spec["longest"]``: the planner's longest context up to that many tokens instead (no
+    step)."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from longtune.model.args import ModelArgs
+    from longtune.plan.planner import longest, predict
+    from longtune.plan.trace import Layout
+
+    device, dtype = _device_and_dtype()
+    on_gpu = device.type == "cuda"
+    param_dtype = torch.bfloat16 if on_gpu else None  # as the trainer: bf16 on CUDA
+    args = ModelArgs.from_hf_config({"model_type": "llama", **SHAPES[spec["shape"]]})
+    layout = Layout(ac=spec["ac"], tiled_mlp=spec["tiled"], offload=spec.get("offload", False))
+    dev = _plan_device(on_gpu)
+    rec: dict[str, Any] = {**spec, "device_preset": dev.name}
+    t0 = time.perf_counter()
+    if spec.get("longest"):
+        length, p = longest(
+            args, layout, device=dev, param_dtype=param_dtype, limit=spec["longest"]
+        )
+        rec.update(status="ok", length=length, predicted_device=p.device_bytes if p else 0)
+        rec["plan_s"] = time.perf_counter() - t0
+        print(json.dumps(rec), flush=True)
+        return [rec]
+    p = predict(
+        args, layout, context=spec["context"], device=dev, nodes=1, gpus_per_node=1,
+        param_dtype=param_dtype,
+    )  # fmt: skip
+    rec.update(
+        predicted_tensor=p.tensor_peak,
+        # what the caching allocator hands out: the tensors and FlashAttention's accumulator
+        predicted_allocated=p.tensor_peak + p.terms.get("attention_dq_accumulator", 0),
+        predicted_device=p.device_bytes,
+        fits=p.fits,
+        plan_s=time.perf_counter() - t0,
+    )
+    dist.destroy_process_group()  # the planner's fake one
+    dist.init_process_group(
+        "nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1
+    )
+    from longtune.model.llama import Transformer
+    from longtune.parallel.dims import ParallelDims
+    from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
+    from longtune.plan.memory import MemoryTracker
+    from longtune.plan.trace import _first_rows_supervised, _segments
+
+    model = opt = loss = None
+    try:
+        dims = ParallelDims.build(1, 1, -1, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
+        with torch.device("meta"):
+            model = Transformer(args)
+        levers = {"tiled_mlp": True} if spec["tiled"] else {}
+        parallelize(model, dims.build_mesh(device.type), spec["ac"], param_dtype, **levers)
+        model.to_empty(device=device)
+        if not is_fsdp_sharded(model):
+            model.tie_weights()
+        with torch.no_grad():
+            for w in model.parameters():
+                getattr(w, "_local_tensor", w).normal_(0.0, 0.02)
+        model.init_buffers(device=device)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        for w in model.parameters():  # the optimizer state, as after a run's first step
+            w.grad = torch.zeros_like(w)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, args.vocab_size, (1, spec["context"]), generator=g).to(device)
+        pos = torch.arange(spec["context"], device=device)[None]
+        labels = torch.randint(0, args.vocab_size, (1, spec["context"]), generator=g).to(device)
+        _reset_peak(device)
+        t1 = time.perf_counter()
+        if on_gpu:
+            loss = model(ids, position_ids=pos, labels=labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            measured = torch.cuda.max_memory_allocated()
+            rec["measured_reserved"] = torch.cuda.max_memory_reserved()
+        else:  # no allocator statistics on CPU: the planner's tracker on the real step
+            gc.collect()
+            tracker = MemoryTracker()
+            tracker.hold(model.parameters(), "parameters")
+            tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
+            tracker.hold((ids, pos, labels), "inputs")
+            with tracker, _first_rows_supervised(None), _segments(model, tracker):
+                loss = model(ids, position_ids=pos, labels=labels)
+                tracker.phase = "backward"
+                loss.backward()
+                gc.collect()
+                tracker.phase, tracker.segment = "optimizer step", "optimizer"
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            measured = tracker.peak
+        rec.update(status="ok", measured_allocated=measured, step_s=time.perf_counter() - t1)
+    except Exception as e:  # an OOM is a result: the planner should have said it does not fit
+        rec.update(status="oom" if _is_oom(e) else "error", error=str(e).splitlines()[0][:200])
+    finally:
+        model = opt = loss = None
+        dist.destroy_process_group()
+    print(json.dumps(rec), flush=True)
+    return [rec]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,17 +796,55 @@ def section_train(run: Runner, plan: dict[str, Any], ckpt: Path, tmp: Path) -> N
     )
 
 
+def section_plan(run: Runner, plan: dict[str, Any]) -> None:
+    rep = run.report
+    rep.line(
+        "== 6. planner: predicted vs measured peak of one training step (FSDP2 on one rank, "
+        "fused AdamW, no compile; GPU: bf16, max_memory_allocated; CPU: float32, tracked)"
+    )
+
+    def size(n: int) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    for shape, context, ac, tiled in plan["plan_rows"]:
+        spec = {"shape": shape, "context": context, "ac": ac, "tiled": tiled}
+        for r in run.worker("plan", spec, min_s=30):
+            head = f"  {shape} {context:>7} ac={ac:<9} tiled={'on' if tiled else 'off'}"
+            pred = (
+                f"predicted {size(r['predicted_allocated'])} allocated, "
+                f"{size(r['predicted_device'])} device ({'fits' if r['fits'] else 'does not fit'})"
+            )  # fmt: skip
+            if r["status"] == "ok":
+                got = r["measured_allocated"]
+                rep.line(
+                    f"{head}: {pred}; measured {size(got)} "
+                    f"(ratio {r['predicted_allocated'] / got:.3f})"
+                )
+            else:
+                rep.line(f"{head}: {pred}; measured {r['status']}: {r.get('error', '')[:120]}")
+    shape, ac, tiled, limit = plan["plan_longest"]
+    spec = {"shape": shape, "ac": ac, "tiled": tiled, "offload": True, "longest": limit}
+    for r in run.worker("plan", spec, min_s=30):
+        rep.line(
+            f"  {shape} longest context on one card (ac={ac}, tiled MLP {'on' if tiled else 'off'}, "
+            "activation offload, "
+            f"{r['device_preset']}): {r['length']} tokens (predicted, "
+            f"{size(r['predicted_device'])}; planned in {r['plan_s']:.0f} s)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, seconds (CI)")
     p.add_argument("--results", default=None, help="results file (default $OUT/gpu_bench.txt)")
-    p.add_argument("--budget-s", type=float, default=None, help="time budget (default 330 / 120)")
+    p.add_argument("--budget-s", type=float, default=None, help="time budget (default 330 / 180)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._worker:
         task, spec = a._worker
-        {"steps": worker_steps, "attention": worker_attention}[task](json.loads(spec))
+        workers = {"steps": worker_steps, "attention": worker_attention, "plan": worker_plan}
+        workers[task](json.loads(spec))
         return
 
     import torch
@@ -680,7 +861,7 @@ def main() -> None:
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
     started = time.monotonic()
-    run = Runner(a.budget_s or (330 if on_gpu else 120), report, env)
+    run = Runner(a.budget_s or (330 if on_gpu else 180), report, env)
     if on_gpu:
         props = torch.cuda.get_device_properties(0)
         device_name, capacity = props.name, props.total_memory / 2**30
@@ -713,6 +894,8 @@ def main() -> None:
             section_longest(run, plan, capacity)
         if "train" in a.only:
             section_train(run, plan, ckpt, tmp)
+        if "plan" in a.only:
+            section_plan(run, plan)
     report.line(f"done in {time.monotonic() - started:.0f} s")
 
 
