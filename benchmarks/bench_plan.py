@@ -18,7 +18,7 @@ memory goes back to the system instead of staying in the heap), ``MALLOC_TRIM_TH
 and ``MALLOC_ARENA_MAX=2``; ``--default-malloc`` leaves glibc's defaults. The optimizer is the
 trainer's fused AdamW (``--optimizer loop`` for the for-loop form the planner traces).
 
-    .venv/bin/python benchmarks/bench_plan.py --out plan.json        # the default grid, ~10 min
+    .venv/bin/python benchmarks/bench_plan.py --out plan.json        # the default rows (slow)
     .venv/bin/python benchmarks/bench_plan.py --models tiny --contexts 1024 --sp 1 --quick
 """
 
@@ -64,7 +64,7 @@ SHAPES = {
     ),
 }
 
-#: The default rows (about 10 minutes on 2 cores): every lever on the 4-block shape (traced
+#: The default rows (over 30 minutes on the loaded 2-core machine, most of it SmolLM2's): every lever on the 4-block shape (traced
 #: whole) at 2K and 8K, micro-batch 2, SP=3; SmolLM2-135M (30 blocks: extrapolated from 3 and 4)
 #: at 2K-4K and SP=3.
 DEFAULT_ROWS = [
