@@ -16,7 +16,7 @@ For each row (model, context, activation checkpointing, tiled MLP, SP degree, mi
 The measured process runs with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` (fixed, so freed tensor
 memory goes back to the system instead of staying in the heap), ``MALLOC_TRIM_THRESHOLD_=0``
 and ``MALLOC_ARENA_MAX=2``; ``--default-malloc`` leaves glibc's defaults. The optimizer is the
-trainer's fused AdamW (``--optimizer loop`` for the for-loop form the planner traces).
+trainer's fused AdamW, which the planner traces too (``--optimizer loop``: the for-loop form).
 
     .venv/bin/python benchmarks/bench_plan.py --out plan.json        # the default rows (slow)
     .venv/bin/python benchmarks/bench_plan.py --models tiny --contexts 1024 --sp 1 --quick

@@ -34,7 +34,7 @@ def _real_peak(args: ModelArgs, ac: str, context: int) -> int:
     torch.manual_seed(0)
     model = Transformer(args)
     apply_activation_checkpointing(model, ac)
-    opt = torch.optim.AdamW(model.parameters(), foreach=False, fused=False)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
     ids = torch.zeros(1, context, dtype=torch.long)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

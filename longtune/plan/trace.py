@@ -13,10 +13,8 @@ largest single tensor and the op that made it.
 Two things of the real step depend on the data and are parameters here: the supervised rows
 (the chunked loss keeps only those; a ``nonzero`` the fake tensors cannot size — replaced, for
 the trace only, by the first ``supervised`` rows) and the documents of a sequence (default one,
-the worst case for attention). The optimizer is traced in its
-for-loop form: the fused kernel
-the trainer uses updates the same state in place, and its fake implementation would count
-outputs the real kernel never allocates.
+the worst case for attention). The optimizer is the trainer's fused AdamW, whose
+kernel updates its state in place (the for-loop form would count temporaries it never makes).
 """
 
 from __future__ import annotations
@@ -199,7 +197,7 @@ def trace_step(
         model.init_buffers(device="cpu")
         model.tie_weights()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=1e-5, foreach=False, fused=False)
+        opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)  # the trainer's: in place
         ids = torch.zeros(layout.micro_batch, local, dtype=torch.long)
         pos = torch.arange(local).expand(layout.micro_batch, local)
         labels = torch.zeros(layout.micro_batch, local, dtype=torch.long)
