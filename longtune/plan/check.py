@@ -6,13 +6,17 @@ the settings fix, with every ``auto`` lever tried fastest first, on the device t
 will use; it returns the chosen layout and its prediction, or raises one line: the predicted
 peak against the device's memory, and the nearest layout that fits.
 
-The trace needs a fake process group of the run's world size; the real one is started after,
-so the fake one is closed here before returning.
+The trace needs a fake process group of the run's world size, and a process that had one
+keeps traces of it in PyTorch's caches (a DCP save of the real run then fails to validate its
+plan): :func:`check_run_isolated` runs the check in a child process, which the trainer uses.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -36,10 +40,14 @@ class Planned:
     ac: str
     tiled_mlp: bool
     prediction: Prediction | None
-    """None when the check was off and nothing was auto."""
+    """None when the check was off and nothing was auto (or made in another process)."""
+    summary: dict[str, Any] | None = None
+    """:meth:`record` as made in the process that planned."""
 
     def record(self) -> dict[str, Any]:
-        """The plan as the run stores it (``plan.json``, the log)."""
+        """The plan as the run logs and records it."""
+        if self.summary is not None:
+            return self.summary
         p = self.prediction
         if p is None:
             return {"checked": False, "ac": self.ac, "tiled_mlp": self.tiled_mlp}
@@ -181,6 +189,47 @@ def _settings(layout: Layout) -> str:
         f"--parallel.sp={layout.sp} --model.activation_checkpointing={layout.ac} "
         f"--model.tiled_mlp={'true' if layout.tiled_mlp else 'false'}"
     )
+
+
+def check_run_isolated(args: ModelArgs, **kw: Any) -> Planned:
+    """:func:`check_run` in a child process (see the module docstring); the same result, or
+    the same one-line :class:`PlanRefusal`."""
+    lora = kw.get("lora")
+    request = {
+        "args": args.to_dict(),
+        **{k: v for k, v in kw.items() if k not in ("lora", "compute_dtype")},
+        "compute_dtype": str(kw["compute_dtype"]).removeprefix("torch."),
+        "lora": None if lora is None else lora.to_json(),
+    }
+    code = "from longtune.plan.check import _child; _child()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=json.dumps(request), capture_output=True, text=True
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the memory planner failed: {done.stderr.strip()[-2000:]}")
+    answer = json.loads(lines[-1])
+    if "refusal" in answer:
+        raise PlanRefusal(answer["refusal"])
+    return Planned(answer["ac"], answer["tiled_mlp"], None, answer["record"])
+
+
+def _child() -> None:
+    """The child of :func:`check_run_isolated`: a request on stdin, the answer on stdout."""
+    from longtune.model.lora import LoraSpec
+
+    request = json.loads(sys.stdin.read())
+    args = ModelArgs.from_dict(request.pop("args"))
+    lora = request.pop("lora")
+    request["lora"] = None if lora is None else LoraSpec.from_json(lora)
+    request["compute_dtype"] = getattr(torch, request["compute_dtype"])
+    try:
+        planned = check_run(args, **request)
+    except PlanRefusal as e:
+        print(json.dumps({"refusal": str(e)}))
+        return
+    record = planned.record()
+    print(json.dumps({"ac": planned.ac, "tiled_mlp": planned.tiled_mlp, "record": record}))
 
 
 def prediction_json(p: Prediction | None) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ from longtune.model.convert import check_model_folder
 from longtune.model.llama import Transformer
 from longtune.model.lora import add_lora, check_record
 from longtune.parallel.dims import ParallelDims, device_type
-from longtune.plan.check import Planned, check_run
+from longtune.plan.check import Planned, check_run_isolated
 from longtune.run_dir import RunDir, check_run_folder
 from longtune.train.config import (
     ConfigError,
@@ -119,7 +119,7 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
     dtype = compute_dtype(cfg.model.dtype, device_type())
     check_backend(cfg.model.attention, device_type(), dtype=dtype)
     check_offload(cfg, device_type())
-    planned = check_run(  # the auto levers, and a layout that cannot fit: before any weight
+    planned = check_run_isolated(  # the auto levers, a layout that cannot fit: before any weight
         args,
         world=world_size,
         sp=dims.sp,
