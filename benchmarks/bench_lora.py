@@ -23,6 +23,7 @@ each of ``--lora-lrs``; prints the eval loss at step 0 and at the end of each.
 
     python benchmarks/bench_lora.py                          # 2 runs per side, 4 steps, 4096
     python benchmarks/bench_lora.py --runs 3 --out results.json
+    python benchmarks/bench_lora.py --env MALLOC_MMAP_THRESHOLD_=131072   # freed memory returned
     python benchmarks/bench_lora.py --demo-eval --lora-lrs 1e-3 1e-4
 
 Other arguments after ``--`` go to every ``longtune train`` of the speed mode (e.g.
@@ -149,11 +150,61 @@ def fmt(x: float | None, spec: str) -> str:
     return format("-", f">{width}") if x is None else format(x, spec)
 
 
+KEYS = ("tokens_per_s", "train_peak_gb", "process_peak_gb", "checkpoint_bytes")
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
+    """Medians per side and the ratios LoRA / full: tokens/s over the clean runs only
+    (contention slows a run), memory and sizes over every run (contention does not change
+    them)."""
+    summary: dict = {}
+    for side, runs in results.items():
+        ok = [x for x in runs if x["ok"]]
+        summary[side] = {
+            "clean_runs": len(ok),
+            "tokens_per_s": statistics.median(x["tokens_per_s"] for x in ok) if ok else None,
+            "adapter_params": runs[0]["adapter_params"],
+        }
+        summary[side]["tokens_per_s_all"] = statistics.median(x["tokens_per_s"] for x in runs)
+        for key in ("train_peak_gb", "process_peak_gb", "checkpoint_bytes"):
+            summary[side][key] = statistics.median(x[key] for x in runs)
+    full, lora = summary["full"], summary["lora"]
+    for key in (*KEYS, "tokens_per_s_all"):
+        both = lora[key] is not None and full[key] is not None
+        summary[f"{key}_ratio"] = lora[key] / full[key] if both else None
+    return summary
+
+
+def summary_table(summary: dict) -> list[str]:
+    full, lora = summary["full"], summary["lora"]
+    table = ["", f"{'':<28} {'full':>13} {'lora r=16':>13} {'lora / full':>12}"]
+    for key, label, spec in (
+        ("tokens_per_s", "tokens/s (clean runs)", ".1f"),
+        ("tokens_per_s_all", "tokens/s (all runs)", ".1f"),
+        ("train_peak_gb", "train peak GB (all runs)", ".2f"),
+        ("process_peak_gb", "process peak GB (all runs)", ".2f"),
+        ("checkpoint_bytes", "checkpoint bytes", ",.0f"),
+    ):
+        table.append(
+            f"{label:<28} {fmt(full[key], '>13' + spec)} {fmt(lora[key], '>13' + spec)} "
+            f"{fmt(summary[key + '_ratio'], '>12.3f')}"
+        )
+    table.append(
+        f"clean runs: full {full['clean_runs']}, lora {lora['clean_runs']}; "
+        f"adapter parameters: {lora['adapter_params']:,}"
+    )
+    if not (full["clean_runs"] and lora["clean_runs"]):
+        table.append(
+            "no clean (uncontended) run on one side for tokens/s: rerun on a quiet machine"
+        )
+    return table
+
+
 def speed_mode(a: argparse.Namespace, env: dict[str, str]) -> None:
     lines = [
         f"model {a.model}; data {a.data}; context {a.context}; {a.steps} steps per run "
         f"(first = warm-up); {a.runs} runs per side, alternating; lora side: "
-        f"{' '.join(SIDES['lora'])}; extra: {a.extra or 'none'}",
+        f"{' '.join(SIDES['lora'])}; extra: {a.extra or 'none'}; env: {a.env or 'none'}",
         machine_line(),
         f"{'run':>3} {'side':<5} {'tokens/s':>9} {'train peak GB':>13} {'process peak GB':>15} "
         f"{'ckpt MB':>9} {'stall':>6} {'wall s':>7}  losses",
@@ -179,38 +230,8 @@ def speed_mode(a: argparse.Namespace, env: dict[str, str]) -> None:
     finally:
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    summary: dict = {}
-    for side, runs in results.items():
-        ok = [x for x in runs if x["ok"]]
-        summary[side] = {"clean_runs": len(ok)}
-        for key in ("tokens_per_s", "train_peak_gb", "process_peak_gb", "checkpoint_bytes"):
-            summary[side][key] = statistics.median(x[key] for x in ok) if ok else None
-        # Sizes do not depend on contention: from every run.
-        summary[side]["checkpoint_bytes"] = statistics.median(x["checkpoint_bytes"] for x in runs)
-        summary[side]["adapter_params"] = runs[0]["adapter_params"]
-    full, lora = summary["full"], summary["lora"]
-    table = [
-        "",
-        f"{'':<22} {'full':>12} {'lora r=16':>12} {'lora / full':>12}",
-    ]
-    for key, label, spec in (
-        ("tokens_per_s", "tokens/s", ".1f"),
-        ("train_peak_gb", "train peak GB", ".2f"),
-        ("process_peak_gb", "process peak GB", ".2f"),
-        ("checkpoint_bytes", "checkpoint bytes", ",.0f"),
-    ):
-        ratio = lora[key] / full[key] if lora[key] is not None and full[key] is not None else None
-        summary[f"{key}_ratio"] = ratio
-        table.append(
-            f"{label:<22} {fmt(full[key], '>12' + spec)} {fmt(lora[key], '>12' + spec)} "
-            f"{fmt(ratio, '>12.3f')}"
-        )
-    table.append(
-        f"clean runs: full {full['clean_runs']}, lora {lora['clean_runs']}; "
-        f"adapter parameters: {lora['adapter_params']:,}"
-    )
-    if not (full["clean_runs"] and lora["clean_runs"]):
-        table.append("no clean (uncontended) run on one side: rerun on a quiet machine")
+    summary = summarize(results)
+    table = summary_table(summary)
     lines += table
     print("\n".join(table), flush=True)
     if a.out:
@@ -321,6 +342,13 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where the run folders go (default: $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the run folders")
     p.add_argument(
+        "--env",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the measured processes (e.g. glibc's MALLOC_MMAP_THRESHOLD_)",
+    )
+    p.add_argument(
         "--demo-eval",
         action="store_true",
         help="the demo's eval loss: full fine-tuning vs LoRA r=16 (see --lora-lrs)",
@@ -344,6 +372,7 @@ def main() -> None:
 
         a.model = str(smollm2_checkpoint())
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(kv.split("=", 1) for kv in a.env)
     (demo_mode if a.demo_eval else speed_mode)(a, env)
 
 
