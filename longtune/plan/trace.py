@@ -184,49 +184,53 @@ def trace_step(
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    model = _parallel_model(args, layout, world, n_layers, param_dtype, lora)
-    local = context // layout.sp
-    tokens = layout.micro_batch * local
-    cu = None
-    if documents > 1:  # equal documents over the micro-batch (a real tensor: sized now)
-        total = layout.micro_batch * context
-        cu = torch.linspace(0, total, documents + 1).round().to(torch.int32)
-    count = None if supervised >= 1 else max(1, int(tokens * supervised))
-    with FakeTensorMode(allow_non_fake_inputs=True), _first_rows_supervised(count):
-        model.to_empty(device="cpu")
-        model.init_buffers(device="cpu")
-        model.tie_weights()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)  # the trainer's: in place
-        ids = torch.zeros(layout.micro_batch, local, dtype=torch.long)
-        pos = torch.arange(local).expand(layout.micro_batch, local)
-        labels = torch.zeros(layout.micro_batch, local, dtype=torch.long)
-        for p in trainable:  # the optimizer state, as after a run's first step
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        gc.collect()  # the garbage of building the model is not the step's
-        tracker = MemoryTracker()
-        tracker.hold(model.parameters(), "parameters")
-        tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
-        tracker.hold((ids, pos, labels), "inputs")
-        with tracker, _segments(model, tracker):
-            loss = model(ids, position_ids=pos, cu_seqlens=cu, labels=labels)
-            tracker.phase = "backward"
-            loss.backward()
-            gc.collect()
-            tracker.phase, tracker.segment = "optimizer step", "optimizer"
+    try:
+        model = _parallel_model(args, layout, world, n_layers, param_dtype, lora)
+        local = context // layout.sp
+        tokens = layout.micro_batch * local
+        cu = None
+        if documents > 1:  # equal documents over the micro-batch (a real tensor: sized now)
+            total = layout.micro_batch * context
+            cu = torch.linspace(0, total, documents + 1).round().to(torch.int32)
+        count = None if supervised >= 1 else max(1, int(tokens * supervised))
+        with FakeTensorMode(allow_non_fake_inputs=True), _first_rows_supervised(count):
+            model.to_empty(device="cpu")
+            model.init_buffers(device="cpu")
+            model.tie_weights()
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)  # the trainer's: in place
+            ids = torch.zeros(layout.micro_batch, local, dtype=torch.long)
+            pos = torch.arange(local).expand(layout.micro_batch, local)
+            labels = torch.zeros(layout.micro_batch, local, dtype=torch.long)
+            for p in trainable:  # the optimizer state, as after a run's first step
+                p.grad = torch.zeros_like(p)
             opt.step()
             opt.zero_grad(set_to_none=True)
-    elem = (param_dtype or torch.float32).itemsize
-    return StepTrace(
-        n_layers=n_layers,
-        peak=tracker.peak,
-        segments=tracker.segments,
-        flops=float(tracker.flops),
-        largest=tracker.largest,
-        kept_block_inputs=tokens * args.dim * elem,
-    )
+            gc.collect()  # the garbage of building the model is not the step's
+            tracker = MemoryTracker()
+            tracker.hold(model.parameters(), "parameters")
+            tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
+            tracker.hold((ids, pos, labels), "inputs")
+            with tracker, _segments(model, tracker):
+                loss = model(ids, position_ids=pos, cu_seqlens=cu, labels=labels)
+                tracker.phase = "backward"
+                loss.backward()
+                gc.collect()
+                tracker.phase, tracker.segment = "optimizer step", "optimizer"
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        elem = (param_dtype or torch.float32).itemsize
+        return StepTrace(
+            n_layers=n_layers,
+            peak=tracker.peak,
+            segments=tracker.segments,
+            flops=float(tracker.flops),
+            largest=tracker.largest,
+            kept_block_inputs=tokens * args.dim * elem,
+        )
+    finally:  # no fake process group is left behind (a forked or later real one would clash)
+        if dist.is_initialized() and dist.get_backend() == "fake":
+            dist.destroy_process_group()
 
 
 def _parallel_model(
