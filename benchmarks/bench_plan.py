@@ -104,7 +104,7 @@ def _step(args, spec: dict, context: int) -> tuple:  # noqa: ANN001
     """Build the model the trainer's way, make the optimizer state, run one tracked step.
 
     Returns:
-        (the tracker, the loss, seconds to build, seconds of the step).
+        (the tracker, seconds to build, seconds of the step).
     """
     import torch
     import torch.distributed as dist
@@ -112,8 +112,7 @@ def _step(args, spec: dict, context: int) -> tuple:  # noqa: ANN001
     from longtune.model.llama import Transformer
     from longtune.parallel.dims import ParallelDims
     from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
-    from longtune.plan.memory import MemoryTracker
-    from longtune.plan.trace import _first_rows_supervised, _segments
+    from longtune.plan.trace import _first_rows_supervised, make_optimizer_state, tracked_step
 
     rank, world = dist.get_rank(), dist.get_world_size()
     sp, mbs = spec["sp"], spec["mbs"]
@@ -135,31 +134,17 @@ def _step(args, spec: dict, context: int) -> tuple:  # noqa: ANN001
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = spec["optimizer"] == "fused"
     opt = torch.optim.AdamW(trainable, lr=1e-5, foreach=False, fused=fused)
-    for p in trainable:  # the optimizer state, as after a run's first step (as trace.py)
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    gc.collect()
+    make_optimizer_state(opt, trainable)
 
     local = context // sp
     g = torch.Generator().manual_seed(1 + rank)
     ids = torch.randint(0, args.vocab_size, (mbs, local), generator=g)
     pos = torch.arange(rank % sp * local, (rank % sp + 1) * local).expand(mbs, local)
     labels = torch.randint(0, args.vocab_size, (mbs, local), generator=g)
-    tracker = MemoryTracker()
-    tracker.hold(model.parameters(), "parameters")
-    tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
-    tracker.hold((ids, pos, labels), "inputs")
     t1 = time.perf_counter()
-    with tracker, _first_rows_supervised(None), _segments(model, tracker):
-        loss = model(ids, position_ids=pos, labels=labels)
-        tracker.phase = "backward"
-        loss.backward()
-        gc.collect()
-        tracker.phase, tracker.segment = "optimizer step", "optimizer"
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return tracker, float(loss), t1 - t0, time.perf_counter() - t1
+    with _first_rows_supervised(None):  # as the trace: every row supervised
+        tracker = tracked_step(model, opt, ids, pos, labels)
+    return tracker, t1 - t0, time.perf_counter() - t1
 
 
 def worker(spec: dict) -> None:
@@ -180,7 +165,7 @@ def worker(spec: dict) -> None:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     baseline_kb = _status_kb("VmRSS")
-    tracker, loss, build_s, step_s = _step(args, spec, spec["context"])
+    tracker, build_s, step_s = _step(args, spec, spec["context"])
     hwm_kb = _status_kb("VmHWM")
     out = dict(
         rank=dist.get_rank(),
@@ -190,7 +175,6 @@ def worker(spec: dict) -> None:
         baseline_rss=baseline_kb * 1024,
         step_s=round(step_s, 2),
         build_s=round(build_s, 2),
-        loss=loss,
     )
     print("RESULT " + json.dumps(out), flush=True)
     dist.destroy_process_group()

@@ -376,14 +376,9 @@ def _plan_device(on_gpu: bool) -> Any:
 
 
 def worker_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """The planner's prediction for one layout, then the same step on real tensors: the model
-    built the trainer's way (meta -> parallelize on one rank -> to_empty -> random init), fused
-    AdamW with its state made, one forward + backward + optimizer step; GPU: peak
-    ``max_memory_allocated`` / ``reserved``; CPU: the planner's tracker on the real step.
-    ``spec["longest"]``: the planner's longest context up to that many tokens instead (no
-    step)."""
-    import gc
-
+    """The planner's prediction for one layout, then the same step on real tensors (see
+    :func:`_real_step`). ``spec["longest"]``: the planner's longest context up to that many
+    tokens instead (no step)."""
     import torch
     import torch.distributed as dist
 
@@ -391,7 +386,7 @@ def worker_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
     from longtune.plan.planner import longest, predict
     from longtune.plan.trace import Layout
 
-    device, dtype = _device_and_dtype()
+    device, _ = _device_and_dtype()
     on_gpu = device.type == "cuda"
     param_dtype = torch.bfloat16 if on_gpu else None  # as the trainer: bf16 on CUDA
     args = ModelArgs.from_hf_config({"model_type": "llama", **SHAPES[spec["shape"]]})
@@ -419,73 +414,64 @@ def worker_plan(spec: dict[str, Any]) -> list[dict[str, Any]]:
         fits=p.fits,
         plan_s=time.perf_counter() - t0,
     )
-    dist.destroy_process_group()  # the planner's fake one
     dist.init_process_group(
         "nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1
     )
-    from longtune.model.llama import Transformer
-    from longtune.parallel.dims import ParallelDims
-    from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
-    from longtune.plan.memory import MemoryTracker
-    from longtune.plan.trace import _first_rows_supervised, _segments
-
-    model = opt = loss = None
     try:
-        dims = ParallelDims.build(1, 1, -1, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
-        with torch.device("meta"):
-            model = Transformer(args)
-        levers = {"tiled_mlp": True} if spec["tiled"] else {}
-        parallelize(model, dims.build_mesh(device.type), spec["ac"], param_dtype, **levers)
-        model.to_empty(device=device)
-        if not is_fsdp_sharded(model):
-            model.tie_weights()
-        with torch.no_grad():
-            for w in model.parameters():
-                getattr(w, "_local_tensor", w).normal_(0.0, 0.02)
-        model.init_buffers(device=device)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        for w in model.parameters():  # the optimizer state, as after a run's first step
-            w.grad = torch.zeros_like(w)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, args.vocab_size, (1, spec["context"]), generator=g).to(device)
-        pos = torch.arange(spec["context"], device=device)[None]
-        labels = torch.randint(0, args.vocab_size, (1, spec["context"]), generator=g).to(device)
-        _reset_peak(device)
-        t1 = time.perf_counter()
-        if on_gpu:
-            loss = model(ids, position_ids=pos, labels=labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            measured = torch.cuda.max_memory_allocated()
-            rec["measured_reserved"] = torch.cuda.max_memory_reserved()
-        else:  # no allocator statistics on CPU: the planner's tracker on the real step
-            gc.collect()
-            tracker = MemoryTracker()
-            tracker.hold(model.parameters(), "parameters")
-            tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
-            tracker.hold((ids, pos, labels), "inputs")
-            with tracker, _first_rows_supervised(None), _segments(model, tracker):
-                loss = model(ids, position_ids=pos, labels=labels)
-                tracker.phase = "backward"
-                loss.backward()
-                gc.collect()
-                tracker.phase, tracker.segment = "optimizer step", "optimizer"
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            measured = tracker.peak
-        rec.update(status="ok", measured_allocated=measured, step_s=time.perf_counter() - t1)
+        rec.update(_real_step(args, spec, device, param_dtype))
     except Exception as e:  # an OOM is a result: the planner should have said it does not fit
         rec.update(status="oom" if _is_oom(e) else "error", error=str(e).splitlines()[0][:200])
     finally:
-        model = opt = loss = None
         dist.destroy_process_group()
     print(json.dumps(rec), flush=True)
     return [rec]
+
+
+def _real_step(args: Any, spec: dict[str, Any], device: Any, param_dtype: Any) -> dict[str, Any]:
+    """The model built the trainer's way (meta -> parallelize on one rank -> to_empty -> random
+    init), fused AdamW with its state made, one forward + backward + optimizer step. GPU: peak
+    ``max_memory_allocated`` / ``reserved``; CPU: the planner's tracker on the real step."""
+    import torch
+
+    from longtune.model.llama import Transformer
+    from longtune.parallel.dims import ParallelDims
+    from longtune.parallel.parallelize import is_fsdp_sharded, parallelize
+    from longtune.plan.trace import _first_rows_supervised, make_optimizer_state, tracked_step
+
+    dims = ParallelDims.build(1, 1, -1, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
+    with torch.device("meta"):
+        model = Transformer(args)
+    levers = {"tiled_mlp": True} if spec["tiled"] else {}
+    parallelize(model, dims.build_mesh(device.type), spec["ac"], param_dtype, **levers)
+    model.to_empty(device=device)
+    if not is_fsdp_sharded(model):
+        model.tie_weights()
+    with torch.no_grad():
+        for w in model.parameters():
+            getattr(w, "_local_tensor", w).normal_(0.0, 0.02)
+    model.init_buffers(device=device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    make_optimizer_state(opt, list(model.parameters()))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab_size, (1, spec["context"]), generator=g).to(device)
+    pos = torch.arange(spec["context"], device=device)[None]
+    labels = torch.randint(0, args.vocab_size, (1, spec["context"]), generator=g).to(device)
+    _reset_peak(device)
+    t1 = time.perf_counter()
+    out: dict[str, Any] = {"status": "ok"}
+    if device.type == "cuda":
+        model(ids, position_ids=pos, labels=labels).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        out["measured_allocated"] = torch.cuda.max_memory_allocated()
+        out["measured_reserved"] = torch.cuda.max_memory_reserved()
+    else:  # no allocator statistics on CPU: the planner's tracker on the real step
+        with _first_rows_supervised(None):
+            out["measured_allocated"] = tracked_step(model, opt, ids, pos, labels).peak
+    out["step_s"] = time.perf_counter() - t1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

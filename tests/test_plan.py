@@ -4,7 +4,6 @@ extrapolation from 3 and 4 blocks against a whole-model trace, and ``longtune pl
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import subprocess
 import sys
@@ -16,13 +15,13 @@ from longtune.model.args import ModelArgs
 from longtune.model.llama import Transformer
 from longtune.parallel.parallelize import apply_activation_checkpointing
 from longtune.plan.hardware import MODEL_PRESETS
-from longtune.plan.memory import MemoryTracker
 from longtune.plan.trace import (
     Layout,
     _first_rows_supervised,
-    _segments,
     extrapolate,
+    make_optimizer_state,
     trace_step,
+    tracked_step,
 )
 
 SMOL = ModelArgs.from_hf_config(MODEL_PRESETS["smollm2-135m"])
@@ -30,28 +29,16 @@ SMOL = ModelArgs.from_hf_config(MODEL_PRESETS["smollm2-135m"])
 
 def _real_peak(args: ModelArgs, ac: str, context: int) -> int:
     """The same step on real tensors (one process, float32, no FSDP: as the trainer on CPU),
-    counted the same way (reference cycles collected at the same points)."""
+    counted the same way."""
     torch.manual_seed(0)
     model = Transformer(args)
     apply_activation_checkpointing(model, ac)
     opt = torch.optim.AdamW(model.parameters(), fused=True)
+    make_optimizer_state(opt, list(model.parameters()))
     ids = torch.zeros(1, context, dtype=torch.long)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    gc.collect()
-    tracker = MemoryTracker()
-    tracker.hold(model.parameters(), "parameters")
-    tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
     pos, labels = torch.arange(context)[None], torch.zeros(1, context, dtype=torch.long)
-    tracker.hold((ids, pos, labels), "inputs")
-    with tracker, _first_rows_supervised(None), _segments(model, tracker):
-        model(ids, position_ids=pos, labels=labels).backward()
-        gc.collect()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return tracker.peak
+    with _first_rows_supervised(None):
+        return tracked_step(model, opt, ids, pos, labels).peak
 
 
 @pytest.mark.parametrize("ac", ["none", "selective", "full"])

@@ -202,23 +202,8 @@ def trace_step(
             ids = torch.zeros(layout.micro_batch, local, dtype=torch.long)
             pos = torch.arange(local).expand(layout.micro_batch, local)
             labels = torch.zeros(layout.micro_batch, local, dtype=torch.long)
-            for p in trainable:  # the optimizer state, as after a run's first step
-                p.grad = torch.zeros_like(p)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            gc.collect()  # the garbage of building the model is not the step's
-            tracker = MemoryTracker()
-            tracker.hold(model.parameters(), "parameters")
-            tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
-            tracker.hold((ids, pos, labels), "inputs")
-            with tracker, _segments(model, tracker):
-                loss = model(ids, position_ids=pos, cu_seqlens=cu, labels=labels)
-                tracker.phase = "backward"
-                loss.backward()
-                gc.collect()
-                tracker.phase, tracker.segment = "optimizer step", "optimizer"
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            make_optimizer_state(opt, trainable)
+            tracker = tracked_step(model, opt, ids, pos, labels, cu)
         elem = (param_dtype or torch.float32).itemsize
         return StepTrace(
             n_layers=n_layers,
@@ -231,6 +216,47 @@ def trace_step(
     finally:  # no fake process group is left behind (a forked or later real one would clash)
         if dist.is_initialized() and dist.get_backend() == "fake":
             dist.destroy_process_group()
+
+
+def make_optimizer_state(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """The optimizer's state, as after a run's first step (zero gradients, one step)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def tracked_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    pos: torch.Tensor,
+    labels: torch.Tensor,
+    cu: torch.Tensor | None = None,
+) -> MemoryTracker:
+    """One training step (forward with the loss, backward, optimizer step) under a
+    :class:`MemoryTracker`, counted the planner's way: parameters, optimizer state and the
+    micro-batch held, segments by block, reference cycles collected at segment starts. The
+    same on fake tensors (:func:`trace_step`) and on real ones (the benchmarks and tests that
+    check the planner against a real step).
+
+    Returns:
+        The tracker, with the step's peak, segments and FLOPs.
+    """
+    gc.collect()  # the garbage of building the model is not the step's
+    tracker = MemoryTracker()
+    tracker.hold(model.parameters(), "parameters")
+    tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
+    tracker.hold((ids, pos, labels), "inputs")
+    with tracker, _segments(model, tracker):
+        loss = model(ids, position_ids=pos, cu_seqlens=cu, labels=labels)
+        tracker.phase = "backward"
+        loss.backward()
+        gc.collect()
+        tracker.phase, tracker.segment = "optimizer step", "optimizer"
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return tracker
 
 
 def _parallel_model(
