@@ -38,48 +38,15 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_cpu_vs_hf import run_child  # the same measured-process protocol
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "longtune" / "demo" / "data"
 SIDES = {"full": [], "lora": ["--model.lora.rank=16"]}
-
-
-def cpu_stall_us() -> int | None:
-    """Cumulative µs during which some runnable task waited for a CPU (None without PSI)."""
-    try:
-        text = Path("/proc/pressure/cpu").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("some"):
-            return int(dict(kv.split("=") for kv in line.split()[1:])["total"])
-    return None
-
-
-def run_child(cmd: list[str], env: dict[str, str]) -> dict:
-    """Run one measured process: wall time, stdout, its peak RSS, the CPU stall share over it."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        stall0, t0 = cpu_stall_us(), time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - t0
-        stall1 = cpu_stall_us()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    return {
-        "wall_s": wall,
-        "stdout": stdout,
-        "process_peak_gb": usage.ru_maxrss / 2**20,
-        "stall": None if stall0 is None else (stall1 - stall0) / (wall * 1e6),
-    }
 
 
 def read_records(run_dir: Path, kind: str) -> list[dict]:

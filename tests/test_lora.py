@@ -289,3 +289,18 @@ def test_the_config_lists_the_model_s_lora_targets():
     from longtune.train import config
 
     assert config.LORA_TARGETS == LORA_TARGETS
+
+
+def test_a_missing_or_other_base_is_named_in_one_line(smol, tmp_path):
+    """The base a checkpoint names is gone (it moved): say so and ask for its new folder; a
+    folder given instead that is no model: say which, and what the adapters were trained on."""
+    from longtune.model.lora import LoraRecord, check_record
+
+    spec = LoraSpec(rank=4, alpha=8.0)
+    record = LoraRecord(spec, smol).state_dict()
+    gone = {**record, "base": str(tmp_path / "moved-away")}
+    with pytest.raises(ValueError, match="is not there any more.*give its new folder as --base"):
+        check_record(gone, None, tmp_path / "moved-away", "--base")
+    with pytest.raises(ValueError, match=r"--base=.* is not a model folder.*trained on"):
+        check_record(record, None, tmp_path, "--base")
+    assert check_record(record, spec, smol, "model.path") == spec

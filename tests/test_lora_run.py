@@ -16,7 +16,7 @@ import torch
 from helpers import make_hf_checkpoint, rel_err
 from test_model import read_all
 from test_train_run import _kill_when, env, run_cli
-from test_train_sp import _resume_copy, assert_same_run, launch, train_records
+from test_train_sp import _resume_copy, assert_same_run, launch, train_records, write_sums
 
 from longtune.checkpoint import CheckpointTensors
 from longtune.checkpoint.dcp_safe import read_metadata
@@ -38,15 +38,7 @@ SPEC = LoraSpec(rank=8, alpha=16.0)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_run")
-    rng = random.Random(0)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(40):
-            a, b = rng.randint(1, 999), rng.randint(1, 999)
-            turns = [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-            ]
-            f.write(json.dumps({"messages": turns}) + "\n")
+    write_sums(root / "train.jsonl")
     return {
         "root": root,
         "model": make_hf_checkpoint(root / "model", seed=1, **SMOL_SHAPE),

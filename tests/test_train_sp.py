@@ -30,18 +30,24 @@ PY = sys.executable
 REL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp")
+def write_sums(path: Path, n: int = 40) -> Path:
+    """``n`` chat examples "What is a plus b?" / "a plus b is c." (seeded), as JSONL."""
     rng = random.Random(0)
-    with open(root / "train.jsonl", "w") as f:
-        for _ in range(40):
+    with open(path, "w") as f:
+        for _ in range(n):
             a, b = rng.randint(1, 999), rng.randint(1, 999)
             turns = [
                 {"role": "user", "content": f"What is {a} plus {b}?"},
                 {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
             ]
             f.write(json.dumps({"messages": turns}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sp")
+    write_sums(root / "train.jsonl")
     return {
         "root": root,
         "model": make_hf_checkpoint(root / "model", vocab_size=128),  # 4 heads, 2 KV heads

@@ -218,7 +218,7 @@ def export_checkpoint(
         )
     spec = None
     if record is not None:
-        base = str(base or record["base"])
+        base = str(Path(base or record["base"]).resolve())  # adapter_config.json names it
         spec = check_record(record, None, base, "--base")
         adapter_dir = Path(adapter_dir or out.with_name(out.name + "-adapter"))
         check_output_dir(adapter_dir, [ckpt_dir, base], overwrite)

@@ -357,9 +357,14 @@ def check_record(
             "run's own model.lora settings"
         )
     if not Path(base, "config.json").is_file():
+        if Path(base).resolve() == Path(state["base"]):
+            raise ValueError(
+                f"the base model these LoRA adapters were trained on, {base}, is not there any "
+                f"more (no config.json); if it moved, give its new folder as {what}"
+            )
         raise ValueError(
-            f"the base model of these LoRA adapters, {base}, is not a model folder (no "
-            f"config.json); they were trained on {state['base']}: give that folder as {what}"
+            f"{what}={base} is not a model folder (no config.json); these LoRA adapters were "
+            f"trained on {state['base']}"
         )
     if base_fingerprint(base) != state["fingerprint"]:
         raise ValueError(
