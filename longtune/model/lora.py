@@ -21,7 +21,6 @@ Everything else (norms, embeddings, output, the projections' own weights) is fro
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -305,10 +304,6 @@ def peft_key(native_adapter: str) -> str:
     head, which, proj = native_adapter.rsplit(".", 2)
     layer = head.split(".")[1]
     return f"base_model.model.model.layers.{layer}.{HF_MODULE[proj]}.{which}.weight"
-
-
-def spec_json(spec: LoraSpec) -> str:
-    return json.dumps(spec.to_json(), sort_keys=True)
 
 
 class LoraRecord:

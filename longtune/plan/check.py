@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,31 +35,28 @@ class PlanRefusal(ValueError):
 
 @dataclass
 class Planned:
-    """What the preflight's plan decided."""
+    """What the preflight's plan decided: the levers, and the plan as the run logs it."""
 
     ac: str
     tiled_mlp: bool
-    prediction: Prediction | None
-    """None when the check was off and nothing was auto (or made in another process)."""
-    summary: dict[str, Any] | None = None
-    """:meth:`record` as made in the process that planned."""
+    summary: dict[str, Any]
+
+    @classmethod
+    def of(cls, ac: str, tiled_mlp: bool, p: Prediction | None) -> Planned:
+        """The plan of a prediction (None: not checked)."""
+        summary: dict[str, Any] = {"checked": p is not None, "ac": ac, "tiled_mlp": tiled_mlp}
+        if p is not None:
+            summary |= {
+                "layout": p.layout.describe(),
+                "predicted_peak_gb": p.device_bytes / GIB,
+                "device_memory_gb": (p.device_bytes + p.margin_bytes) / GIB,
+                "peak_segment": p.peak_segment,
+            }
+        return cls(ac, tiled_mlp, summary)
 
     def record(self) -> dict[str, Any]:
         """The plan as the run logs and records it."""
-        if self.summary is not None:
-            return self.summary
-        p = self.prediction
-        if p is None:
-            return {"checked": False, "ac": self.ac, "tiled_mlp": self.tiled_mlp}
-        return {
-            "checked": True,
-            "ac": self.ac,
-            "tiled_mlp": self.tiled_mlp,
-            "layout": p.layout.describe(),
-            "predicted_peak_gb": p.device_bytes / GIB,
-            "device_memory_gb": (p.device_bytes + p.margin_bytes) / GIB,
-            "peak_segment": p.peak_segment,
-        }
+        return self.summary
 
 
 def this_device(device_type: str, ranks_here: int) -> Device:
@@ -105,7 +102,7 @@ def check_run(
     """
     auto = ac == "auto" or tiled_mlp == "auto"
     if not auto and not enforce:
-        return Planned(ac, tiled_mlp == "true", None)
+        return Planned.of(ac, tiled_mlp == "true", None)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = this_device(device_type, ranks_here)
     acs = AC_ORDER if ac == "auto" else (ac,)
@@ -134,9 +131,9 @@ def check_run(
                 p = predict(args, Layout(sp, a, t, False, micro_batch), **kw)
                 first = first or p
                 if p.fits:
-                    return Planned(a, t, p)
+                    return Planned.of(a, t, p)
         if not enforce:
-            return Planned(first.layout.ac, first.layout.tiled_mlp, first)
+            return Planned.of(first.layout.ac, first.layout.tiled_mlp, first)
         raise PlanRefusal(_refusal(args, first, world, sp, kw))
     finally:
         if dist.is_initialized() and dist.get_backend() == "fake":
@@ -211,7 +208,7 @@ def check_run_isolated(args: ModelArgs, **kw: Any) -> Planned:
     answer = json.loads(lines[-1])
     if "refusal" in answer:
         raise PlanRefusal(answer["refusal"])
-    return Planned(answer["ac"], answer["tiled_mlp"], None, answer["record"])
+    return Planned(answer["ac"], answer["tiled_mlp"], answer["record"])
 
 
 def _child() -> None:
@@ -230,7 +227,3 @@ def _child() -> None:
         return
     record = planned.record()
     print(json.dumps({"ac": planned.ac, "tiled_mlp": planned.tiled_mlp, "record": record}))
-
-
-def prediction_json(p: Prediction | None) -> dict[str, Any] | None:
-    return None if p is None else {**asdict(p), "layout": asdict(p.layout)}

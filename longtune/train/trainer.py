@@ -181,7 +181,7 @@ class Trainer:
             logger.info("memory plan: not checked (train.plan_check=false)")
             return
         logger.info(
-            "memory plan: %s, predicted peak %.2f GiB per rank of %.2f GiB (at %s); "
+            "memory plan: %s, predicted peak %.3g GiB per rank of %.3g GiB (at %s); "
             "activation checkpointing %s, tiled MLP %s",
             plan["layout"],
             plan["predicted_peak_gb"],
