@@ -553,4 +553,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"longtune {args.command}: error: {describe_os_error(e, 'output')}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's code for SIGINT
+        print(f"longtune {args.command}: interrupted", file=sys.stderr)
+        code = 130
     sys.exit(code)

@@ -104,3 +104,19 @@ def test_a_run_that_cannot_fit_is_refused_before_any_weight_is_read(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "every layout keeps at least" in lines[0], r.stderr
     assert "this device has" in lines[0] and not out.exists()
+
+
+def test_ctrl_c_during_a_command_is_one_line_and_code_130(monkeypatch, capsys):
+    """Ctrl-C while `longtune plan` traces (seconds to minutes): one line, exit code 130, no
+    traceback (the same for every command but train, which checkpoints first)."""
+    import longtune.plan.command as command
+    from longtune.cli import main
+
+    def interrupted(**_):  # noqa: ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run", interrupted)
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "llama-3.1-8b"])
+    assert done.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["longtune plan: interrupted"]
