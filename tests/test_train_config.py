@@ -667,12 +667,16 @@ def test_lora_settings_with_rank_0_are_ignored_not_refused():
 
 
 def test_lora_scale():
-    assert LoraConfig(rank=16).scale() == 2.0  # alpha defaults to 2 x rank
+    from longtune.train.config import lora_spec
+
+    def spec(*flags: str):  # noqa: ANN202
+        return lora_spec(load_config(None, REQUIRED + list(flags)))
+
+    assert spec("--model.lora.rank=16").scale == 2.0  # alpha defaults to 2 x rank
     assert LoraConfig(rank=16).effective_alpha() == 32.0
-    assert LoraConfig(rank=16, alpha=8).scale() == 0.5
-    assert LoraConfig(rank=16, alpha=8, rslora=True).scale() == 2.0  # 8 / sqrt(16)
-    with pytest.raises(ValueError, match="model.lora.rank is 0"):
-        LoraConfig().scale()
+    assert spec("--model.lora.rank=16", "--model.lora.alpha=8").scale == 0.5
+    assert spec("--model.lora.rank=16", "--model.lora.alpha=8", "--model.lora.rslora").scale == 2.0
+    assert spec() is None  # rank 0: full fine-tuning, no adapters
 
 
 def test_lora_save_round_trip_and_flat_settings(tmp_path):

@@ -261,16 +261,6 @@ class LoraConfig:
         """``alpha``, or its default 2 x rank when unset."""
         return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
 
-    def scale(self) -> float:
-        """The factor on the adapters' output: alpha / rank, or alpha / sqrt(rank) with rslora.
-
-        Raises:
-            ValueError: rank is 0 (full fine-tuning has no adapters).
-        """
-        if self.rank == 0:
-            raise ValueError("model.lora.rank is 0 (full fine-tuning): there are no adapters")
-        return self.effective_alpha() / (math.sqrt(self.rank) if self.rslora else self.rank)
-
 
 @dataclass(config=_FIELDS)
 class ModelConfig:
