@@ -3,7 +3,7 @@
 # H100/H200; installs and downloads nothing. `--quick`: the same code on CPU with a tiny model.
 #
 #   benchmarks/gpu.sh                     # results also in $OUT/gpu_bench.txt (or ./gpu_bench.txt)
-#   benchmarks/gpu.sh --only table mfu    # some sections (table mfu attention longest train plan)
+#   benchmarks/gpu.sh --only table mfu    # some sections (table mfu attention longest train plan offload)
 #   benchmarks/gpu.sh --quick             # CPU smoke run (the test suite runs it)
 #
 # PYTHON selects the interpreter (default: python3 on PATH).

@@ -33,8 +33,11 @@ before ``--budget-s`` is listed as skipped, so the whole run stays within the bu
    compile): predicted allocated bytes (traced tensors + FlashAttention's dq accumulator) vs
    ``max_memory_allocated``, 1B shape at 8K, 32K, 128K and 8B at 32K, 128K (an OOM is a
    result when the planner says it does not fit); the planner's longest 8B context on the card
-   with full AC, tiled MLP and activation offload (a prediction: the trainer has no activation
-   offload yet). Last in the budget: ``--only plan --budget-s 540`` runs it alone.
+   with full AC, tiled MLP and activation offload (a prediction). Last in the budget:
+   ``--only plan --budget-s 540`` runs it alone.
+7. ``offload``: activation offload, 1B shape at 128K and 8B at 32K: one fwd+bwd step with full
+   AC without and with ``model.offload_activations`` (same random weights): peak GB, step time,
+   loss and gradient norm of both (the numerics must not change).
 
 Everything printed also goes to ``--results`` (default ``$OUT/gpu_bench.txt`` when ``OUT`` is
 set, else ``./gpu_bench.txt``), raw records to the same name with ``.json``.
@@ -57,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("table", "mfu", "attention", "longest", "train", "plan")
+SECTIONS = ("table", "mfu", "attention", "longest", "train", "plan", "offload")
 LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3.2-1b": dict(
@@ -126,6 +129,7 @@ PLANS: dict[str, dict[str, Any]] = {
             ("llama3.1-8b", 131072, "full", True),
         ],
         plan_longest=("llama3.1-8b", "full", True, 2**26),
+        offload={"llama3.2-1b": [131072], "llama3.1-8b": [32768]},
     ),
     "quick": dict(
         shape="tiny",
@@ -140,6 +144,7 @@ PLANS: dict[str, dict[str, Any]] = {
         train_warmup=1,
         plan_rows=[("tiny", 512, "full", True)],
         plan_longest=("tiny", "full", False, 2048),  # (tiled MLP traces slowly on tiny shapes)
+        offload={"tiny": [512]},
     ),
 }
 
@@ -242,13 +247,14 @@ def _build(spec: dict[str, Any], setting: dict[str, Any], device: Any, dtype: An
         args = ModelArgs.from_hf_config({"model_type": "llama", **SHAPES[spec["shape"]]})
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
+        torch.manual_seed(0)  # every setting the same weights
         try:
             with torch.device(device):
                 model = Transformer(args)
         finally:
             torch.set_default_dtype(default)
         model.init_buffers(device=device)
-    apply_activation_checkpointing(model, setting["ac"])
+    apply_activation_checkpointing(model, setting["ac"], offload=setting.get("offload", False))
     if setting.get("compile", device.type == "cuda"):
         apply_compile(model)
     return model.train()
@@ -276,6 +282,8 @@ def _step_fn(spec: dict[str, Any], setting: dict[str, Any], model: Any, length: 
 def worker_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Forward + backward steps for each (length, setting); settings in order of speed, the
     first that fits is the "fastest that fits"; an OOM moves on to the next setting."""
+    import torch
+
     device, dtype = _device_and_dtype()
     out = []
     for length in spec["lengths"]:
@@ -293,7 +301,13 @@ def worker_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
                 for _ in range(spec["warmup"] + spec["repeats"]):
                     _sync(device)
                     t0 = time.perf_counter()
-                    step().backward()
+                    loss = step()
+                    loss.backward()
+                    if spec.get("check"):  # the last step's loss and gradient norm
+                        grads = [
+                            p.grad.float().norm() for p in model.parameters() if p.grad is not None
+                        ]
+                        rec.update(loss=float(loss), grad_norm=float(torch.stack(grads).norm()))
                     model.zero_grad(set_to_none=True)
                     _sync(device)
                     times.append(time.perf_counter() - t0)
@@ -819,6 +833,45 @@ def section_plan(run: Runner, plan: dict[str, Any]) -> None:
         )
 
 
+def section_offload(run: Runner, plan: dict[str, Any]) -> None:
+    rep = run.report
+    rep.line(
+        "== 7. activation offload (model.offload_activations): one fwd+bwd step with full AC, "
+        "without and with the block inputs in pinned host memory (no compile; same weights)"
+    )
+    for shape, lengths in plan["offload"].items():
+        settings = [
+            {"ac": "full", "compile": False, "fallback": False},
+            {"ac": "full", "compile": False, "fallback": False, "offload": True},
+        ]
+        spec = {"impl": "longtune", "shape": shape, "lengths": lengths, "warmup": 1,
+                "repeats": 2, "settings": settings, "check": True}  # fmt: skip
+        recs = run.worker("steps", spec, min_s=40)
+        for length in lengths:
+            plain, off = (
+                next((r for r in recs if r["length"] == length and r.get("offload", False) == o), None)
+                for o in (False, True)
+            )  # fmt: skip
+            if not plain or not off or "ok" not in (plain["status"], off["status"]):
+                rep.line(f"  {shape} {length}: not measured")
+                continue
+            line = f"  {shape} {length:>8} tokens:"
+            for name, r in (("plain", plain), ("offload", off)):
+                line += (
+                    f" {name} {r['peak_gb']:.1f} GB {r['step_s']:.2f} s;"
+                    if r["status"] == "ok"
+                    else f" {name} {r['status']};"
+                )
+            if plain["status"] == off["status"] == "ok":
+                rel = abs(off["grad_norm"] - plain["grad_norm"]) / plain["grad_norm"]
+                line += (
+                    f" memory x{off['peak_gb'] / plain['peak_gb']:.2f}, time "
+                    f"x{off['step_s'] / plain['step_s']:.2f}; loss equal: "
+                    f"{off['loss'] == plain['loss']}, grad norm rel diff {rel:.1e}"
+                )
+            rep.line(line)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, seconds (CI)")
@@ -882,6 +935,8 @@ def main() -> None:
             section_train(run, plan, ckpt, tmp)
         if "plan" in a.only:
             section_plan(run, plan)
+        if "offload" in a.only:
+            section_offload(run, plan)
     report.line(f"done in {time.monotonic() - started:.0f} s")
 
 

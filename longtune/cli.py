@@ -309,11 +309,17 @@ def _add_plan_command(sub: Any) -> None:
     p.add_argument("--tiled-mlp", choices=("true", "false"), help="hold tiled MLP fixed.")
     p.add_argument("--micro-batch", type=int, help="hold the micro-batch fixed.")
     p.add_argument(
+        "--cpu-offload",
+        choices=("true", "false"),
+        help="hold FSDP2's CPU offload (parallel.cpu_offload) fixed; by default it is weighed "
+        "on CUDA when nothing fits without it.",
+    )
+    p.add_argument(
         "--longest",
         dest="find_longest",
         action="store_true",
         help="the longest context that fits, per checkpointing mode (largest SP, tiled MLP, "
-        "offload on CUDA).",
+        "activation offload on CUDA), and with FSDP2's CPU offload too on CUDA.",
     )
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON.")
 

@@ -28,8 +28,9 @@ def test_gpu_benchmark_quick_mode_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text()
     assert text == proc.stdout  # everything printed is in the results file
-    for heading in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5."):
+    for heading in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "== 6.", "== 7."):
         assert heading in text
+    assert "loss equal: True, grad norm rel diff 0.0e+00" in text  # offload changes nothing
     assert "failed" not in text and "skipped" not in text and "error" not in text, text
     records = json.loads(results.with_suffix(".json").read_text())
     steps = [r for r in records if r["task"] == "steps" and r["status"] == "ok"]

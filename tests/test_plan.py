@@ -120,3 +120,60 @@ def test_ctrl_c_during_a_command_is_one_line_and_code_130(monkeypatch, capsys):
         main(["plan", "llama-3.1-8b"])
     assert done.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == ["longtune plan: interrupted"]
+
+
+def test_fsdp_cpu_offload_moves_shards_gradients_and_optimizer_state_to_the_host():
+    """With parallel.cpu_offload the host holds every parameter shard, its gradient and its two
+    AdamW moments (16 bytes per float32 parameter of this rank's shard); the device keeps the
+    rest, so its peak falls by at least the shards' and moments' bytes. The gradient shards the
+    trace tells apart from the backward's other tensors are this rank's gradients."""
+    from longtune.plan.hardware import DEVICES
+    from longtune.plan.planner import predict
+
+    args = dataclasses.replace(SMOL, n_layers=3, vocab_size=4096)
+    world = 4
+    kw = dict(world=world, context=1024, param_dtype=torch.bfloat16)
+    trace = trace_step(args, Layout(ac="full"), n_layers=3, **kw)
+    grads = trace.segments["optimizer"][1].get("gradients", 0)
+    shard_bytes = args.num_params() * 4 / world
+    assert abs(grads - shard_bytes) <= 0.01 * shard_bytes, (grads, shard_bytes)
+
+    plan_kw = dict(context=1024, device=DEVICES["h100-80"], nodes=1, gpus_per_node=world)
+    plain = predict(args, Layout(ac="full"), param_dtype=torch.bfloat16, **plan_kw)
+    offloaded = predict(
+        args, Layout(ac="full", cpu_offload=True), param_dtype=torch.bfloat16, **plan_kw
+    )
+    assert abs(offloaded.host_bytes - 4 * shard_bytes) <= 0.01 * shard_bytes
+    assert plain.tensor_peak - offloaded.tensor_peak >= 3 * shard_bytes * 0.99
+    assert offloaded.host_bytes and "cpu_offload_staging" in offloaded.terms
+    assert offloaded.step_s > plain.step_s  # the AdamW step runs on the host
+
+
+def test_activation_offload_is_chosen_on_cuda_only_when_nothing_else_fits():
+    """model.offload_activations=auto: the planner takes offload (on CUDA, with checkpointing)
+    once no layout without it fits, and never on CPU; the chosen layout says so."""
+    from longtune.plan import check
+    from longtune.plan.hardware import DEVICES
+
+    args = dataclasses.replace(SMOL, n_layers=6, vocab_size=4096)
+    kw = dict(world=1, sp=1, micro_batch=1, context=16384, ac="full", tiled_mlp="true",
+              compute_dtype=torch.bfloat16, lora=None, enforce=True, offload="auto")  # fmt: skip
+    original = check.this_device
+    try:
+        for device_type in ("cuda", "cpu"):
+            card = dataclasses.replace(DEVICES["h100-80"], cuda=device_type == "cuda")
+            plain = check.predict(
+                args, Layout(ac="full", tiled_mlp=True), context=16384, device=card, nodes=1,
+                gpus_per_node=1, param_dtype=torch.bfloat16,
+            )  # fmt: skip
+            budget = plain.device_bytes - 2**20  # just too small without offload
+            check.this_device = lambda *_, c=card, b=budget: dataclasses.replace(c, memory=b)
+            if device_type == "cuda":
+                planned = check.check_run(args, device_type=device_type, **kw)
+                assert planned.offload and planned.summary["predicted_host_gb"] > 0
+                assert "offload" in planned.summary["layout"]
+            else:
+                with pytest.raises(check.PlanRefusal, match="memory planner predicts"):
+                    check.check_run(args, device_type=device_type, **kw)
+    finally:
+        check.this_device = original

@@ -7,7 +7,9 @@
    (:class:`~longtune.model.tiled.TiledMLP`), so its ``tokens x ffn_dim`` intermediates never
    exist whole; parameter names do not change;
 2. activation checkpointing (none | selective | full) around each block; selective keeps the
-   attention kernel's outputs (and the all-to-all outputs only with ``keep_exchanges``);
+   attention kernel's outputs (and the all-to-all outputs only with ``keep_exchanges``); with
+   ``offload_activations`` the block inputs it keeps wait in host memory
+   (:mod:`longtune.parallel.offload`);
 3. ``torch.compile`` of each block (optional), so its elementwise work (RMSNorm, RoPE,
    SiLU * up, residual adds) fuses; the checkpointing wrapper is compiled with the block (with
    a tiled MLP, which runs eagerly between two graphs, the block inside the wrapper);
@@ -38,6 +40,7 @@ from longtune.model.attention import exclude_from_compile
 from longtune.model.llama import Transformer
 from longtune.model.tiled import TiledMLP
 from longtune.model.tiled import exclude_from_compile as exclude_tiled_mlp_from_compile
+from longtune.parallel.offload import ActivationOffloader, OffloadingCheckpointWrapper
 from longtune.parallel.ulysses import SAVE_OPS as _SP_SAVE_OPS
 from longtune.parallel.ulysses import apply_sequence_parallel
 
@@ -102,7 +105,7 @@ def apply_tiled_mlp(model: Transformer, tile: int | None = None) -> None:
 
 
 def apply_activation_checkpointing(
-    model: Transformer, mode: str, keep_exchanges: bool = False
+    model: Transformer, mode: str, keep_exchanges: bool = False, offload: bool = False
 ) -> None:
     """Wrap every block for activation checkpointing.
 
@@ -111,19 +114,29 @@ def apply_activation_checkpointing(
             attention kernel's outputs; recompute the rest).
         keep_exchanges: with ``selective``, also keep the outputs of the SP all-to-alls (no
             exchange replayed in the backward pass, about twice the activation memory).
+        offload: keep the block inputs in host memory between the forward pass and the
+            block's recompute (:mod:`longtune.parallel.offload`); needs ``selective`` or
+            ``full``.
     """
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is not one of {', '.join(AC_MODES)}")
     if mode == "none":
+        if offload:
+            raise ValueError(
+                "activation offload moves what checkpointing keeps: needs selective or full"
+            )
         return
-    for name, block in model.layers.named_children():
-        if mode == "full":
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+    kw: dict = {"preserve_rng_state": False}
+    if mode == "selective":
+        kw["context_fn"] = functools.partial(_selective_context, keep_exchanges)
+    offloader = ActivationOffloader() if offload else None
+    blocks = list(model.layers.named_children())
+    for i, (name, block) in enumerate(blocks):
+        if offloader is None:
+            wrapped = checkpoint_wrapper(block, **kw)
         else:
-            wrapped = checkpoint_wrapper(
-                block,
-                preserve_rng_state=False,
-                context_fn=functools.partial(_selective_context, keep_exchanges),
+            wrapped = OffloadingCheckpointWrapper(
+                block, offloader, index=i, last=i == len(blocks) - 1, **kw
             )
         model.layers.register_module(name, wrapped)
 
@@ -140,10 +153,14 @@ def apply_compile(model: Transformer) -> None:
     exclude_tiled_mlp_from_compile()
     for name, block in model.layers.named_children():
         inner = getattr(block, "_checkpoint_wrapped_module", None)
-        if inner is not None and isinstance(inner.feed_forward, TiledMLP):
+        if inner is not None and (
+            isinstance(inner.feed_forward, TiledMLP)
+            or isinstance(block, OffloadingCheckpointWrapper)
+        ):
             # A tiled MLP stays out of the graphs (its backward runs autograd itself): the
             # block's graph breaks around it, and a checkpoint cannot be compiled across a break
             # (the whole block would run eagerly). Compile the block inside the checkpoint.
+            # Likewise the offload's stash (streams and host copies are no graph's business).
             block.register_module("_checkpoint_wrapped_module", torch.compile(inner))
         else:
             model.layers.register_module(name, torch.compile(block))
@@ -189,6 +206,7 @@ def parallelize(
     keep_exchanges: bool = False,
     tiled_mlp: bool = False,
     cpu_offload: bool = False,
+    offload_activations: bool = False,
 ) -> nn.Module:
     """Apply sequence parallelism, tiled MLP (optional), activation checkpointing, compile
     (optional), then FSDP2.
@@ -205,6 +223,8 @@ def parallelize(
             (:func:`apply_tiled_mlp`).
         cpu_offload: FSDP2 keeps parameters, gradients and optimizer state in host memory
             (``parallel.cpu_offload``; CUDA only). FSDP2 is applied even on one rank then.
+        offload_activations: the block inputs checkpointing keeps go to host memory
+            (``model.offload_activations``; needs ``selective`` or ``full``).
 
     Returns:
         The same model, now sharded.
@@ -213,7 +233,7 @@ def parallelize(
         apply_sequence_parallel(model, mesh["sp"].get_group())
     if tiled_mlp:
         apply_tiled_mlp(model)
-    apply_activation_checkpointing(model, ac_mode, keep_exchanges)
+    apply_activation_checkpointing(model, ac_mode, keep_exchanges, offload_activations)
     if compile:
         apply_compile(model)
     if mesh.size() > 1 or param_dtype is not None or cpu_offload:

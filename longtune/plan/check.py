@@ -39,20 +39,28 @@ class Planned:
 
     ac: str
     tiled_mlp: bool
+    offload: bool
+    """Activation offload (``model.offload_activations``)."""
     summary: dict[str, Any]
 
     @classmethod
-    def of(cls, ac: str, tiled_mlp: bool, p: Prediction | None) -> Planned:
+    def of(cls, ac: str, tiled_mlp: bool, offload: bool, p: Prediction | None) -> Planned:
         """The plan of a prediction (None: not checked)."""
-        summary: dict[str, Any] = {"checked": p is not None, "ac": ac, "tiled_mlp": tiled_mlp}
+        summary: dict[str, Any] = {
+            "checked": p is not None,
+            "ac": ac,
+            "tiled_mlp": tiled_mlp,
+            "offload": offload,
+        }
         if p is not None:
             summary |= {
                 "layout": p.layout.describe(),
                 "predicted_peak_gb": p.device_bytes / GIB,
                 "device_memory_gb": (p.device_bytes + p.margin_bytes) / GIB,
                 "peak_segment": p.peak_segment,
+                "predicted_host_gb": p.host_bytes / GIB,
             }
-        return cls(ac, tiled_mlp, summary)
+        return cls(ac, tiled_mlp, offload, summary)
 
     def record(self) -> dict[str, Any]:
         """The plan as the run logs and records it."""
@@ -86,6 +94,8 @@ def check_run(
     ac: str,
     tiled_mlp: str,
     compute_dtype: torch.dtype,
+    offload: str = "false",
+    cpu_offload: bool = False,
     device_type: str,
     lora: object | None,
     enforce: bool,
@@ -95,18 +105,27 @@ def check_run(
     Args:
         ac: ``model.activation_checkpointing`` (``auto`` or a mode).
         tiled_mlp: ``model.tiled_mlp`` (``auto``, ``true``, ``false``).
+        offload: ``model.offload_activations`` (``auto``, ``true``, ``false``; offload is
+            tried only on CUDA and with checkpointing).
+        cpu_offload: ``parallel.cpu_offload``.
         enforce: ``train.plan_check``: refuse a fixed layout predicted not to fit.
 
     Raises:
         PlanRefusal: nothing within the settings fits (with ``enforce``, or with an ``auto``).
     """
-    auto = ac == "auto" or tiled_mlp == "auto"
+    auto = "auto" in (ac, tiled_mlp, offload)
     if not auto and not enforce:
-        return Planned.of(ac, tiled_mlp == "true", None)
+        return Planned.of(ac, tiled_mlp == "true", offload == "true", None)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = this_device(device_type, ranks_here)
     acs = AC_ORDER if ac == "auto" else (ac,)
     tiles = (False, True) if tiled_mlp == "auto" else (tiled_mlp == "true",)
+
+    def offloads(a: str) -> tuple[bool, ...]:  # offload moves what checkpointing keeps
+        if offload == "auto":
+            return (False, True) if device.cuda and a != "none" else (False,)
+        return (offload == "true",) if a != "none" or offload == "false" else ()
+
     param_dtype = None if compute_dtype == torch.float32 else compute_dtype
     kw = dict(
         context=context,
@@ -126,14 +145,15 @@ def check_run(
         )
     try:
         first = None
-        for a in acs:  # fastest first: less checkpointing, then no tiling
+        for a in acs:  # fastest first: less checkpointing, then no tiling, then no offload
             for t in tiles:
-                p = predict(args, Layout(sp, a, t, False, micro_batch), **kw)
-                first = first or p
-                if p.fits:
-                    return Planned.of(a, t, p)
+                for o in offloads(a):
+                    p = predict(args, Layout(sp, a, t, o, micro_batch, cpu_offload), **kw)
+                    first = first or p
+                    if p.fits:
+                        return Planned.of(a, t, o, p)
         if not enforce:
-            return Planned.of(first.layout.ac, first.layout.tiled_mlp, first)
+            return Planned.of(first.layout.ac, first.layout.tiled_mlp, first.layout.offload, first)
         raise PlanRefusal(_refusal(args, first, world, sp, kw))
     finally:
         if dist.is_initialized() and dist.get_backend() == "fake":
@@ -153,16 +173,17 @@ def _refusal(args: ModelArgs, p: Prediction, world: int, sp: int, kw: dict[str, 
     tiling, then more SP within the world)."""
     near = None
     levers = [
-        (s, a, t)
+        (s, a, t, o)
         for s in sp_degrees(args, world)
         if s >= sp
         for a in AC_ORDER
         for t in (False, True)
+        for o in ((False, True) if kw["device"].cuda and a != "none" else (False,))
     ]
-    for s, a, t in sorted(levers, key=lambda x: (x[0], AC_ORDER.index(x[1]), x[2])):
+    for s, a, t, o in sorted(levers, key=lambda x: (x[0], AC_ORDER.index(x[1]), x[2], x[3])):
         if kw["context"] % s:
             continue
-        q = predict(args, Layout(s, a, t, False, p.layout.micro_batch), **kw)
+        q = predict(args, replace(p.layout, sp=s, ac=a, tiled_mlp=t, offload=o), **kw)
         if q.fits:
             near = q
             break
@@ -185,6 +206,7 @@ def _settings(layout: Layout) -> str:
     return (
         f"--parallel.sp={layout.sp} --model.activation_checkpointing={layout.ac} "
         f"--model.tiled_mlp={'true' if layout.tiled_mlp else 'false'}"
+        + (" --model.offload_activations=true" if layout.offload else "")
     )
 
 
@@ -208,7 +230,7 @@ def check_run_isolated(args: ModelArgs, **kw: Any) -> Planned:
     answer = json.loads(lines[-1])
     if "refusal" in answer:
         raise PlanRefusal(answer["refusal"])
-    return Planned(answer["ac"], answer["tiled_mlp"], answer["record"])
+    return Planned(answer["ac"], answer["tiled_mlp"], answer["offload"], answer["record"])
 
 
 def _child() -> None:
@@ -226,4 +248,5 @@ def _child() -> None:
         print(json.dumps({"refusal": str(e)}))
         return
     record = planned.record()
-    print(json.dumps({"ac": planned.ac, "tiled_mlp": planned.tiled_mlp, "record": record}))
+    answer = {"ac": planned.ac, "tiled_mlp": planned.tiled_mlp, "offload": planned.offload}
+    print(json.dumps(answer | {"record": record}))

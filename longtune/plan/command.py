@@ -51,6 +51,7 @@ def run(
     ac: str | None = None,
     tiled_mlp: str | None = None,
     micro_batch: int | None = None,
+    cpu_offload: str | None = None,
     find_longest: bool = False,
     as_json: bool = False,
 ) -> int:
@@ -68,6 +69,10 @@ def run(
     }
     if tiled_mlp is not None:
         fixed["tiled_mlp"] = tiled_mlp == "true"
+    if cpu_offload is not None:
+        if cpu_offload == "true" and not dev.cuda:
+            raise ValueError("--cpu-offload true needs a CUDA device (FSDP2's CPU offload)")
+        fixed["cpu_offload"] = cpu_offload == "true"
     lora = LoraSpec(rank=lora_rank, alpha=2.0 * lora_rank) if lora_rank > 0 else None
     param_dtype = torch.bfloat16 if dtype == "bfloat16" else None
     world = nodes * gpus_per_node
@@ -108,22 +113,29 @@ def _longest_rows(
     world: int,
 ) -> list[tuple[int, Prediction | None]]:
     """The longest context per layout: the largest SP degree of the world that the heads
-    allow (memory falls with it), each checkpointing mode, tiled MLP and offload on."""
+    allow (memory falls with it), each checkpointing mode, tiled MLP and activation offload on;
+    on CUDA without and with FSDP2's CPU offload."""
     from longtune.plan.planner import sp_degrees
 
     sp = fixed.get("sp") or max(s for s in sp_degrees(args, world))
     acs = [fixed["ac"]] if "ac" in fixed else ["selective", "full"]
+    if "cpu_offload" in fixed:
+        cpu_offloads = [fixed["cpu_offload"]]
+    else:
+        cpu_offloads = [False, True] if dev.cuda else [False]
     rows = []
-    for ac in acs:
-        layout = Layout(
-            sp=sp,
-            ac=ac,
-            tiled_mlp=fixed.get("tiled_mlp", True),
-            offload=dev.cuda,
-            micro_batch=fixed.get("micro_batch", 1),
-        )
-        kw = dict(device=dev, nodes=nodes, gpus_per_node=gpus_per_node)
-        rows.append(longest(args, layout, param_dtype=param_dtype, lora=lora, **kw))
+    for cpu_offload in cpu_offloads:
+        for ac in acs:
+            layout = Layout(
+                sp=sp,
+                ac=ac,
+                tiled_mlp=fixed.get("tiled_mlp", True),
+                offload=dev.cuda,
+                micro_batch=fixed.get("micro_batch", 1),
+                cpu_offload=cpu_offload,
+            )
+            kw = dict(device=dev, nodes=nodes, gpus_per_node=gpus_per_node)
+            rows.append(longest(args, layout, param_dtype=param_dtype, lora=lora, **kw))
     return rows
 
 
@@ -156,7 +168,11 @@ def _print_breakdown(p: Prediction) -> None:
         print(f"  + {name:46} {_gib(n):>8} GiB")
     print(f"  largest tensor: {_gib(p.largest[0])} GiB, {p.largest[1]}")
     if p.host_bytes:
-        print(f"  host memory for offloaded activations: {_gib(p.host_bytes)} GiB")
+        what = " and ".join(
+            ["offloaded activations"] * p.layout.offload
+            + ["FSDP2's CPU offload (shards, gradients, optimizer)"] * p.layout.cpu_offload
+        )
+        print(f"  host memory for {what}: {_gib(p.host_bytes)} GiB")
 
 
 _LABELS = {
@@ -164,7 +180,8 @@ _LABELS = {
     "optimizer": "optimizer state",
     "inputs": "the micro-batch",
     "forward": "made in forward (activations kept, loss grads)",
-    "backward": "made in backward (gradients, temporaries)",
+    "backward": "made in backward (gathered gradients, temporaries)",
+    "gradients": "gradient shards",
     "optimizer step": "made by the optimizer step",
 }
 

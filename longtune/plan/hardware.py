@@ -52,6 +52,11 @@ DEVICES: dict[str, Device] = {
     "cpu": Device("cpu", 0, 0.1, 20.0, 10.0, 10.0, 10.0, cuda=False),
 }
 
+HOST_ADAMW_PARAMS_PER_S = 1.0e9
+"""Parameters per second that PyTorch's fused CPU AdamW updates for one GPU's shard with FSDP2's
+CPU offload (the step then runs on the host). Measured on this project's 2-core VM (see
+``docs/planner.md``) and scaled to the 8 host cores a GPU of a typical 8-GPU server has."""
+
 MFU = 0.45
 """Share of the bf16 peak a training step's matmuls reach (torchtitan's published Llama 3 8B
 runs on H100 reach 38-50% MFU with FSDP2 and selective checkpointing)."""

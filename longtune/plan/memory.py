@@ -82,6 +82,17 @@ class MemoryTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t not in self._owner:
                 self._attach(t, _Allocation(_nbytes(t), label))
 
+    def relabel(self, tensors: Iterable[Any], label: str) -> None:
+        """Count the allocations behind ``tensors`` as ``label`` from now on (e.g. what the
+        backward pass made that turned out to be parameter gradients)."""
+        for t in tensors:
+            alloc = self._owner.get(_local(t)) if isinstance(t, torch.Tensor) else None
+            if alloc is None or alloc.label == label or alloc not in self._live:
+                continue
+            self.by_label[alloc.label] -= alloc.nbytes
+            alloc.label = label
+            self.by_label[label] = self.by_label.get(label, 0) + alloc.nbytes
+
     def _attach(self, t: torch.Tensor, alloc: _Allocation) -> None:
         if alloc.refs == 0:
             self._live.add(alloc)

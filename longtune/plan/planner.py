@@ -13,14 +13,20 @@ cannot hide added.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from longtune.model.args import ModelArgs
-from longtune.plan.hardware import GIB, MFU, Device
-from longtune.plan.trace import Layout, StepTrace, extrapolate, trace_step
+from longtune.plan.hardware import GIB, HOST_ADAMW_PARAMS_PER_S, MFU, Device
+from longtune.plan.trace import (
+    Layout,
+    StepTrace,
+    extrapolate_segments,
+    peak_segment,
+    trace_step,
+)
 
 AC_ORDER = ("none", "selective", "full")  # fastest first
 CUDA_CONTEXT = 512 * 2**20
@@ -29,6 +35,9 @@ NCCL_BUFFERS = 512 * 2**20
 """NCCL's communicator buffers (channels x peers x NCCL_BUFFSIZE of 4 MiB), for a world > 1."""
 FRAGMENTATION = 0.05
 """Allocator headroom: reserved-but-unallocated memory as a share of the tensor peak."""
+HOST_SIDE = ("parameters", "gradients", "optimizer", "optimizer step")
+"""What FSDP2's CPU offload keeps in host memory: the parameter and gradient shards, the
+optimizer state, and the optimizer step's work (it runs on the CPU)."""
 
 
 @dataclass
@@ -114,21 +123,26 @@ def predict(
         documents=documents,
     )
     base = Layout(**{**asdict(layout), "offload": False, "cpu_offload": False})
+    host_side = HOST_SIDE if layout.cpu_offload else ()
     if whole or args.n_layers <= 4:
-        t = trace_step(args, base, n_layers=args.n_layers, **kw)
-        peak, by, where = t.peak, max(t.segments.values(), key=lambda s: s[0])[1], _argmax(t)
-        flops, large = t.flops, t
+        large = _trace(args, base, n_layers=args.n_layers, **kw)
+        segments, flops = large.segments, large.flops
     else:
-        small = trace_step(args, base, n_layers=3, **kw)
-        large = trace_step(args, base, n_layers=4, **kw)
-        peak, by, where = extrapolate(small, large, args.n_layers)
+        small = _trace(args, base, n_layers=3, **kw)
+        large = _trace(args, base, n_layers=4, **kw)
+        segments = extrapolate_segments(small, large, args.n_layers)
         flops = large.flops + (args.n_layers - 4) * (large.flops - small.flops)
-    host = 0
+    peak, by, where = peak_segment(segments, host_side)
+    # The host's share: what the optimizer step holds (every shard, gradient and moment).
+    on_host = segments.get("optimizer", (0, {}))[1]
+    host = sum(on_host.get(label, 0) for label in host_side)
     terms = device_terms(args, layout, context, device, world)
     if layout.offload:  # every block's kept input but the two at work lives on the host
         moved = max(0, args.n_layers - 2) * large.kept_block_inputs
         terms["activation_offload"] = -min(moved, by.get("forward", 0))
         host += args.n_layers * large.kept_block_inputs
+    if layout.cpu_offload:  # FSDP copies a block's shards in before gathering them
+        terms["cpu_offload_staging"] = 2 * large.block_shard_bytes
     terms["fragmentation"] = int(FRAGMENTATION * peak)
     total = peak + sum(terms.values())
     step_s = _step_time(args, layout, context, device, nodes, gpus_per_node, flops, large)
@@ -150,8 +164,18 @@ def predict(
     )
 
 
-def _argmax(t: StepTrace) -> str:
-    return max(t.segments, key=lambda s: t.segments[s][0])
+_TRACES: dict[tuple, StepTrace] = {}
+"""Traces of this process by everything they depend on (layouts that differ by offloads only
+share one)."""
+
+
+def _trace(args: ModelArgs, layout: Layout, **kw: Any) -> StepTrace:
+    key = (repr(args), layout, repr(kw.get("lora")), *sorted((k, repr(v)) for k, v in kw.items()))
+    if key not in _TRACES:
+        if len(_TRACES) > 256:
+            _TRACES.clear()
+        _TRACES[key] = trace_step(args, layout, **kw)
+    return _TRACES[key]
 
 
 def _step_time(
@@ -185,7 +209,15 @@ def _step_time(
     if layout.offload:
         moved = 2 * args.n_layers * trace.kept_block_inputs / (device.host_gbs * 1e9)
         offload = max(0.0, moved - compute)
-    return max(compute, fsdp) + a2a + offload
+    host_step = 0.0
+    if layout.cpu_offload:
+        # Each block's fp32 shards come in for the forward and again for the backward, the
+        # gradient shards go out: overlapped with compute like FSDP's own traffic. The AdamW
+        # step runs on the host's CPUs, after the backward pass.
+        shards = params / world
+        fsdp = max(fsdp, 3 * 4 * shards / (device.host_gbs * 1e9))
+        host_step = shards / HOST_ADAMW_PARAMS_PER_S
+    return max(compute, fsdp) + a2a + offload + host_step
 
 
 def layouts(
@@ -202,7 +234,8 @@ def layouts(
                     offloads.append(True)
                 for offload in offloads:
                     for mbs in [fixed["micro_batch"]] if "micro_batch" in fixed else (1, 2):
-                        out.append(Layout(sp, ac, tiled, offload, mbs))
+                        cpu_offload = bool(fixed.get("cpu_offload", False))
+                        out.append(Layout(sp, ac, tiled, offload, mbs, cpu_offload))
     return out
 
 
@@ -225,6 +258,8 @@ def plan(
     Memory falls as SP grows and as the levers go from none to selective to full
     checkpointing, tiled MLP, offload; so for each lever setting the SP degrees are tried from
     the smallest up and the larger ones are left out once one fits (they would only be slower).
+    FSDP2's CPU offload (slower still: the optimizer step runs on the host) is weighed on CUDA
+    when no layout fits without it, or when ``fixed`` asks for it.
     """
     world = nodes * gpus_per_node
     kw = dict(
@@ -239,8 +274,13 @@ def plan(
     )
     found: list[Prediction] = []
     fitted: set[tuple] = set()
-    for layout in sorted(layouts(args, world, device, fixed), key=lambda x: x.sp):
-        key = (layout.ac, layout.tiled_mlp, layout.offload, layout.micro_batch)
+    options = layouts(args, world, device, fixed)
+    if device.cuda and "cpu_offload" not in (fixed or {}):
+        options += [replace(x, cpu_offload=True) for x in options]
+    for layout in sorted(options, key=lambda x: (x.cpu_offload, x.sp)):
+        if layout.cpu_offload and any(p.fits for p in found if not p.layout.cpu_offload):
+            break
+        key = (layout.ac, layout.tiled_mlp, layout.offload, layout.micro_batch, layout.cpu_offload)
         if key in fitted or context % layout.sp:
             continue
         p = predict(args, layout, **kw)
@@ -261,9 +301,11 @@ def longest(
     lora: object | None = None,
     granularity: int = 1024,
     limit: int = 2**26,
+    tolerance: float = 1 / 64,
 ) -> tuple[int, Prediction | None]:
     """The longest context (a multiple of ``granularity`` x SP) that fits with ``layout``,
-    by bisection on traced predictions; (0, None) when none does."""
+    by bisection on traced predictions, to within ``tolerance`` of itself (the answer fits;
+    one that long again by the tolerance may too); (0, None) when none does."""
     kw = dict(
         device=device,
         nodes=nodes,
@@ -278,7 +320,7 @@ def longest(
         if not p.fits:
             break
         lo, best, hi = hi, p, hi * 2
-    while hi - lo > 1 and hi * unit <= limit:
+    while hi - lo > max(1, int(lo * tolerance)) and hi * unit <= limit:
         mid = (lo + hi) // 2
         p = predict(args, layout, context=mid * unit, **kw)
         lo, hi, best = (mid, hi, p) if p.fits else (lo, mid, best)

@@ -77,40 +77,66 @@ class StepTrace:
     segments: dict[str, tuple[int, dict[str, int]]]
     """Segment -> (the largest live bytes there, those bytes by what made them:
     ``parameters``, ``optimizer`` and ``inputs`` (held before the step), ``forward``,
-    ``backward``, ``optimizer step``)."""
+    ``backward``, ``gradients`` (the parameters' own, FSDP's shards), ``optimizer step``)."""
     flops: float
     """FLOPs of the step on this rank (matmuls and attention; recomputes included)."""
     largest: tuple[int, str] = (0, "")
     """The largest tensor the step made: bytes, and the op, shape and phase that made it."""
     kept_block_inputs: int = 0
     """Bytes of one block's input (what full checkpointing keeps per block)."""
+    block_shard_bytes: int = 0
+    """Bytes of one block's parameters on this rank (its FSDP shard)."""
 
 
-def extrapolate(small: StepTrace, large: StepTrace, n_layers: int) -> tuple[int, dict, str]:
+def extrapolate(
+    small: StepTrace, large: StepTrace, n_layers: int, elsewhere: tuple[str, ...] = ()
+) -> tuple[int, dict, str]:
     """The peak of an ``n_layers`` model from the traces of two smaller ones (``large`` has
     one block more, both at least 3): each segment's figures grow linearly with the blocks
     (block 0's forward sees no other block's state and does not grow), and the peak is the
     largest segment.
 
+    Args:
+        elsewhere: labels that live in another memory (FSDP's CPU offload: parameters,
+            gradients, optimizer state on the host): left out of the peak.
+
     Returns:
         (peak bytes, those bytes by what made them, the segment where the peak is).
     """
+    return peak_segment(extrapolate_segments(small, large, n_layers), elsewhere)
+
+
+def extrapolate_segments(
+    small: StepTrace, large: StepTrace, n_layers: int
+) -> dict[str, tuple[int, dict[str, int]]]:
+    """Every segment of an ``n_layers`` model, extrapolated (see :func:`extrapolate`)."""
     extra = n_layers - large.n_layers
-    best: tuple[int, dict, str] = (-1, {}, "")
+    segments = {}
     for name in SEGMENTS:
         if name not in large.segments:
             continue
-        b_large, by_large = large.segments[name]
-        b_small, by_small = small.segments.get(name, large.segments[name])
+        by_large = large.segments[name][1]
+        by_small = small.segments.get(name, large.segments[name])[1]
         k = 0 if name == "fwd_first" else extra
-        total = b_large + k * (b_large - b_small)
+        by = {
+            label: by_large.get(label, 0) + k * (by_large.get(label, 0) - by_small.get(label, 0))
+            for label in set(by_large) | set(by_small)
+        }
+        segments[name] = (sum(by.values()), by)
+    return segments
+
+
+def peak_segment(
+    segments: dict[str, tuple[int, dict[str, int]]], elsewhere: tuple[str, ...] = ()
+) -> tuple[int, dict, str]:
+    """The segment whose bytes, less the ``elsewhere`` labels, are the most: (those bytes,
+    them by label, its name)."""
+    best: tuple[int, dict, str] = (-1, {}, "")
+    for name, (_, by) in segments.items():
+        here = {label: n for label, n in by.items() if label not in elsewhere}
+        total = sum(here.values())
         if total > best[0]:
-            by = {
-                label: by_large.get(label, 0)
-                + k * (by_large.get(label, 0) - by_small.get(label, 0))
-                for label in set(by_large) | set(by_small)
-            }
-            best = (total, by, name)
+            best = (total, here, name)
     return best
 
 
@@ -212,10 +238,16 @@ def trace_step(
             flops=float(tracker.flops),
             largest=tracker.largest,
             kept_block_inputs=tokens * args.dim * elem,
+            block_shard_bytes=sum(_local_bytes(p) for p in model.layers["0"].parameters()),
         )
     finally:  # no fake process group is left behind (a forked or later real one would clash)
         if dist.is_initialized() and dist.get_backend() == "fake":
             dist.destroy_process_group()
+
+
+def _local_bytes(p: torch.Tensor) -> int:
+    local = p._local_tensor if hasattr(p, "_local_tensor") else p
+    return local.numel() * local.element_size()
 
 
 def make_optimizer_state(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
@@ -253,6 +285,7 @@ def tracked_step(
         tracker.phase = "backward"
         loss.backward()
         gc.collect()
+        tracker.relabel((p.grad for p in model.parameters() if p.grad is not None), "gradients")
         tracker.phase, tracker.segment = "optimizer step", "optimizer"
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -295,11 +328,16 @@ def _segments(model: Transformer, tracker: MemoryTracker) -> Iterator[None]:
     blocks = list(model.layers.values())
     last = len(blocks) - 1
 
+    params = list(model.parameters())
+
     def enter(name: str) -> None:
         # Python frees reference cycles (autograd's, FSDP's) when its collector runs, which
         # would make the trace depend on when that happens: collected at every segment's
         # start instead, with the automatic collector off (see trace_step).
         gc.collect()
+        # The parameters' gradients made so far (FSDP's reduce-scattered shards) are told
+        # apart: with FSDP's CPU offload they live on the host. Seen here, a block late at most.
+        tracker.relabel((p.grad for p in params if p.grad is not None), "gradients")
         tracker.segment = name
 
     def set_segment(name: str):  # noqa: ANN202

@@ -127,6 +127,8 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
         context=cfg.data.context_length,
         ac=cfg.model.activation_checkpointing,
         tiled_mlp=cfg.model.tiled_mlp,
+        offload=cfg.model.offload_activations,
+        cpu_offload=cfg.parallel.cpu_offload,
         compute_dtype=dtype,
         device_type=device_type(),
         lora=lora_spec(cfg),
@@ -138,7 +140,15 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
 
 
 def check_offload(cfg: JobConfig, device: str) -> None:
-    """The offloads move tensors between a GPU and its host: refused on a CPU-only run."""
+    """The offloads move tensors between a GPU and its host: refused on a CPU-only run.
+    Activation offload moves what checkpointing keeps: refused without checkpointing."""
+    m = cfg.model
+    if m.offload_activations == "true" and m.activation_checkpointing == "none":
+        raise ConfigError(
+            "model.offload_activations=true moves the block inputs activation checkpointing "
+            "keeps to host memory, and model.activation_checkpointing=none keeps none; set it "
+            "to selective, full or auto"
+        )
     if device == "cuda":
         return
     if cfg.model.offload_activations == "true":

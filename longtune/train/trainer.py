@@ -182,13 +182,16 @@ class Trainer:
             return
         logger.info(
             "memory plan: %s, predicted peak %.3g GiB per rank of %.3g GiB (at %s); "
-            "activation checkpointing %s, tiled MLP %s",
+            "activation checkpointing %s, tiled MLP %s, activation offload %s",
             plan["layout"],
             plan["predicted_peak_gb"],
             plan["device_memory_gb"],
             plan["peak_segment"],
             plan["ac"],
             "on" if plan["tiled_mlp"] else "off",
+            f"on ({plan['predicted_host_gb']:.3g} GiB of host memory)"
+            if plan["offload"]
+            else "off",
         )
 
     def _agreed_latest_checkpoint(self) -> Path | None:
@@ -318,6 +321,7 @@ class Trainer:
             keep_exchanges=cfg.parallel.keep_exchanges,
             tiled_mlp=self.plan.tiled_mlp,
             cpu_offload=cfg.parallel.cpu_offload,
+            offload_activations=self.plan.offload,
         )
         model.to_empty(device=device)
         if not is_fsdp_sharded(model):
@@ -519,12 +523,13 @@ class Trainer:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         planned = self._predicted_peak_gb
         plan = f", planned {planned:.2f} GiB" if planned is not None else ""
+        offload = " --model.offload_activations=true" if self.device.type == "cuda" else ""
         return (
             f"out of memory in step {self.state.step + 1} ({self.cfg.data.context_length} tokens "
             f"per sequence, {self.mbs} per micro-batch; measured peak "
             f"{_peak_memory_gb(self.device):.2f} GiB{plan}; {first}); the newest complete "
             f"checkpoint is intact ({self.last_checkpoint or 'none yet'}). Try "
-            "--model.activation_checkpointing=full --model.tiled_mlp=true, more sequence "
+            f"--model.activation_checkpointing=full --model.tiled_mlp=true{offload}, more sequence "
             "parallelism (parallel.sp), or a shorter data.context_length; `longtune plan` lists "
             "the layouts that fit"
         )
