@@ -8,6 +8,10 @@ gradients, optimizer state) are registered with :meth:`MemoryTracker.hold`. The 
 largest sum of live allocations, with what it was made of: kinds of held tensors, and the
 phase (forward / backward / optimizer) that made each other allocation.
 
+A storage resized in place (``UntypedStorage.resize_``: FSDP2 frees a gathered parameter by
+resizing its storage to 0 after the block, and gives it back its size before the next use)
+changes its allocation's bytes.
+
 Written for the planner: PyTorch's ``MemTracker`` counted a tied parameter twice and missed
 frees on fake tensors (PyTorch 2.13); this tracker gives the same figure for fake and real
 tensors (``tests/test_plan.py``).
@@ -27,10 +31,19 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 
 class _Allocation:
-    __slots__ = ("nbytes", "label", "refs", "live", "__weakref__")
+    __slots__ = ("nbytes", "label", "refs", "live", "key", "__weakref__")
 
     def __init__(self, nbytes: int, label: str) -> None:
         self.nbytes, self.label, self.refs, self.live = nbytes, label, 0, True
+        self.key: int | None = None
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    """The identity of a tensor's storage (what ``UntypedStorage.resize_`` is called on)."""
+    try:
+        return _local(t).untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -59,6 +72,8 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self._owner: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._live: set[_Allocation] = set()
+        self._by_storage: dict[int, _Allocation] = {}
+        self._resize: Any = None
         self.current = 0
         self.by_label: dict[str, int] = {}
         self.peak = 0
@@ -98,6 +113,9 @@ class MemoryTracker(TorchDispatchMode):
             self._live.add(alloc)
             self.current += alloc.nbytes
             self.by_label[alloc.label] = self.by_label.get(alloc.label, 0) + alloc.nbytes
+            alloc.key = _storage_key(t)
+            if alloc.key is not None:
+                self._by_storage[alloc.key] = alloc
         alloc.refs += 1
         self._owner[t] = alloc
         weakref.finalize(t, MemoryTracker._release, weakref.ref(self), alloc)
@@ -110,6 +128,38 @@ class MemoryTracker(TorchDispatchMode):
             tracker._live.discard(alloc)
             tracker.current -= alloc.nbytes
             tracker.by_label[alloc.label] -= alloc.nbytes
+            if tracker._by_storage.get(alloc.key) is alloc:
+                del tracker._by_storage[alloc.key]
+
+    # ---- storage resizes (FSDP2 frees a gathered parameter by resizing its storage to 0) -----
+
+    def __enter__(self) -> MemoryTracker:
+        original = self._resize = torch.UntypedStorage.resize_
+        tracker_ref = weakref.ref(self)
+
+        def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+            out = original(storage, size)
+            tracker = tracker_ref()
+            if tracker is not None:
+                tracker._resized(storage._cdata, storage.nbytes())
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.UntypedStorage.resize_ = self._resize
+        super().__exit__(*exc)
+
+    def _resized(self, key: int, nbytes: int) -> None:
+        alloc = self._by_storage.get(key)
+        if alloc is None or alloc not in self._live or alloc.nbytes == nbytes:
+            return
+        delta = nbytes - alloc.nbytes
+        alloc.nbytes = nbytes
+        self.current += delta
+        self.by_label[alloc.label] += delta
+        self._peak_check()
 
     def _peak_check(self) -> None:
         seg = self.segments.get(self.segment)

@@ -256,10 +256,12 @@ def plan(
     others by predicted memory.
 
     Memory falls as SP grows and as the levers go from none to selective to full
-    checkpointing, tiled MLP, offload; so for each lever setting the SP degrees are tried from
-    the smallest up and the larger ones are left out once one fits (they would only be slower).
-    FSDP2's CPU offload (slower still: the optimizer step runs on the host) is weighed on CUDA
-    when no layout fits without it, or when ``fixed`` asks for it.
+    checkpointing, tiled MLP, offload, micro-batch 1. So the SP degrees are tried from the
+    smallest up, and at each the layouts that save the most first: a layout is left out when
+    one that saves at least as much on every lever does not fit (it cannot), or when its levers
+    already fit at a smaller SP (it would only be slower). FSDP2's CPU offload (slower still:
+    the optimizer step runs on the host) is weighed on CUDA when no layout fits without it, or
+    when ``fixed`` asks for it.
     """
     world = nodes * gpus_per_node
     kw = dict(
@@ -277,17 +279,40 @@ def plan(
     options = layouts(args, world, device, fixed)
     if device.cuda and "cpu_offload" not in (fixed or {}):
         options += [replace(x, cpu_offload=True) for x in options]
-    for layout in sorted(options, key=lambda x: (x.cpu_offload, x.sp)):
-        if layout.cpu_offload and any(p.fits for p in found if not p.layout.cpu_offload):
+    groups: dict[tuple[bool, int], list[Layout]] = {}
+    for x in options:
+        groups.setdefault((x.cpu_offload, x.sp), []).append(x)
+    for (cpu_offload, sp), group in sorted(groups.items()):
+        if cpu_offload and any(p.fits for p in found):
             break
-        key = (layout.ac, layout.tiled_mlp, layout.offload, layout.micro_batch, layout.cpu_offload)
-        if key in fitted or context % layout.sp:
+        if context % sp:
             continue
-        p = predict(args, layout, **kw)
-        found.append(p)
-        if p.fits:
-            fitted.add(key)
+        failed: list[Layout] = []
+        for layout in sorted(group, key=_saving_first):
+            key = (layout.ac, layout.tiled_mlp, layout.offload, layout.micro_batch, cpu_offload)
+            if key in fitted or any(_saves_as_much(f, layout) for f in failed):
+                continue
+            p = predict(args, layout, **kw)
+            found.append(p)
+            if p.fits:
+                fitted.add(key)
+            else:
+                failed.append(layout)
     return sorted(found, key=lambda p: (not p.fits, -p.tokens_per_s if p.fits else p.device_bytes))
+
+
+def _saving_first(x: Layout) -> tuple:
+    return (-AC_ORDER.index(x.ac), -x.tiled_mlp, -x.offload, x.micro_batch)
+
+
+def _saves_as_much(a: Layout, b: Layout) -> bool:
+    """Whether ``a`` turns every memory lever at least as far as ``b`` (same SP)."""
+    return (
+        AC_ORDER.index(a.ac) >= AC_ORDER.index(b.ac)
+        and a.tiled_mlp >= b.tiled_mlp
+        and a.offload >= b.offload
+        and a.micro_batch <= b.micro_batch
+    )
 
 
 def longest(
