@@ -177,3 +177,22 @@ def test_activation_offload_is_chosen_on_cuda_only_when_nothing_else_fits():
                     check.check_run(args, device_type=device_type, **kw)
     finally:
         check.this_device = original
+
+
+def test_longest_fits_and_the_next_length_does_not():
+    """`longest`'s answer fits the device and one tolerance step longer does not (a device
+    sized so that the answer is a few hundred units)."""
+    from longtune.plan.hardware import DEVICES
+    from longtune.plan.planner import longest, predict
+
+    args = dataclasses.replace(SMOL, n_layers=2, vocab_size=4096)
+    layout = Layout(ac="full")
+    kw = dict(nodes=1, gpus_per_node=1, param_dtype=torch.bfloat16)
+    card = dataclasses.replace(DEVICES["h100-80"], memory=3 * 2**30)
+    n, p = longest(args, layout, device=card, granularity=256, tolerance=1 / 64, **kw)
+    assert p is not None and p.fits and p.layout == layout and n > 50 * 256
+    step = max(256, int(n / 64) // 256 * 256 + 256)
+    beyond = predict(args, layout, context=n + step, device=card, **kw)
+    assert not beyond.fits
+    small = dataclasses.replace(card, memory=2**20)
+    assert longest(args, layout, device=small, **kw) == (0, None)

@@ -329,8 +329,10 @@ def longest(
     tolerance: float = 1 / 64,
 ) -> tuple[int, Prediction | None]:
     """The longest context (a multiple of ``granularity`` x SP) that fits with ``layout``,
-    by bisection on traced predictions, to within ``tolerance`` of itself (the answer fits;
-    one that long again by the tolerance may too); (0, None) when none does."""
+    from traced predictions, to within ``tolerance`` of itself (the answer fits; one longer by
+    the tolerance may too); (0, None) when none does. The length grows 4x until it does not
+    fit, then the bracket closes by interpolation (memory is about linear in the context) or,
+    where that gains less than half, bisection."""
     kw = dict(
         device=device,
         nodes=nodes,
@@ -339,16 +341,38 @@ def longest(
         lora=lora,
     )
     unit = granularity * layout.sp
-    lo, hi, best = 0, 1, None
+
+    def over(n: int) -> tuple[Prediction, int]:  # the prediction, and its bytes over the device
+        p = predict(args, layout, context=n * unit, **kw)
+        return p, p.device_bytes - device.memory
+
+    best, f_lo = None, 0
+    lo, hi, f_hi = 0, 1, 0
     while hi * unit <= limit:  # grow until it does not fit
-        p = predict(args, layout, context=hi * unit, **kw)
-        if not p.fits:
+        p, f = over(hi)
+        if f > 0:
+            f_hi = f
             break
-        lo, best, hi = hi, p, hi * 2
-    while hi - lo > max(1, int(lo * tolerance)) and hi * unit <= limit:
-        mid = (lo + hi) // 2
-        p = predict(args, layout, context=mid * unit, **kw)
-        lo, hi, best = (mid, hi, p) if p.fits else (lo, mid, best)
+        lo, best, f_lo, hi = hi, p, f, hi * 4
+    if hi * unit > limit:
+        return lo * unit, best
+    # Memory grows about linearly with the context: interpolate between the last length that
+    # fits and the first that does not (regula falsi), bisecting when that shrinks the bracket
+    # by less than half.
+    interpolate = True
+    while hi - lo > max(1, int(lo * tolerance)):
+        width = hi - lo
+        if interpolate and lo and f_hi > f_lo:
+            guess = lo + round(width * -f_lo / (f_hi - f_lo))
+        else:
+            guess = (lo + hi) // 2
+        guess = min(max(guess, lo + 1), hi - 1)
+        p, f = over(guess)
+        if f <= 0:
+            lo, best, f_lo = guess, p, f
+        else:
+            hi, f_hi = guess, f
+        interpolate = (hi - lo) * 2 <= width
     return lo * unit, best
 
 
