@@ -55,6 +55,7 @@ def tokens(n: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="also write the rows here (JSON)")
+    p.add_argument("--alst-only", action="store_true", help="only the rows ALST published")
     a = p.parse_args()
     rows = []
     print(
@@ -62,6 +63,8 @@ def main() -> None:
     )
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for model, nodes, gpus, device, alst in CONFIGS:
+        if a.alst_only and alst is None:
+            continue
         found, took = plan_longest(model, nodes, gpus, device)
         best = max(found, key=lambda r: r["context"])
         layout = best.get("layout") or {}

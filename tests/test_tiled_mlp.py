@@ -348,3 +348,35 @@ def test_no_mlp_intermediate_larger_than_a_tile_exists():
     tile = tile_tokens(1024, 64)
     assert tile == 64 and tiled.inner == tile * 512
     assert tiled.any <= max(tile * 512, 1024 * 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile", [None, 7, 1000])
+def test_tiled_rmsnorm_equals_the_plain_formula(dtype, tile):
+    """The tiled RMSNorm: the plain formula's output bit for bit (every row by the same ops),
+    its input and weight gradients within float rounding (its own formula, float32; the
+    weight's accumulated in float32 over the tiles)."""
+    from longtune.model.llama import RMSNorm
+    from longtune.model.tiled import TiledRMSNorm, tile_norms
+
+    torch.manual_seed(0)
+    plain = RMSNorm(64, 1e-5).to(dtype)
+    with torch.no_grad():
+        plain.weight.normal_(1, 0.1)
+    tiled = RMSNorm(64, 1e-5).to(dtype)
+    tiled.load_state_dict(plain.state_dict())
+    tile_norms(tiled, tile)
+    assert isinstance(tiled, TiledRMSNorm) and list(tiled.state_dict()) == ["weight"]
+    x = torch.randn(3, 50, 64, dtype=dtype) * 3
+    g = torch.randn(3, 50, 64, dtype=dtype)
+    results = []
+    for norm in (plain, tiled):
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, norm.weight.grad))
+    (y0, dx0, dw0), (y1, dx1, dw1) = results
+    assert torch.equal(y1, y0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(dx1.float(), dx0.float()) < tol
+    assert rel_err(dw1.float(), dw0.float()) < tol

@@ -18,6 +18,10 @@ it ends). Frozen parameters (LoRA's base weights) get no gradient.
 Tile size: ALST's rule, ``ceil(tokens / dim)`` tiles (:func:`tile_tokens`): about ``dim``
 tokens per tile, so a tile's intermediates are about ``dim x 3 ffn_dim`` values, of the order of
 the layer's own weights. Like the model, nothing here knows about distribution.
+
+The RMSNorms are the other full-sequence float32 work of a block: :class:`TiledRMSNormFunction`
+computes them in tiles too, saving only the input and each row's ``1 / rms``
+(:func:`tile_norms`; the same lever, ``model.tiled_mlp``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import get_device_states, set_device_states
+
+from longtune.model.llama import RMSNorm
 
 
 def tile_tokens(tokens: int, dim: int) -> int:
@@ -191,18 +197,110 @@ def _tiled_forward(module: TiledMLP, x: torch.Tensor) -> torch.Tensor:
     return TiledMLPFunction.apply(module.mlp.forward, x, tile, preserve_rng, saved_by, *params)
 
 
+class TiledRMSNormFunction(torch.autograd.Function):
+    """RMSNorm as :class:`~longtune.model.llama.RMSNorm` computes it (float32, cast back before
+    the weight), over the tokens in tiles, saving only its input and each row's ``1 / rms``.
+
+    Autograd through the plain formula keeps several ``tokens x dim`` float32 tensors (the
+    upcast input, its square, the normalized rows) and its backward makes as many again: at
+    196K tokens of an 8B model, 3 GiB each, the largest transients of a checkpointed block's
+    backward. Here the forward writes each tile's output (the same values: every row is
+    computed by the same ops) and the backward recomputes each tile's normalized rows and
+    applies ``dx = r (g_n - n mean(g_n n))`` (``n = x r``, ``g_n`` the gradient reaching the
+    normalized rows), accumulating the weight's gradient in float32.
+
+    Called as ``TiledRMSNormFunction.apply(x, weight, eps, tile)``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float, tile: int
+    ) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, dim)
+        out = torch.empty(flat.shape, dtype=torch.result_type(weight, x), device=x.device)
+        rstd = torch.empty(flat.shape[0], 1, dtype=torch.float32, device=x.device)
+        with torch.no_grad():
+            for start in range(0, flat.shape[0], tile):
+                h = flat[start : start + tile].float()
+                r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+                rstd[start : start + tile] = r
+                out[start : start + tile] = weight * (h * r).to(x.dtype)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.tile = tile
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        flat = x.reshape(-1, x.shape[-1])
+        grads = grad_out.reshape(flat.shape)
+        dx = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(flat.shape[-1], dtype=torch.float32, device=x.device)
+        for start in range(0, flat.shape[0], ctx.tile):
+            end = start + ctx.tile
+            n = flat[start:end].float() * rstd[start:end]  # (tile, dim) normalized, float32
+            g = grads[start:end]
+            if ctx.needs_input_grad[1]:
+                dw += (g * n.to(x.dtype)).float().sum(0)
+            if dx is not None:
+                g_n = (g * weight).to(x.dtype).float()  # through the cast back, as autograd
+                dot = (g_n * n).mean(-1, keepdim=True)
+                dx[start:end] = (rstd[start:end] * (g_n - n * dot)).to(x.dtype)
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return (dx.view(x.shape) if dx is not None else None), dw, None, None
+
+
+class TiledRMSNorm(RMSNorm):
+    """An :class:`~longtune.model.llama.RMSNorm` (the same ``weight``) whose training forward
+    runs :class:`TiledRMSNormFunction`; made by :func:`tile_norms`."""
+
+    tile: int | None = None
+    """Tokens per tile; None = :func:`tile_tokens` of the input, in at most
+    :data:`NORM_TILES` tiles."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
+            return super().forward(x)  # nothing to save: the plain formula, the same values
+        return _OUT_OF_GRAPH["tiled_norm"](self, x)
+
+
+def tile_norms(model: nn.Module, tile: int | None = None) -> None:
+    """Make every RMSNorm of ``model`` a :class:`TiledRMSNorm` (in place: parameters, names and
+    hooks unchanged)."""
+    for module in model.modules():
+        if type(module) is RMSNorm:
+            module.__class__ = TiledRMSNorm
+            module.tile = tile
+
+
+NORM_TILES = 8
+"""A norm's tiles by default: at most this many (its work is elementwise and cheap; fewer,
+larger tiles mean fewer kernel launches, and its float32 transients are already 1/8)."""
+
+
+def _tiled_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    tokens = x.numel() // x.shape[-1]
+    tile = module.tile
+    if tile is None:
+        tile = max(tile_tokens(tokens, x.shape[-1]), -(-tokens // NORM_TILES))
+    return TiledRMSNormFunction.apply(x, module.weight, module.eps, tile)
+
+
 # Called through this table, so that exclude_from_compile can swap in a twin that
 # torch.compile leaves out of its graphs: the backward runs autograd itself, which no graph
 # holds, and the input must be saved by _KeepInput's own node.
-_OUT_OF_GRAPH: dict[str, Callable[..., Any]] = {"tiled_forward": _tiled_forward}
+_OUT_OF_GRAPH: dict[str, Callable[..., Any]] = {
+    "tiled_forward": _tiled_forward,
+    "tiled_norm": _tiled_norm,
+}
 
 
 def exclude_from_compile() -> None:
     """Keep the tiled MLP out of ``torch.compile`` graphs: a block's graph breaks around it
     (called by ``apply_compile``; applying ``torch.compiler.disable`` at import time would
     import ``torch._dynamo``, a second of every process's start)."""
-    fn = _OUT_OF_GRAPH["tiled_forward"]
-    if not getattr(fn, "_longtune_out_of_graph", False):
-        wrapped = torch.compiler.disable(fn)
-        wrapped._longtune_out_of_graph = True
-        _OUT_OF_GRAPH["tiled_forward"] = wrapped
+    for name, fn in _OUT_OF_GRAPH.items():
+        if not getattr(fn, "_longtune_out_of_graph", False):
+            wrapped = torch.compiler.disable(fn)
+            wrapped._longtune_out_of_graph = True
+            _OUT_OF_GRAPH[name] = wrapped

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from longtune.model.attention import exclude_from_compile
 from longtune.model.llama import Transformer
-from longtune.model.tiled import TiledMLP
+from longtune.model.tiled import TiledMLP, tile_norms
 from longtune.model.tiled import exclude_from_compile as exclude_tiled_mlp_from_compile
 from longtune.parallel.offload import ActivationOffloader, OffloadingCheckpointWrapper
 from longtune.parallel.ulysses import SAVE_OPS as _SP_SAVE_OPS
@@ -91,8 +91,10 @@ def apply_tiled_mlp(model: Transformer, tile: int | None = None) -> None:
     Each ``feed_forward`` becomes a :class:`~longtune.model.tiled.TiledMLP` of itself: the same
     parameters under the same names (a checkpoint saved with tiling loads without, and back),
     computed ``tile`` tokens at a time so that the ``tokens x 2 ffn_dim`` gate/up
-    intermediates exist for one tile only (their gradients too). Apply after sequence
-    parallelism (the tiles are over a rank's own tokens) and before activation checkpointing.
+    intermediates exist for one tile only (their gradients too). The RMSNorms are tiled too
+    (:func:`~longtune.model.tiled.tile_norms`: their float32 work one tile at a time, only the
+    input and ``1 / rms`` saved). Apply after sequence parallelism (the tiles are over a rank's
+    own tokens) and before activation checkpointing.
 
     Args:
         model: the native model (any device, the meta device included).
@@ -102,6 +104,7 @@ def apply_tiled_mlp(model: Transformer, tile: int | None = None) -> None:
     for block in model.layers.values():
         if not isinstance(block.feed_forward, TiledMLP):
             block.feed_forward = TiledMLP(block.feed_forward, tile)
+    tile_norms(model, tile)
 
 
 def apply_activation_checkpointing(
