@@ -275,6 +275,11 @@ def tracked_step(
     Returns:
         The tracker, with the step's peak, segments and FLOPs.
     """
+    if hasattr(model, "_get_fsdp_state"):
+        # FSDP2 re-lays each parameter shard into a padded buffer at its first forward (the old
+        # storage freed): done before counting, or the parameters count twice, the new buffers
+        # as made in the forward pass.
+        model._get_fsdp_state()._lazy_init()
     gc.collect()  # the garbage of building the model is not the step's
     # What exists now is not the step's either: frozen, the collections at every segment start
     # look only at what the step makes (a full collection of the process took 28% of a trace).

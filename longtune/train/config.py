@@ -282,9 +282,9 @@ class ModelConfig:
     needs it)."""
 
     tiled_mlp: Annotated[Literal["auto", "true", "false"], BeforeValidator(_bool_word)] = "auto"
-    """Run the MLP over the sequence in tiles, forward and backward (the L x ffn_dim
-    intermediates never exist whole): auto = when the planner says the layout needs it | true |
-    false."""
+    """Run the MLP (and the RMSNorms' float32 work) over the sequence in tiles, forward and
+    backward (the L x ffn_dim intermediates never exist whole): auto = when the planner says the
+    layout needs it | true | false."""
 
     attention: Literal["auto", "sdpa", "varlen", "flex"] = "auto"
     """Attention kernel: auto | sdpa | varlen | flex (auto = SDPA for unpacked sequences,
