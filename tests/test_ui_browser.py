@@ -120,6 +120,9 @@ def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
             page.on("pageerror", lambda e: js_errors.append(str(e)))
             page.on("dialog", lambda d: d.accept())
             page.set_default_timeout(30_000)
+            # The UI's checks start a process (and the planner's child): seconds on a busy
+            # machine, more than expect's own 5 s default.
+            expect.set_options(timeout=30_000)
 
             # Log in through the printed link: the token leaves the URL, a cookie carries it.
             page.goto(ui.login_url)
