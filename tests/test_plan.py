@@ -155,15 +155,15 @@ def test_activation_offload_is_chosen_on_cuda_only_when_nothing_else_fits():
     from longtune.plan import check
     from longtune.plan.hardware import DEVICES
 
-    args = dataclasses.replace(SMOL, n_layers=6, vocab_size=4096)
-    kw = dict(world=1, sp=1, micro_batch=1, context=16384, ac="full", tiled_mlp="true",
+    args = dataclasses.replace(SMOL, n_layers=5, vocab_size=4096)
+    kw = dict(world=1, sp=1, micro_batch=1, context=4096, ac="full", tiled_mlp="true",
               compute_dtype=torch.bfloat16, lora=None, enforce=True, offload="auto")  # fmt: skip
     original = check.this_device
     try:
         for device_type in ("cuda", "cpu"):
             card = dataclasses.replace(DEVICES["h100-80"], cuda=device_type == "cuda")
             plain = check.predict(
-                args, Layout(ac="full", tiled_mlp=True), context=16384, device=card, nodes=1,
+                args, Layout(ac="full", tiled_mlp=True), context=4096, device=card, nodes=1,
                 gpus_per_node=1, param_dtype=torch.bfloat16,
             )  # fmt: skip
             budget = plain.device_bytes - 2**20  # just too small without offload
