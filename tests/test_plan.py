@@ -27,9 +27,9 @@ from longtune.plan.trace import (
 SMOL = ModelArgs.from_hf_config(MODEL_PRESETS["smollm2-135m"])
 
 
-def _real_peak(args: ModelArgs, ac: str, context: int) -> int:
+def _real_step(args: ModelArgs, ac: str, context: int):  # noqa: ANN202
     """The same step on real tensors (one process, float32, no FSDP: as the trainer on CPU),
-    counted the same way."""
+    counted the same way (every chunk of the loss run)."""
     torch.manual_seed(0)
     model = Transformer(args)
     apply_activation_checkpointing(model, ac)
@@ -38,15 +38,20 @@ def _real_peak(args: ModelArgs, ac: str, context: int) -> int:
     ids = torch.zeros(1, context, dtype=torch.long)
     pos, labels = torch.arange(context)[None], torch.zeros(1, context, dtype=torch.long)
     with _first_rows_supervised(None):
-        return tracked_step(model, opt, ids, pos, labels).peak
+        return tracked_step(model, opt, ids, pos, labels)
 
 
 @pytest.mark.parametrize("ac", ["none", "selective", "full"])
 def test_the_fake_trace_counts_what_the_real_step_holds(ac):
-    """Fake tensors, the same code: the peak is the real step's, counted the same way."""
-    args = dataclasses.replace(SMOL, n_layers=2, vocab_size=4096)
+    """Fake tensors, the same code: the peak and the FLOPs are the real step's, counted the
+    same way (the trace runs 3 of the loss's 16 chunks and counts the rest's FLOPs)."""
+    from longtune.model.loss import chunk_rows
+
+    args = dataclasses.replace(SMOL, n_layers=2, vocab_size=16384)
+    assert 1024 // chunk_rows(1024, args.dim, args.vocab_size) == 16
     traced = trace_step(args, Layout(ac=ac), world=1, context=1024, n_layers=2, param_dtype=None)
-    assert traced.peak == _real_peak(args, ac, 1024)
+    real = _real_step(args, ac, 1024)
+    assert (traced.peak, traced.flops) == (real.peak, real.flops)
 
 
 @pytest.mark.parametrize(
@@ -196,3 +201,75 @@ def test_longest_fits_and_the_next_length_does_not():
     assert not beyond.fits
     small = dataclasses.replace(card, memory=2**20)
     assert longest(args, layout, device=small, **kw) == (0, None)
+
+
+def test_sp_auto_takes_the_fastest_degree_that_fits_and_refuses_when_none_does():
+    """parallel.sp=auto on 3 ranks: with room to spare the fastest layout (SP 1: three
+    sequences at once, no exchanges); with memory for nothing at SP 1 (every lever on), SP 3;
+    with memory for nothing at all, one line naming the closest layout."""
+    from longtune.plan import check
+    from longtune.plan.hardware import DEVICES
+    from longtune.plan.planner import predict
+
+    args = dataclasses.replace(SMOL, n_layers=2, vocab_size=4096)
+    card = dataclasses.replace(DEVICES["h100-80"], cuda=False)
+    context, world = 3072, 3
+    kw = dict(world=world, sp="auto", micro_batch=1, context=context, ac="auto",
+              tiled_mlp="auto", compute_dtype=torch.bfloat16, lora=None, enforce=True)  # fmt: skip
+
+    def peak(sp: int, ac: str, tiled: bool) -> int:
+        return predict(
+            args, Layout(sp, ac, tiled), context=context, device=card, nodes=1,
+            gpus_per_node=world, param_dtype=torch.bfloat16,
+        ).device_bytes  # fmt: skip
+
+    least_sp1, least_sp3 = peak(1, "full", True), peak(3, "full", True)
+    assert least_sp3 < least_sp1 - 2**20
+    original = check.this_device
+    try:
+        answers = {}
+        for name, memory in (("roomy", 64 * 2**30), ("tight", least_sp1 - 2**19)):
+            check.this_device = lambda *_, m=memory: dataclasses.replace(card, memory=m)
+            answers[name] = check.check_run(args, device_type="cpu", **kw)
+        assert (answers["roomy"].sp, answers["roomy"].ac) == (1, "none")
+        assert answers["tight"].sp == 3 and answers["tight"].summary["layout"].startswith("sp=3")
+        assert answers["tight"].summary["predicted_peak_gb"] * 2**30 <= least_sp1
+        check.this_device = lambda *_: dataclasses.replace(card, memory=least_sp3 - 2**19)
+        with pytest.raises(check.PlanRefusal) as refused:
+            check.check_run(args, device_type="cpu", **kw)
+        line = str(refused.value)
+        assert "\n" not in line and line.startswith("parallel.sp=auto: no layout on 3 rank(s)")
+        assert "sp=3 ac=full mbs=1 tiled_mlp" in line
+    finally:
+        check.this_device = original
+
+
+def test_sp_auto_in_the_preflight_sets_the_runs_layout(tmp_path):
+    """`train --parallel.sp=auto`: the preflight's layout (what the trainer builds its mesh from)
+    takes the planner's degree (SP 1 on a roomy CPU: fastest), world / dp when parallel.dp is
+    set, and a dp that does not divide the world is one line."""
+    from helpers import make_hf_checkpoint
+
+    from longtune.train.config import ConfigError, load_config
+    from longtune.train.preflight import preflight
+
+    model = make_hf_checkpoint(tmp_path / "model")  # 4 query heads, 2 KV heads
+    data = tmp_path / "train.jsonl"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+
+    def checked(*flags: str):  # noqa: ANN202
+        cfg = load_config(None, [f"--model.path={model}", f"--data.train={data}",
+                                 "--data.context_length=256", f"--output.dir={tmp_path / 'run'}",
+                                 "--parallel.sp=auto", *flags])  # fmt: skip
+        return preflight(cfg, world_size=4)
+
+    auto = checked()
+    assert (auto.dims.sp, auto.dims.dp) == (1, 4)
+    assert auto.plan.sp == 1 and auto.plan.record()["layout"].startswith("sp=1 ")
+    held = checked("--parallel.dp=1")
+    assert (held.dims.sp, held.dims.dp) == (4, 1) and held.plan.record()["sp"] == 4
+    with pytest.raises(ConfigError) as e:
+        checked("--parallel.dp=3")
+    assert "parallel.dp=3 does not divide the world size 4" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from ui_server import ROOT, UIServer, kill_runs, runs_list_cli
 
-from longtune.run_dir import RunDir, mark_run, write_status
+from longtune.run_dir import RunDir, mark_run, read_metrics, write_status
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -154,6 +154,11 @@ def test_ui_end_to_end_in_chromium(tmp_path, ui_assets):
             expect(page.locator("#export-check")).to_contain_text("passed", timeout=30_000)
             seen.append(points(page))
             assert seen[-1] == 20 and seen[0] >= 1
+            # The memory chart draws the planner's prediction beside the measured peaks.
+            mem = page.locator("#chart-mem")
+            expect(mem.locator(".u-legend")).to_contain_text("planned peak GiB")
+            steps = [r for r in read_metrics(RunDir(runs_dir / "first")) if "loss" in r]
+            assert float(mem.get_attribute("data-planned")) == steps[0]["predicted_peak_gb"] > 0
             page.wait_for_timeout(300)  # let the last poll settle before the picture
             shot = tmp_path / "ui-run.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -26,6 +26,8 @@ Contract:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 IGNORE_INDEX = -100
@@ -45,6 +47,12 @@ def chunk_rows(n: int, dim: int, vocab: int) -> int:
     return min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, 1 << (want - 1).bit_length()))
 
 
+def chunk_starts(n: int, chunk_size: int) -> Iterable[int]:
+    """The first row of each chunk (the memory planner's trace replaces it: every chunk but
+    the last is the same work on the same shapes)."""
+    return range(0, n, chunk_size)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size):  # noqa: ANN001
@@ -55,7 +63,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         w = weight.to(hidden.dtype)
-        for start in range(0, n, chunk_size):
+        for start in chunk_starts(n, chunk_size):
             end = min(start + chunk_size, n)
             h, lab = hidden[start:end], labels[start:end]
             logits = (h @ w.t()).float()  # (chunk, vocab): compute-dtype matmul, fp32 softmax

@@ -4,7 +4,9 @@
 any weight is read. It traces the run's own step (:mod:`longtune.plan.trace`) for the layout
 the settings fix, with every ``auto`` lever tried fastest first, on the device this process
 will use; it returns the chosen layout and its prediction, or raises one line: the predicted
-peak against the device's memory, and the nearest layout that fits.
+peak against the device's memory, and the nearest layout that fits. With ``parallel.sp=auto``
+it weighs every valid SP degree with :func:`~longtune.plan.planner.plan` and takes the layout
+of the most predicted tokens/s that fits.
 
 The trace needs a fake process group of the run's world size, and a process that had one
 keeps traces of it in PyTorch's caches (a DCP save of the real run then fails to validate its
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from longtune.model.args import ModelArgs
 from longtune.plan.hardware import DEVICES, GIB, Device, cpu_device
-from longtune.plan.planner import AC_ORDER, Prediction, predict, sp_degrees
+from longtune.plan.planner import AC_ORDER, Prediction, plan, predict, sp_degrees
 from longtune.plan.trace import Layout
 
 
@@ -37,6 +39,8 @@ class PlanRefusal(ValueError):
 class Planned:
     """What the preflight's plan decided: the levers, and the plan as the run logs it."""
 
+    sp: int
+    """The sequence-parallel degree (``parallel.sp``, resolved when it was ``auto``)."""
     ac: str
     tiled_mlp: bool
     offload: bool
@@ -44,10 +48,11 @@ class Planned:
     summary: dict[str, Any]
 
     @classmethod
-    def of(cls, ac: str, tiled_mlp: bool, offload: bool, p: Prediction | None) -> Planned:
+    def of(cls, sp: int, ac: str, tiled_mlp: bool, offload: bool, p: Prediction | None) -> Planned:
         """The plan of a prediction (None: not checked)."""
         summary: dict[str, Any] = {
             "checked": p is not None,
+            "sp": sp,
             "ac": ac,
             "tiled_mlp": tiled_mlp,
             "offload": offload,
@@ -60,7 +65,12 @@ class Planned:
                 "peak_segment": p.peak_segment,
                 "predicted_host_gb": p.host_bytes / GIB,
             }
-        return cls(ac, tiled_mlp, offload, summary)
+        return cls(sp, ac, tiled_mlp, offload, summary)
+
+    @classmethod
+    def of_prediction(cls, p: Prediction) -> Planned:
+        x = p.layout
+        return cls.of(x.sp, x.ac, x.tiled_mlp, x.offload, p)
 
     def record(self) -> dict[str, Any]:
         """The plan as the run logs and records it."""
@@ -88,7 +98,7 @@ def check_run(
     args: ModelArgs,
     *,
     world: int,
-    sp: int,
+    sp: int | str,
     micro_batch: int,
     context: int,
     ac: str,
@@ -103,6 +113,9 @@ def check_run(
     """Resolve ``auto`` levers and check the layout (see the module docstring).
 
     Args:
+        sp: ``parallel.sp``: a degree valid on ``world`` ranks, or ``auto``: the layout the
+            planner predicts fastest over every valid degree (:func:`~longtune.plan.planner.plan`
+            with the other settings held).
         ac: ``model.activation_checkpointing`` (``auto`` or a mode).
         tiled_mlp: ``model.tiled_mlp`` (``auto``, ``true``, ``false``).
         offload: ``model.offload_activations`` (``auto``, ``true``, ``false``; offload is
@@ -113,9 +126,9 @@ def check_run(
     Raises:
         PlanRefusal: nothing within the settings fits (with ``enforce``, or with an ``auto``).
     """
-    auto = "auto" in (ac, tiled_mlp, offload)
+    auto = "auto" in (sp, ac, tiled_mlp, offload)
     if not auto and not enforce:
-        return Planned.of(ac, tiled_mlp == "true", offload == "true", None)
+        return Planned.of(int(sp), ac, tiled_mlp == "true", offload == "true", None)
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     device = this_device(device_type, ranks_here)
     acs = AC_ORDER if ac == "auto" else (ac,)
@@ -135,7 +148,8 @@ def check_run(
         param_dtype=param_dtype,
         lora=lora,
     )
-    floor = kept_inputs_floor(args, context // sp * micro_batch, param_dtype)
+    widest = max(sp_degrees(args, world)) if sp == "auto" else int(sp)
+    floor = kept_inputs_floor(args, context // widest * micro_batch, param_dtype)
     if floor > device.memory:  # an absurd length: refused without tracing it
         raise PlanRefusal(
             f"at {context} tokens every layout keeps at least {floor / GIB:.1f} GiB per rank "
@@ -144,17 +158,28 @@ def check_run(
             "sequence over more ranks (parallel.sp)"
         )
     try:
+        if sp == "auto":
+            fixed: dict[str, Any] = {"micro_batch": micro_batch, "cpu_offload": cpu_offload}
+            fixed |= {"ac": ac} if ac != "auto" else {}
+            fixed |= {"tiled_mlp": tiled_mlp == "true"} if tiled_mlp != "auto" else {}
+            fixed |= {"offload": offload == "true"} if offload != "auto" else {}
+            found = plan(
+                args, fixed=fixed, **kw
+            )  # best first: the fastest that fits (sp=1 at least)
+            if found[0].fits or not enforce:
+                return Planned.of_prediction(found[0])
+            raise PlanRefusal(_refusal_any_sp(found[0], world, kw))
         first = None
         for a in acs:  # fastest first: less checkpointing, then no tiling, then no offload
             for t in tiles:
                 for o in offloads(a):
-                    p = predict(args, Layout(sp, a, t, o, micro_batch, cpu_offload), **kw)
+                    p = predict(args, Layout(int(sp), a, t, o, micro_batch, cpu_offload), **kw)
                     first = first or p
                     if p.fits:
-                        return Planned.of(a, t, o, p)
+                        return Planned.of_prediction(p)
         if not enforce:
-            return Planned.of(first.layout.ac, first.layout.tiled_mlp, first.layout.offload, first)
-        raise PlanRefusal(_refusal(args, first, world, sp, kw))
+            return Planned.of_prediction(first)
+        raise PlanRefusal(_refusal(args, first, world, int(sp), kw))
     finally:
         if dist.is_initialized() and dist.get_backend() == "fake":
             dist.destroy_process_group()
@@ -202,6 +227,19 @@ def _refusal(args: ModelArgs, p: Prediction, world: int, sp: int, kw: dict[str, 
     )
 
 
+def _refusal_any_sp(p: Prediction, world: int, kw: dict[str, Any]) -> str:
+    """The one line of a run with ``parallel.sp=auto`` that fits at no degree (``p``: the
+    layout that comes closest)."""
+    memory = p.device_bytes + p.margin_bytes
+    return (
+        f"parallel.sp=auto: no layout on {world} rank(s) fits; the closest, {p.layout.describe()}, "
+        f"needs {p.device_bytes / GIB:.1f} GiB per rank at {kw['context']} tokens by the memory "
+        f"planner, and this device has {memory / GIB:.1f} GiB; lower data.context_length or "
+        "train.micro_batch_size, train LoRA (model.lora.rank), let the other levers be auto, "
+        "or add ranks; --train.plan_check=false to try anyway"
+    )
+
+
 def _settings(layout: Layout) -> str:
     return (
         f"--parallel.sp={layout.sp} --model.activation_checkpointing={layout.ac} "
@@ -230,7 +268,9 @@ def check_run_isolated(args: ModelArgs, **kw: Any) -> Planned:
     answer = json.loads(lines[-1])
     if "refusal" in answer:
         raise PlanRefusal(answer["refusal"])
-    return Planned(answer["ac"], answer["tiled_mlp"], answer["offload"], answer["record"])
+    return Planned(
+        answer["sp"], answer["ac"], answer["tiled_mlp"], answer["offload"], answer["record"]
+    )
 
 
 def _child() -> None:
@@ -248,5 +288,10 @@ def _child() -> None:
         print(json.dumps({"refusal": str(e)}))
         return
     record = planned.record()
-    answer = {"ac": planned.ac, "tiled_mlp": planned.tiled_mlp, "offload": planned.offload}
+    answer = {
+        "sp": planned.sp,
+        "ac": planned.ac,
+        "tiled_mlp": planned.tiled_mlp,
+        "offload": planned.offload,
+    }
     print(json.dumps(answer | {"record": record}))

@@ -13,6 +13,10 @@ cannot hide added.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -110,7 +114,7 @@ def predict(
     """Trace and predict one layout (see the module docstring).
 
     Args:
-        whole: trace the whole model instead of 2 and 3 blocks (slower; the check of the
+        whole: trace the whole model instead of 3 and 4 blocks (slower; the check of the
             extrapolation).
     """
     world = nodes * gpus_per_node
@@ -123,13 +127,13 @@ def predict(
         documents=documents,
     )
     base = Layout(**{**asdict(layout), "offload": False, "cpu_offload": False})
+    sizes = (args.n_layers,) if whole or args.n_layers <= 4 else (3, 4)
     host_side = HOST_SIDE if layout.cpu_offload else ()
-    if whole or args.n_layers <= 4:
-        large = _trace(args, base, n_layers=args.n_layers, **kw)
+    if len(sizes) == 1:
+        (large,) = _traces(args, base, sizes, **kw)
         segments, flops = large.segments, large.flops
     else:
-        small = _trace(args, base, n_layers=3, **kw)
-        large = _trace(args, base, n_layers=4, **kw)
+        small, large = _traces(args, base, sizes, **kw)
         segments = extrapolate_segments(small, large, args.n_layers)
         flops = large.flops + (args.n_layers - 4) * (large.flops - small.flops)
     peak, by, where = peak_segment(segments, host_side)
@@ -168,14 +172,62 @@ _TRACES: dict[tuple, StepTrace] = {}
 """Traces of this process by everything they depend on (layouts that differ by offloads only
 share one)."""
 
+TRACE_WORKERS = min(2, os.cpu_count() or 1)
+"""Processes that trace a layout's two block counts at once (1: in this process). A trace is
+single-threaded Python dispatch, so two cores trace the pair in about the time of the larger."""
+_POOL: ProcessPoolExecutor | None = None
 
-def _trace(args: ModelArgs, layout: Layout, **kw: Any) -> StepTrace:
-    key = (repr(args), layout, repr(kw.get("lora")), *sorted((k, repr(v)) for k, v in kw.items()))
-    if key not in _TRACES:
-        if len(_TRACES) > 256:
-            _TRACES.clear()
-        _TRACES[key] = trace_step(args, layout, **kw)
-    return _TRACES[key]
+
+def _trace_keys(args: ModelArgs, layout: Layout, sizes: tuple[int, ...], kw: dict) -> list[tuple]:
+    rest = (repr(kw.get("lora")), *sorted((k, repr(v)) for k, v in kw.items()))
+    return [(repr(args), layout, n, *rest) for n in sizes]
+
+
+def _traces(args: ModelArgs, layout: Layout, sizes: tuple[int, ...], **kw: Any) -> list[StepTrace]:
+    """The traces of ``layout`` for models of ``sizes`` blocks: cached, or traced now (two or
+    more at once in :data:`TRACE_WORKERS` worker processes)."""
+    keys = _trace_keys(args, layout, sizes, kw)
+    if len(_TRACES) > 256:
+        _TRACES.clear()
+    todo = [(key, n) for key, n in zip(keys, sizes, strict=True) if key not in _TRACES]
+    if TRACE_WORKERS > 1 and len(todo) > 1:
+        try:
+            pool = _pool()
+            futures = [
+                (key, pool.submit(trace_step, args, layout, n_layers=n, **kw)) for key, n in todo
+            ]
+            for key, future in futures:
+                _TRACES[key] = future.result()
+        except BaseException:  # Ctrl-C or an error: no worker goes on tracing
+            stop_workers()
+            raise
+    else:
+        for key, n in todo:
+            _TRACES[key] = trace_step(args, layout, n_layers=n, **kw)
+    return [_TRACES[key] for key in keys]
+
+
+def _pool() -> ProcessPoolExecutor:
+    global _POOL
+    if _POOL is None:  # spawned: a fresh interpreter, no fork of this one's threads
+        _POOL = ProcessPoolExecutor(
+            TRACE_WORKERS,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=signal.signal,
+            initargs=(signal.SIGINT, signal.SIG_IGN),  # Ctrl-C is the parent's to answer
+        )
+    return _POOL
+
+
+def stop_workers() -> None:
+    """End the trace workers now (they are started again when needed)."""
+    global _POOL
+    pool, _POOL = _POOL, None
+    if pool is None:
+        return
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()  # a trace in progress is not waited for
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _step_time(

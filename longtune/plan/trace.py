@@ -177,6 +177,35 @@ def _first_rows_supervised(count: int | None) -> Iterator[None]:
         loss.supervised_rows = real
 
 
+@contextlib.contextmanager
+def _few_loss_chunks(tracker: MemoryTracker) -> Iterator[None]:
+    """The chunked loss runs its first two chunks and its last; the FLOPs of the others are
+    the second's, counted as many times. Memory is the same: each chunk frees what it made
+    and writes its gradients in place into buffers made before the first, so every chunk but
+    the last (which may be shorter) is the second again. A loss over 64K rows of a 128K
+    vocabulary is 64 chunks: most of a trace at small SP degrees."""
+    import longtune.model.loss as loss
+
+    real = loss.chunk_starts
+
+    def starts(n: int, chunk_size: int) -> Iterator[int]:
+        every = real(n, chunk_size)
+        if len(every) <= 3:
+            yield from every
+            return
+        yield every[0]
+        before = tracker.flops  # the first chunk is done when the second starts
+        yield every[1]
+        tracker.flops += (tracker.flops - before) * (len(every) - 3)
+        yield every[-1]
+
+    loss.chunk_starts = starts
+    try:
+        yield
+    finally:
+        loss.chunk_starts = real
+
+
 def trace_step(
     args: ModelArgs,
     layout: Layout,
@@ -229,7 +258,7 @@ def trace_step(
             pos = torch.arange(local).expand(layout.micro_batch, local)
             labels = torch.zeros(layout.micro_batch, local, dtype=torch.long)
             make_optimizer_state(opt, trainable)
-            tracker = tracked_step(model, opt, ids, pos, labels, cu)
+            tracker = tracked_step(model, opt, ids, pos, labels, cu, few_loss_chunks=True)
         elem = (param_dtype or torch.float32).itemsize
         return StepTrace(
             n_layers=n_layers,
@@ -265,12 +294,16 @@ def tracked_step(
     pos: torch.Tensor,
     labels: torch.Tensor,
     cu: torch.Tensor | None = None,
+    few_loss_chunks: bool = False,
 ) -> MemoryTracker:
     """One training step (forward with the loss, backward, optimizer step) under a
     :class:`MemoryTracker`, counted the planner's way: parameters, optimizer state and the
     micro-batch held, segments by block, reference cycles collected at segment starts. The
     same on fake tensors (:func:`trace_step`) and on real ones (the benchmarks and tests that
     check the planner against a real step).
+
+    Args:
+        few_loss_chunks: run three of the chunked loss's chunks (see :func:`_few_loss_chunks`).
 
     Returns:
         The tracker, with the step's peak, segments and FLOPs.
@@ -289,7 +322,8 @@ def tracked_step(
     tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
     tracker.hold((ids, pos, labels), "inputs")
     try:
-        with tracker, _segments(model, tracker):
+        chunks = _few_loss_chunks(tracker) if few_loss_chunks else contextlib.nullcontext()
+        with tracker, _segments(model, tracker), chunks:
             loss = model(ids, position_ids=pos, cu_seqlens=cu, labels=labels)
             tracker.phase = "backward"
             loss.backward()

@@ -97,6 +97,18 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _degree(value: Any) -> Any:
+    """``parallel.sp``: a whole number >= 1, or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= MAX_INT:
+        raise ValueError(f"{value!r} is invalid; give a whole number >= 1, or auto")
+    return int(text)
+
+
 def _none(value: Any) -> Any:
     """``none``, ``null``, ``~`` or nothing leaves an optional setting unset."""
     unset = isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")
@@ -409,8 +421,10 @@ class TrainConfig:
 
 @dataclass(config=_FIELDS)
 class ParallelConfig:
-    sp: Int = Field(1, ge=1, le=MAX_INT)
-    """Sequence-parallel (Ulysses) degree: ranks that share one sequence."""
+    sp: Annotated[int | Literal["auto"], PlainValidator(_degree)] = 1
+    """Sequence-parallel (Ulysses) degree: ranks that share one sequence, or auto (the memory
+    planner takes the fastest degree whose layout fits the device; with parallel.dp set,
+    world_size / dp)."""
 
     dp: Int = Field(-1, le=MAX_INT)
     """Data-parallel degree; -1 = world_size / sp."""

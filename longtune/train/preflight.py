@@ -106,13 +106,10 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
     check_writable(cfg.output.dir, "output.dir")
     check_run_folder(RunDir(cfg.output.dir))  # never writes among a user's files
     check_writable(cfg.data.cache_dir or default_cache_dir() / "tokens", "data.cache_dir")
-    dims = ParallelDims.build(
-        world_size,
-        cfg.parallel.sp,
-        cfg.parallel.dp,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-    )
+    sp = resolve_sp(cfg, world_size)
+    heads = dict(n_heads=args.n_heads, n_kv_heads=args.n_kv_heads)
+    if sp != "auto":  # a bad layout is refused before the planner runs
+        ParallelDims.build(world_size, sp, cfg.parallel.dp, **heads)
     check_model_folder(cfg.model.path)  # tokenizer, safetensors headers, vocabulary fit
     if "gguf" in cfg.export.formats:
         check_gguf_source(cfg.model.path)  # refused now, not after training
@@ -122,7 +119,7 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
     planned = check_run_isolated(  # the auto levers, a layout that cannot fit: before any weight
         args,
         world=world_size,
-        sp=dims.sp,
+        sp=sp,
         micro_batch=cfg.train.micro_batch_size,
         context=cfg.data.context_length,
         ac=cfg.model.activation_checkpointing,
@@ -134,9 +131,25 @@ def preflight(cfg: JobConfig, world_size: int) -> Checked:
         lora=lora_spec(cfg),
         enforce=cfg.train.plan_check,
     )
+    dims = ParallelDims.build(world_size, planned.sp, cfg.parallel.dp, **heads)
     data_files = data_fingerprints(cfg)
     resume_from = _check_start(cfg, dims, args, data_files)
     return Checked(dims, args, dtype, resume_from, data_files, planned)
+
+
+def resolve_sp(cfg: JobConfig, world_size: int) -> int | str:
+    """``parallel.sp``, with ``auto`` resolved where ``parallel.dp`` leaves no choice
+    (``world_size / dp``); ``auto`` otherwise (the planner chooses)."""
+    p = cfg.parallel
+    if p.sp != "auto" or p.dp == -1:
+        return p.sp
+    if world_size % p.dp:
+        raise ConfigError(
+            f"parallel.dp={p.dp} does not divide the world size {world_size} (with "
+            "parallel.sp=auto the sequence-parallel degree is world size / parallel.dp); "
+            "set parallel.dp to a divisor of the world size, or -1"
+        )
+    return world_size // p.dp
 
 
 def check_offload(cfg: JobConfig, device: str) -> None:

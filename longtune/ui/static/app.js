@@ -91,6 +91,10 @@ function evalLine(label, color) {
   return line(label, color, { points: { show: true, size: 7 }, dash: [6, 4] });
 }
 
+function planLine(label, color) {
+  return line(label, color, { dash: [3, 3], points: { show: false } });
+}
+
 // ---- runs page ------------------------------------------------------------------------------
 
 function runsPage() {
@@ -235,7 +239,7 @@ function runPage() {
     loss: makeChart($("#chart-loss"), [line("train loss", COLORS[0]), evalLine("eval loss", COLORS[1])], "loss"),
     lr: makeChart($("#chart-lr"), [line("learning rate", COLORS[2])]),
     tps: makeChart($("#chart-tps"), [line("tokens/s", COLORS[4])]),
-    mem: makeChart($("#chart-mem"), [line("peak memory GB", COLORS[3])]),
+    mem: makeChart($("#chart-mem"), [line("measured peak GiB", COLORS[3]), planLine("planned peak GiB", COLORS[5])]),
   };
   let byStep = new Map();
   let cursor = null;
@@ -250,7 +254,11 @@ function runPage() {
     charts.loss.setData([steps, col("loss"), col("eval_loss")]);
     charts.lr.setData([steps, col("lr")]);
     charts.tps.setData([steps, col("tokens_per_s")]);
-    charts.mem.setData([steps, col("peak_memory_gb")]);
+    charts.mem.setData([steps, col("peak_memory_gb"), col("predicted_peak_gb")]);
+    // The memory planner's prediction for the run's layout (train.plan_check): the same on
+    // every step, drawn dashed beside what the steps measured.
+    const planned = steps.map((s) => byStep.get(s).predicted_peak_gb).find((v) => v != null);
+    $("#chart-mem").setAttribute("data-planned", planned == null ? "" : String(planned));
     const trainPoints = steps.filter((s) => byStep.get(s).loss != null).length;
     $("#chart-loss").setAttribute("data-points", String(trainPoints));
   }
