@@ -125,10 +125,12 @@ def base(setup):
     return run(1, train_args(setup, setup["root"] / "base", "--grad-accum", "2"))
 
 
+#: name -> (processes, SP degree, flags)
 LAYOUTS = {
-    "sp2": (2, ["--sp", "2", "--grad-accum", "2"]),  # KV heads scattered
-    "sp4": (4, ["--sp", "4", "--grad-accum", "2"]),  # 2 KV heads repeated on 4 ranks
-    "dp2sp2": (4, ["--sp", "2", "--grad-accum", "1"]),  # same global batch
+    "sp2": (2, 2, ["--sp", "2", "--grad-accum", "2"]),  # KV heads scattered
+    # 2 KV heads repeated on 4 ranks; sp=auto with dp=1 is world / dp
+    "sp4": (4, 4, ["--sp", "auto", "--parallel.dp=1", "--grad-accum", "2"]),
+    "dp2sp2": (4, 2, ["--sp", "2", "--grad-accum", "1"]),  # same global batch
 }
 
 
@@ -140,7 +142,7 @@ def layout_run(setup):
 
     def get(name: str) -> Path:
         if name not in done:
-            nproc, extra = LAYOUTS[name]
+            nproc, _, extra = LAYOUTS[name]
             done[name] = run(nproc, train_args(setup, setup["root"] / name, *extra))
         return done[name]
 
@@ -151,9 +153,8 @@ def layout_run(setup):
 def test_sequence_parallel_layouts_reproduce_one_process(base, layout_run, name):
     out = layout_run(name)
     assert_same_run(out, base)
-    nproc, extra = LAYOUTS[name]
-    sp = extra[extra.index("--sp") + 1]
-    assert f"(dp {nproc // int(sp)}, sp {sp})" in (out / "train.log").read_text()
+    nproc, sp, _ = LAYOUTS[name]
+    assert f"(dp {nproc // sp}, sp {sp})" in (out / "train.log").read_text()
 
 
 def test_sp3_on_the_smollm2_head_shape_with_padding(setup):
