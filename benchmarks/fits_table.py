@@ -3,7 +3,9 @@ full fine-tuning, on 1, 8, 32 and 64 x H100-80 and 1 x H200, next to ALST's publ
 
 Each configuration is one ``longtune plan MODEL --longest --ac full --json`` (full activation
 checkpointing, tiled MLP, activation offload, the largest SP degree the heads allow; without and
-with FSDP2's CPU offload); the table takes the longer of the two and says which. Predictions,
+with FSDP2's CPU offload); the table takes the longer of the two and says which. The offloads
+must fit the node's host memory too (the device preset's: 2 TB on an H100 or H200 server,
+shared by its GPUs; ``host GiB`` is one GPU's need of its share). Predictions,
 not measurements: see ``docs/planner.md`` for what the planner counts and how far it was
 checked.
 
@@ -59,7 +61,7 @@ def main() -> None:
     a = p.parse_args()
     rows = []
     print(
-        "| model | GPUs | longtune (planned) | layout | peak GiB | host GiB | ALST | planned in |"
+        "| model | GPUs | longtune (planned) | layout | peak GiB | host GiB (of) | ALST | planned in |"
     )
     print("|---|---|---:|---|---:|---:|---:|---:|")
     for model, nodes, gpus, device, alst in CONFIGS:
@@ -73,11 +75,12 @@ def main() -> None:
         )  # fmt: skip
         peak = best.get("device_bytes", 0) / 2**30
         host = best.get("host_bytes", 0) / 2**30
+        limit = best.get("host_limit", 0) / 2**30
         rows.append({"model": model, "nodes": nodes, "gpus_per_node": gpus, "device": device,
                      "alst": alst, "rows": found, "seconds": took})  # fmt: skip
         print(
             f"| {model} | {nodes * gpus} x {device} | {tokens(best['context'])} | {where} | "
-            f"{peak:.1f} | {host:.0f} | {alst or '-'} | {took:.0f} s |",
+            f"{peak:.1f} | {host:.0f} ({limit:.0f}) | {alst or '-'} | {took:.0f} s |",
             flush=True,
         )
     if a.out:

@@ -302,6 +302,11 @@ def _add_plan_command(sub: Any) -> None:
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node." + _DEFAULT)
     p.add_argument("--device", default="h100-80", help="device preset." + _DEFAULT)
     p.add_argument("--device-memory", help="memory per device instead of the preset's, e.g. 80GB.")
+    p.add_argument(
+        "--host-memory",
+        help="host memory of one node, shared by its GPUs, instead of the preset's (2 TB on "
+        "H100/H200 and A100-80 servers), e.g. 1TB; 0: not checked. The offloads must fit in it.",
+    )
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32." + _DEFAULT)
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning).")
     p.add_argument("--sp", type=int, help="hold the SP degree fixed.")

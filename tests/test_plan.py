@@ -273,3 +273,26 @@ def test_sp_auto_in_the_preflight_sets_the_runs_layout(tmp_path):
         checked("--parallel.dp=3")
     assert "parallel.dp=3 does not divide the world size 4" in str(e.value)
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_the_offloads_must_fit_the_hosts_memory_too():
+    """A layout whose offloads need more than the GPU's share of its node's host memory (less
+    the headroom) does not fit, and says so; without a host size it is not checked; `longest`
+    stops where the host runs out."""
+    from longtune.plan import check
+    from longtune.plan.hardware import DEVICES, HOST_HEADROOM
+    from longtune.plan.planner import longest, predict
+
+    args = dataclasses.replace(SMOL, n_layers=3, vocab_size=4096)
+    layout = Layout(ac="full", offload=True, cpu_offload=True)
+    kw = dict(nodes=1, gpus_per_node=4, param_dtype=torch.bfloat16)
+    unchecked = dataclasses.replace(DEVICES["h100-80"], host_memory=0)
+    free = predict(args, layout, context=2048, device=unchecked, **kw)
+    assert free.fits and free.host_limit == 0 and free.host_bytes > 0
+    node = int(free.host_bytes * 4 / (1 - HOST_HEADROOM)) - 4 * 2**20  # just too small
+    small = dataclasses.replace(unchecked, host_memory=node)
+    short = predict(args, layout, context=2048, device=small, **kw)
+    assert not short.fits and short.margin_bytes > 0 and short.host_bytes > short.host_limit
+    assert check._shortfall(short).endswith(f"leaves {short.host_limit / 2**30:.1f} GiB per rank")
+    n, p = longest(args, layout, device=small, granularity=256, **kw)
+    assert p is not None and p.fits and p.host_bytes <= p.host_limit and 0 < n < 2048

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from longtune.model.args import ModelArgs
-from longtune.plan.hardware import DEVICES, GIB, Device, cpu_device
+from longtune.plan.hardware import DEVICES, GIB, Device, cpu_device, meminfo
 from longtune.plan.planner import AC_ORDER, Prediction, plan, predict, sp_degrees
 from longtune.plan.trace import Layout
 
@@ -79,8 +79,8 @@ class Planned:
 
 def this_device(device_type: str, ranks_here: int) -> Device:
     """The device of this process as the planner sees it: a CUDA card's total memory (its
-    speed constants from the preset of its name, H100's otherwise), or this machine's
-    available memory shared by the ranks on it."""
+    speed constants from the preset of its name, H100's otherwise) with this machine's memory
+    as its node's host memory, or this machine's available memory shared by the ranks on it."""
     if device_type != "cuda":
         cpu = cpu_device()
         return replace(cpu, memory=cpu.memory // max(1, ranks_here))
@@ -91,7 +91,9 @@ def this_device(device_type: str, ranks_here: int) -> Device:
                                     ("l40s-48", "l40s")) if tag in name),
         DEVICES["h100-80"],
     )  # fmt: skip
-    return replace(preset, name=props.name, memory=props.total_memory)
+    return replace(
+        preset, name=props.name, memory=props.total_memory, host_memory=meminfo("MemTotal")
+    )
 
 
 def check_run(
@@ -219,22 +221,32 @@ def _refusal(args: ModelArgs, p: Prediction, world: int, sp: int, kw: dict[str, 
         else "no layout on this many ranks fits: lower data.context_length or train.micro_batch_size, "
         "train LoRA (model.lora.rank), or add ranks"
     )
-    memory = p.device_bytes + p.margin_bytes
     return (
-        f"the memory planner predicts {p.device_bytes / GIB:.1f} GiB per rank for "
-        f"{p.layout.describe()} at {kw['context']} tokens, and this device has "
-        f"{memory / GIB:.1f} GiB; {fix}; --train.plan_check=false to try anyway"
+        f"the memory planner predicts {_shortfall(p)} for {p.layout.describe()} at "
+        f"{kw['context']} tokens; {fix}; --train.plan_check=false to try anyway"
+    )
+
+
+def _shortfall(p: Prediction) -> str:
+    """What a layout that does not fit needs, against what there is."""
+    if p.margin_bytes < 0 or not p.host_limit or p.host_bytes <= p.host_limit:
+        memory = p.device_bytes + p.margin_bytes
+        return (
+            f"{p.device_bytes / GIB:.1f} GiB per rank, and this device has {memory / GIB:.1f} GiB"
+        )
+    return (
+        f"{p.host_bytes / GIB:.1f} GiB of host memory per rank for its offloads, and this "
+        f"machine leaves {p.host_limit / GIB:.1f} GiB per rank"
     )
 
 
 def _refusal_any_sp(p: Prediction, world: int, kw: dict[str, Any]) -> str:
     """The one line of a run with ``parallel.sp=auto`` that fits at no degree (``p``: the
     layout that comes closest)."""
-    memory = p.device_bytes + p.margin_bytes
     return (
         f"parallel.sp=auto: no layout on {world} rank(s) fits; the closest, {p.layout.describe()}, "
-        f"needs {p.device_bytes / GIB:.1f} GiB per rank at {kw['context']} tokens by the memory "
-        f"planner, and this device has {memory / GIB:.1f} GiB; lower data.context_length or "
+        f"needs {_shortfall(p)} at {kw['context']} tokens by the memory planner; lower "
+        "data.context_length or "
         "train.micro_batch_size, train LoRA (model.lora.rank), let the other levers be auto, "
         "or add ranks; --train.plan_check=false to try anyway"
     )

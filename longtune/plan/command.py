@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from longtune.model.args import ModelArgs
-from longtune.plan.hardware import DEVICES, GIB, MODEL_PRESETS, Device, cpu_device
+from longtune.plan.hardware import DEVICES, GIB, HOST_HEADROOM, MODEL_PRESETS, Device, cpu_device
 from longtune.plan.planner import AC_ORDER, Prediction, longest, parse_memory, plan
 from longtune.plan.trace import Layout
 
@@ -29,12 +29,14 @@ def model_args(model: str) -> ModelArgs:
     return ModelArgs.from_hf_config(json.loads(config.read_text()))
 
 
-def device_of(name: str, memory: str | None) -> Device:
+def device_of(name: str, memory: str | None, host_memory: str | None = None) -> Device:
     if name not in DEVICES:
         raise ValueError(f"--device {name!r} is not one of {', '.join(DEVICES)}")
     device = cpu_device() if name == "cpu" else DEVICES[name]
     if memory is not None:
         device = Device(**{**asdict(device), "memory": parse_memory(memory)})
+    if host_memory is not None:
+        device = Device(**{**asdict(device), "host_memory": parse_memory(host_memory, zero=True)})
     return device
 
 
@@ -45,6 +47,7 @@ def run(
     gpus_per_node: int = 1,
     device: str = "h100-80",
     device_memory: str | None = None,
+    host_memory: str | None = None,
     dtype: str = "bfloat16",
     lora_rank: int = 0,
     sp: int | None = None,
@@ -59,7 +62,7 @@ def run(
     from longtune.model.lora import LoraSpec
 
     args = model_args(model)
-    dev = device_of(device, device_memory)
+    dev = device_of(device, device_memory, host_memory)
     if ac is not None and ac not in AC_ORDER:
         raise ValueError(f"--ac {ac!r} is not one of {', '.join(AC_ORDER)}")
     if dtype not in ("bfloat16", "float32"):
@@ -83,7 +86,7 @@ def run(
         if as_json:
             print(json.dumps(out, indent=2))
         else:
-            _print_longest(model, dev, world, rows, time.monotonic() - t0)
+            _print_longest(model, dev, world, gpus_per_node, rows, time.monotonic() - t0)
         return 0
     found = plan(
         args,
@@ -98,7 +101,7 @@ def run(
     if as_json:
         print(json.dumps([p.to_json() for p in found], indent=2))
     else:
-        _print_plan(model, dev, world, context, found, time.monotonic() - t0)
+        _print_plan(model, dev, world, gpus_per_node, context, found, time.monotonic() - t0)
     return 0
 
 
@@ -143,18 +146,36 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f}"
 
 
+def _host(dev: Device, gpus_per_node: int) -> str:
+    if not dev.host_memory:
+        return ""
+    share = dev.host_memory * (1 - HOST_HEADROOM) / gpus_per_node
+    return f", {_gib(share)} GiB of host memory per GPU for offloads"
+
+
 def _print_plan(
-    model: str, dev: Device, world: int, context: int, found: list[Prediction], took: float
+    model: str,
+    dev: Device,
+    world: int,
+    gpus_per_node: int,
+    context: int,
+    found: list[Prediction],
+    took: float,
 ) -> None:
     print(
-        f"{model} at {context} tokens on {world} x {dev.name} ({_gib(dev.memory)} GiB each); "
-        f"{len(found)} layouts traced in {took:.0f} s"
+        f"{model} at {context} tokens on {world} x {dev.name} ({_gib(dev.memory)} GiB each"
+        f"{_host(dev, gpus_per_node)}); {len(found)} layouts traced in {took:.0f} s"
     )
-    print(f"{'layout':42} {'peak GiB':>9} {'fits':>5} {'margin':>8} {'step s':>8} {'tokens/s':>10}")
+    print(
+        f"{'layout':42} {'peak GiB':>9} {'fits':>5} {'margin':>8} {'host GiB':>9} {'step s':>8} "
+        f"{'tokens/s':>10}"
+    )
     for p in found:
+        fits = "yes" if p.fits else "host" if p.margin_bytes >= 0 else "no"
         print(
-            f"{p.layout.describe():42} {_gib(p.device_bytes):>9} {'yes' if p.fits else 'no':>5} "
-            f"{_gib(p.margin_bytes):>8} {p.step_s:>8.2f} {p.tokens_per_s:>10.0f}"
+            f"{p.layout.describe():42} {_gib(p.device_bytes):>9} {fits:>5} "
+            f"{_gib(p.margin_bytes):>8} {_gib(p.host_bytes):>9} {p.step_s:>8.2f} "
+            f"{p.tokens_per_s:>10.0f}"
         )
     if found:
         _print_breakdown(found[0])
@@ -187,14 +208,23 @@ _LABELS = {
 
 
 def _print_longest(
-    model: str, dev: Device, world: int, rows: list[tuple[int, Prediction | None]], took: float
+    model: str,
+    dev: Device,
+    world: int,
+    gpus_per_node: int,
+    rows: list[tuple[int, Prediction | None]],
+    took: float,
 ) -> None:
-    print(f"{model} on {world} x {dev.name} ({_gib(dev.memory)} GiB each), in {took:.0f} s:")
+    print(
+        f"{model} on {world} x {dev.name} ({_gib(dev.memory)} GiB each"
+        f"{_host(dev, gpus_per_node)}), in {took:.0f} s:"
+    )
     for n, p in rows:
         if p is None:
             print("  nothing fits")
             continue
         print(
             f"  {p.layout.describe():42} longest context {n:>9} tokens, peak "
-            f"{_gib(p.device_bytes)} GiB, {p.tokens_per_s:.0f} tokens/s"
+            f"{_gib(p.device_bytes)} GiB, host {_gib(p.host_bytes)} GiB, "
+            f"{p.tokens_per_s:.0f} tokens/s"
         )

@@ -7,7 +7,9 @@ the byte counts are the totals PyTorch reports on those cards. Link speeds are p
 direction: NVLink 4 (H100/H200) 450 GB/s, NVLink 3 (A100) 300 GB/s, PCIe 4 x16 (L40S) 25 GB/s;
 between nodes one 400 Gb/s NIC per GPU (NDR InfiniBand, 50 GB/s) on H100/H200 and 200 Gb/s
 (HDR, 25 GB/s) on A100/L40S; host links PCIe 5 x16 (~55 GB/s) on H100/H200, PCIe 4 (~25
-GB/s) on the others.
+GB/s) on the others. Host memory is a node's, shared by its GPUs: DGX H100 and DGX H200 2 TB,
+DGX A100 2 TB (80 GB cards) and 1 TB (40 GB cards), per NVIDIA's data sheets; for L40S, 1 TB is
+assumed (servers vary). ``--host-memory`` gives a node's own.
 
 Models: the shapes of the published Hugging Face configs (``config.json``) of each preset.
 """
@@ -39,14 +41,20 @@ class Device:
     host_gbs: float
     """Device <-> pinned host memory, per direction, GB/s (activation offload)."""
     cuda: bool = True
+    host_memory: int = 0
+    """Host memory of one node, bytes, shared by its GPUs (0: not checked)."""
 
+
+TIB = 2**40
 
 DEVICES: dict[str, Device] = {
-    "h100-80": Device("h100-80", 85_045_870_592, 989.0, 3350.0, 450.0, 50.0, 55.0),
-    "h200-141": Device("h200-141", 150_754_820_096, 989.0, 4800.0, 450.0, 50.0, 55.0),
-    "a100-80": Device("a100-80", 85_051_572_224, 312.0, 2039.0, 300.0, 25.0, 25.0),
-    "a100-40": Device("a100-40", 42_505_273_344, 312.0, 1555.0, 300.0, 25.0, 25.0),
-    "l40s-48": Device("l40s-48", 47_697_362_944, 362.0, 864.0, 25.0, 25.0, 25.0),
+    "h100-80": Device("h100-80", 85_045_870_592, 989.0, 3350.0, 450.0, 50.0, 55.0, True, 2 * TIB),
+    "h200-141": Device(
+        "h200-141", 150_754_820_096, 989.0, 4800.0, 450.0, 50.0, 55.0, True, 2 * TIB
+    ),
+    "a100-80": Device("a100-80", 85_051_572_224, 312.0, 2039.0, 300.0, 25.0, 25.0, True, 2 * TIB),
+    "a100-40": Device("a100-40", 42_505_273_344, 312.0, 1555.0, 300.0, 25.0, 25.0, True, TIB),
+    "l40s-48": Device("l40s-48", 47_697_362_944, 362.0, 864.0, 25.0, 25.0, 25.0, True, TIB),
     # This machine's CPU: memory is what is available when the plan is made (see
     # cpu_device()); throughput is a rough 2-core figure, used only for ordering layouts.
     "cpu": Device("cpu", 0, 0.1, 20.0, 10.0, 10.0, 10.0, cuda=False),
@@ -58,6 +66,10 @@ CPU offload (the step then runs on the host). Measured: 434M/s on this project's
 (float32, 50M parameters, 2 threads, the machine busy), about 217M per core; the 8 host cores a
 GPU of a typical 8-GPU server has would do ~1.7e9 if memory bandwidth allows: 1e9 assumed."""
 
+HOST_HEADROOM = 0.10
+"""Share of a node's host memory left to everything but the offloaded tensors: the OS, each
+rank's own process (Python, PyTorch, the CUDA driver's host side, the data loader). Assumed."""
+
 MFU = 0.45
 """Share of the bf16 peak a training step's matmuls reach (torchtitan's published Llama 3 8B
 runs on H100 reach 38-50% MFU with FSDP2 and selective checkpointing)."""
@@ -65,14 +77,18 @@ runs on H100 reach 38-50% MFU with FSDP2 and selective checkpointing)."""
 
 def cpu_device() -> Device:
     """The ``cpu`` preset with this machine's available memory (``MemAvailable``)."""
-    available = 0
+    return Device(**{**DEVICES["cpu"].__dict__, "memory": meminfo("MemAvailable")})
+
+
+def meminfo(field: str) -> int:
+    """A ``/proc/meminfo`` figure in bytes (0 where there is none)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return Device(**{**DEVICES["cpu"].__dict__, "memory": available})
+    return 0
 
 
 def _llama(hidden: int, layers: int, heads: int, kv: int, ffn: int, **kw: Any) -> dict[str, Any]:

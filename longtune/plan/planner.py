@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from longtune.model.args import ModelArgs
-from longtune.plan.hardware import GIB, HOST_ADAMW_PARAMS_PER_S, MFU, Device
+from longtune.plan.hardware import GIB, HOST_ADAMW_PARAMS_PER_S, HOST_HEADROOM, MFU, Device
 from longtune.plan.trace import (
     Layout,
     StepTrace,
@@ -62,6 +62,9 @@ class Prediction:
     """The tensor peak by what made it (parameters, optimizer, forward, backward...)."""
     terms: dict[str, int] = field(default_factory=dict)
     host_bytes: int = 0
+    """Host memory this rank's offloads hold (activation offload, FSDP2's CPU offload)."""
+    host_limit: int = 0
+    """Host memory this rank may use: its share of the node's, less headroom (0: not checked)."""
     largest: tuple[int, str] = (0, "")
     whole_model_trace: bool = False
 
@@ -151,10 +154,11 @@ def predict(
     total = peak + sum(terms.values())
     step_s = _step_time(args, layout, context, device, nodes, gpus_per_node, flops, large)
     dp = world // layout.sp
+    host_limit = int(device.host_memory * (1 - HOST_HEADROOM)) // gpus_per_node
     return Prediction(
         layout=layout,
         device_bytes=total,
-        fits=total <= device.memory,
+        fits=total <= device.memory and (not host_limit or host <= host_limit),
         margin_bytes=device.memory - total,
         step_s=step_s,
         tokens_per_s=layout.micro_batch * context * dp / step_s,
@@ -163,6 +167,7 @@ def predict(
         by_phase=by,
         terms=terms,
         host_bytes=host,
+        host_limit=host_limit,
         largest=large.largest,
         whole_model_trace=whole,
     )
@@ -394,9 +399,10 @@ def longest(
     )
     unit = granularity * layout.sp
 
-    def over(n: int) -> tuple[Prediction, int]:  # the prediction, and its bytes over the device
+    def over(n: int) -> tuple[Prediction, int]:  # the prediction, and its bytes over the limit
         p = predict(args, layout, context=n * unit, **kw)
-        return p, p.device_bytes - device.memory
+        host_over = p.host_bytes - p.host_limit if p.host_limit else -(2**62)
+        return p, max(p.device_bytes - device.memory, host_over)
 
     best, f_lo = None, 0
     lo, hi, f_hi = 0, 1, 0
@@ -428,13 +434,20 @@ def longest(
     return lo * unit, best
 
 
-def parse_memory(text: str) -> int:
-    """``80GB`` (10^9), ``80GiB`` (2^30) or a plain byte count -> bytes."""
+def parse_memory(text: str, zero: bool = False) -> int:
+    """``80GB`` (10^9), ``80GiB`` (2^30), ``2TB``, ``2TiB`` or a plain byte count -> bytes
+    (``zero``: 0 is allowed)."""
     t = text.strip().lower().replace(" ", "")
-    for suffix, scale in (("gib", GIB), ("gb", 10**9), ("mib", 2**20), ("mb", 10**6)):
+    scale = 1
+    for suffix, size in (("tib", 2**40), ("tb", 10**12), ("gib", GIB), ("gb", 10**9),
+                         ("mib", 2**20), ("mb", 10**6)):  # fmt: skip
         if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * scale)
-    value = float(t)
-    if not math.isfinite(value) or value <= 0:
+            t, scale = t[: -len(suffix)], size
+            break
+    try:
+        value = float(t) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         raise ValueError(f"{text!r} is not a memory size, e.g. 80GB or 75GiB")
     return int(value)
