@@ -33,6 +33,7 @@ import itertools
 import math
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -682,6 +683,9 @@ def flag_parser(description: str | None = None) -> argparse.ArgumentParser:
             metavar = _METAVARS.get(typing.get_origin(tp) or tp) or tp.__name__.upper()
             if typing.get_origin(tp) is list and _base(typing.get_args(tp)[0]) is float:
                 metavar = "W1,W2,..."
+            if typing.get_origin(tp) in (typing.Union, types.UnionType):  # a number or a word
+                words = [a for t in typing.get_args(tp) for a in typing.get_args(t)]
+                metavar = "|".join(["N", *words])
             if choices(key):
                 many = "[,...]" if typing.get_origin(tp) is list else ""
                 metavar = "{" + ",".join(choices(key)) + "}" + many
