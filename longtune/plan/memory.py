@@ -187,6 +187,14 @@ class MemoryTracker(TorchDispatchMode):
             if source is not None and source in self._owner:
                 self._attach(t, self._owner[source])  # a view: the input's allocation
                 continue
+            # A view of a storage already counted, through an input this tracker never saw
+            # made (a collective's output buffer allocated inside the backend, split into
+            # gradient shards) or an op whose schema does not say it aliases (wait_tensor):
+            # the storage's allocation, once.
+            alloc = self._by_storage.get(_storage_key(t))
+            if alloc is not None and alloc in self._live:
+                self._attach(t, alloc)
+                continue
             n = _nbytes(t)
             self._attach(t, _Allocation(n, self.phase))
             if n > self.largest[0]:
