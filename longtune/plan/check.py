@@ -165,9 +165,8 @@ def check_run(
             fixed |= {"ac": ac} if ac != "auto" else {}
             fixed |= {"tiled_mlp": tiled_mlp == "true"} if tiled_mlp != "auto" else {}
             fixed |= {"offload": offload == "true"} if offload != "auto" else {}
-            found = plan(
-                args, fixed=fixed, **kw
-            )  # best first: the fastest that fits (sp=1 at least)
+            # Best first: the fastest that fits (SP 1 is always weighed, so there is one).
+            found = plan(args, fixed=fixed, **kw)
             if found[0].fits or not enforce:
                 return Planned.of_prediction(found[0])
             raise PlanRefusal(_refusal_any_sp(found[0], world, kw))

@@ -177,7 +177,7 @@ _TRACES: dict[tuple, StepTrace] = {}
 """Traces of this process by everything they depend on (layouts that differ by offloads only
 share one)."""
 
-TRACE_WORKERS = min(2, os.cpu_count() or 1)
+TRACE_WORKERS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 """Processes that trace a layout's two block counts at once (1: in this process). A trace is
 single-threaded Python dispatch, so two cores trace the pair in about the time of the larger."""
 _POOL: ProcessPoolExecutor | None = None
@@ -290,6 +290,8 @@ def layouts(
                 if "offload" not in fixed and device.cuda and ac != "none":
                     offloads.append(True)
                 for offload in offloads:
+                    if offload and ac == "none":  # offload moves what checkpointing keeps
+                        continue
                     for mbs in [fixed["micro_batch"]] if "micro_batch" in fixed else (1, 2):
                         cpu_offload = bool(fixed.get("cpu_offload", False))
                         out.append(Layout(sp, ac, tiled, offload, mbs, cpu_offload))
