@@ -61,6 +61,9 @@ def _local(t: Any) -> torch.Tensor | None:
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
+_REDUCE_SCATTER = torch.ops.c10d._reduce_scatter_base_.default
+
+
 class MemoryTracker(TorchDispatchMode):
     """Live tensor bytes of this process, and their peak (see the module docstring).
 
@@ -68,8 +71,17 @@ class MemoryTracker(TorchDispatchMode):
     outside: ``"forward"``, ``"backward"``, ``"optimizer"``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gloo: bool = False) -> None:
+        """
+        Args:
+            gloo: the step runs on gloo (CPU) and is traced on a fake process group: count the
+                full-size copy gloo's reduce-scatter makes of its input (ProcessGroupGloo's
+                ``reduce_scatter_tensor_coalesced`` all-reduces a clone and keeps its chunk),
+                which NCCL does not make and fake tensors do not show, at the moment it is
+                made.
+        """
         super().__init__()
+        self.gloo = gloo
         self._owner: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._live: set[_Allocation] = set()
         self._by_storage: dict[int, _Allocation] = {}
@@ -161,6 +173,14 @@ class MemoryTracker(TorchDispatchMode):
         self.by_label[alloc.label] += delta
         self._peak_check()
 
+    def _transient(self, nbytes: int) -> None:
+        """Bytes that exist for a moment now, made in the current phase."""
+        self.current += nbytes
+        self.by_label[self.phase] = self.by_label.get(self.phase, 0) + nbytes
+        self._peak_check()
+        self.current -= nbytes
+        self.by_label[self.phase] -= nbytes
+
     def _peak_check(self) -> None:
         seg = self.segments.get(self.segment)
         if seg is None or self.current > seg[0]:
@@ -173,6 +193,8 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.gloo and func is _REDUCE_SCATTER:
+            self._transient(_nbytes(args[1]))
         count = flop_registry.get(func.overloadpacket)
         if count is not None:
             self.flops += count(*args, **kwargs, out_val=out)

@@ -128,6 +128,7 @@ def predict(
         lora=lora,
         supervised=supervised,
         documents=documents,
+        gloo=not device.cuda and world > 1,
     )
     base = Layout(**{**asdict(layout), "offload": False, "cpu_offload": False})
     sizes = (args.n_layers,) if whole or args.n_layers <= 4 else (3, 4)

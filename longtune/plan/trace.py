@@ -217,6 +217,7 @@ def trace_step(
     lora: object | None = None,
     supervised: float = 1.0,
     documents: int = 1,
+    gloo: bool = False,
 ) -> StepTrace:
     """Trace one optimizer step of rank 0 (see the module docstring).
 
@@ -232,6 +233,7 @@ def trace_step(
         lora: a :class:`~longtune.model.lora.LoraSpec`, or None for full fine-tuning.
         supervised: share of the tokens that carry a loss.
         documents: documents per sequence (equal lengths).
+        gloo: the run's backend is gloo (CPU): count the copy its reduce-scatter makes.
 
     Returns:
         The :class:`StepTrace` of a step with the optimizer state made (every step but a
@@ -258,7 +260,9 @@ def trace_step(
             pos = torch.arange(local).expand(layout.micro_batch, local)
             labels = torch.zeros(layout.micro_batch, local, dtype=torch.long)
             make_optimizer_state(opt, trainable)
-            tracker = tracked_step(model, opt, ids, pos, labels, cu, few_loss_chunks=True)
+            tracker = tracked_step(
+                model, opt, ids, pos, labels, cu, few_loss_chunks=True, gloo=gloo
+            )
         elem = (param_dtype or torch.float32).itemsize
         return StepTrace(
             n_layers=n_layers,
@@ -295,6 +299,7 @@ def tracked_step(
     labels: torch.Tensor,
     cu: torch.Tensor | None = None,
     few_loss_chunks: bool = False,
+    gloo: bool = False,
 ) -> MemoryTracker:
     """One training step (forward with the loss, backward, optimizer step) under a
     :class:`MemoryTracker`, counted the planner's way: parameters, optimizer state and the
@@ -304,6 +309,7 @@ def tracked_step(
 
     Args:
         few_loss_chunks: run three of the chunked loss's chunks (see :func:`_few_loss_chunks`).
+        gloo: count gloo's copy of each reduce-scatter input (see :class:`MemoryTracker`).
 
     Returns:
         The tracker, with the step's peak, segments and FLOPs.
@@ -317,7 +323,7 @@ def tracked_step(
     # What exists now is not the step's either: frozen, the collections at every segment start
     # look only at what the step makes (a full collection of the process took 28% of a trace).
     gc.freeze()
-    tracker = MemoryTracker()
+    tracker = MemoryTracker(gloo=gloo)
     tracker.hold(model.parameters(), "parameters")
     tracker.hold((t for st in opt.state.values() for t in st.values()), "optimizer")
     tracker.hold((ids, pos, labels), "inputs")
