@@ -281,7 +281,7 @@ def test_the_offloads_must_fit_the_hosts_memory_too():
     stops where the host runs out."""
     from longtune.plan import check
     from longtune.plan.hardware import DEVICES, HOST_HEADROOM
-    from longtune.plan.planner import longest, predict
+    from longtune.plan.planner import longest, plan, predict
 
     args = dataclasses.replace(SMOL, n_layers=3, vocab_size=4096)
     layout = Layout(ac="full", offload=True, cpu_offload=True)
@@ -296,3 +296,7 @@ def test_the_offloads_must_fit_the_hosts_memory_too():
     assert check._shortfall(short).endswith(f"leaves {short.host_limit / 2**30:.1f} GiB per rank")
     n, p = longest(args, layout, device=small, granularity=256, **kw)
     assert p is not None and p.fits and p.host_bytes <= p.host_limit and 0 < n < 2048
+    # Short of host memory only, a layout rules out none that offloads less.
+    fixed = {"sp": 1, "ac": "full", "micro_batch": 1, "cpu_offload": True, "tiled_mlp": False}
+    found = plan(args, context=2048, device=small, fixed=fixed, **kw)
+    assert {x.layout.offload for x in found} == {False, True}

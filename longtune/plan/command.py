@@ -167,13 +167,13 @@ def _print_plan(
         f"{_host(dev, gpus_per_node)}); {len(found)} layouts traced in {took:.0f} s"
     )
     print(
-        f"{'layout':42} {'peak GiB':>9} {'fits':>5} {'margin':>8} {'host GiB':>9} {'step s':>8} "
+        f"{'layout':52} {'peak GiB':>9} {'fits':>5} {'margin':>8} {'host GiB':>9} {'step s':>8} "
         f"{'tokens/s':>10}"
     )
     for p in found:
         fits = "yes" if p.fits else "host" if p.margin_bytes >= 0 else "no"
         print(
-            f"{p.layout.describe():42} {_gib(p.device_bytes):>9} {fits:>5} "
+            f"{p.layout.describe():52} {_gib(p.device_bytes):>9} {fits:>5} "
             f"{_gib(p.margin_bytes):>8} {_gib(p.host_bytes):>9} {p.step_s:>8.2f} "
             f"{p.tokens_per_s:>10.0f}"
         )
@@ -224,7 +224,7 @@ def _print_longest(
             print("  nothing fits")
             continue
         print(
-            f"  {p.layout.describe():42} longest context {n:>9} tokens, peak "
+            f"  {p.layout.describe():52} longest context {n:>9} tokens, peak "
             f"{_gib(p.device_bytes)} GiB, host {_gib(p.host_bytes)} GiB, "
             f"{p.tokens_per_s:.0f} tokens/s"
         )

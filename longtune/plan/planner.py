@@ -318,7 +318,8 @@ def plan(
     Memory falls as SP grows and as the levers go from none to selective to full
     checkpointing, tiled MLP, offload, micro-batch 1. So the SP degrees are tried from the
     smallest up, and at each the layouts that save the most first: a layout is left out when
-    one that saves at least as much on every lever does not fit (it cannot), or when its levers
+    one that saves at least as much on every lever does not fit the device (it cannot; one
+    short of host memory only rules nothing out: offload uses more of it), or when its levers
     already fit at a smaller SP (it would only be slower). FSDP2's CPU offload (slower still:
     the optimizer step runs on the host) is weighed on CUDA when no layout fits without it, or
     when ``fixed`` asks for it.
@@ -356,7 +357,7 @@ def plan(
             found.append(p)
             if p.fits:
                 fitted.add(key)
-            else:
+            elif p.margin_bytes < 0:  # the device is short: a layout saving less is too
                 failed.append(layout)
     return sorted(found, key=lambda p: (not p.fits, -p.tokens_per_s if p.fits else p.device_bytes))
 
