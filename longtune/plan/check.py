@@ -151,25 +151,11 @@ def check_run(
         lora=lora,
     )
     widest = max(sp_degrees(args, world)) if sp == "auto" else int(sp)
-    floor = kept_inputs_floor(args, context // widest * micro_batch, param_dtype)
-    if floor > device.memory:  # an absurd length: refused without tracing it
-        raise PlanRefusal(
-            f"at {context} tokens every layout keeps at least {floor / GIB:.1f} GiB per rank "
-            f"(each block's input, {args.n_layers} blocks, for the backward pass) and this device "
-            f"has {device.memory / GIB:.1f} GiB; lower data.context_length, or spread the "
-            "sequence over more ranks (parallel.sp)"
-        )
+    _refuse_below_floor(args, context // widest * micro_batch, context, param_dtype, device)
     try:
         if sp == "auto":
-            fixed: dict[str, Any] = {"micro_batch": micro_batch, "cpu_offload": cpu_offload}
-            fixed |= {"ac": ac} if ac != "auto" else {}
-            fixed |= {"tiled_mlp": tiled_mlp == "true"} if tiled_mlp != "auto" else {}
-            fixed |= {"offload": offload == "true"} if offload != "auto" else {}
-            # Best first: the fastest that fits (SP 1 is always weighed, so there is one).
-            found = plan(args, fixed=fixed, **kw)
-            if found[0].fits or not enforce:
-                return Planned.of_prediction(found[0])
-            raise PlanRefusal(_refusal_any_sp(found[0], world, kw))
+            held = {"ac": ac, "tiled_mlp": tiled_mlp, "offload": offload}
+            return _any_sp(args, world, micro_batch, cpu_offload, held, enforce, kw)
         first = None
         for a in acs:  # fastest first: less checkpointing, then no tiling, then no offload
             for t in tiles:
@@ -184,6 +170,45 @@ def check_run(
     finally:
         if dist.is_initialized() and dist.get_backend() == "fake":
             dist.destroy_process_group()
+
+
+def _any_sp(
+    args: ModelArgs,
+    world: int,
+    micro_batch: int,
+    cpu_offload: bool,
+    held: dict[str, str],
+    enforce: bool,
+    kw: dict[str, Any],
+) -> Planned:
+    """``parallel.sp=auto``: the fastest layout that fits over every valid SP degree, the
+    levers of ``held`` that are not ``auto`` held (:func:`~longtune.plan.planner.plan`)."""
+    fixed: dict[str, Any] = {"micro_batch": micro_batch, "cpu_offload": cpu_offload}
+    for lever, value in held.items():
+        if value != "auto":
+            fixed[lever] = value if lever == "ac" else value == "true"
+    found = plan(args, fixed=fixed, **kw)  # best first; SP 1 is always weighed
+    if found[0].fits or not enforce:
+        return Planned.of_prediction(found[0])
+    raise PlanRefusal(_refusal_any_sp(found[0], world, kw))
+
+
+def _refuse_below_floor(
+    args: ModelArgs,
+    tokens: int,
+    context: int,
+    dtype: torch.dtype | None,
+    device: Device,
+) -> None:
+    """An absurd length is refused without tracing it (see :func:`kept_inputs_floor`)."""
+    floor = kept_inputs_floor(args, tokens, dtype)
+    if floor > device.memory:
+        raise PlanRefusal(
+            f"at {context} tokens every layout keeps at least {floor / GIB:.1f} GiB per rank "
+            f"(each block's input, {args.n_layers} blocks, for the backward pass) and this device "
+            f"has {device.memory / GIB:.1f} GiB; lower data.context_length, or spread the "
+            "sequence over more ranks (parallel.sp)"
+        )
 
 
 def kept_inputs_floor(args: ModelArgs, tokens: int, dtype: torch.dtype | None) -> int:
