@@ -342,3 +342,28 @@ def test_sharded_native_format_round_trip(tmp_path):
     shards = sorted(p.name for p in native.glob("native-*.safetensors"))
     assert len(shards) > 1 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
     assert_same_checkpoint(ckpt, export_native(native, tmp_path / "out"))
+
+
+def test_attention_keeps_no_fused_projection_for_backward():
+    """q and k are rotated into tensors of their own, and v must be too: as a view of the fused
+    ``wqkv`` output it would keep all of it (q + 2 kv wide) alive until the attention's
+    backward, where v needs only its kv columns (8B at 1M tokens: 12 GiB kept for 2). No
+    storage the layer saves for backward is as large as the fused projection's output."""
+    from longtune.model.args import ModelArgs
+    from longtune.model.attention import AttentionMeta
+    from longtune.model.llama import Attention, rope_cos_sin, rope_inv_freq
+
+    args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=8, ffn_dim=128)
+    layer = Attention(args)
+    x = torch.randn(1, 256, 64, requires_grad=True)
+    cos, sin = rope_cos_sin(rope_inv_freq(args), torch.arange(256).unsqueeze(0), torch.float32)
+    fused = 256 * (args.q_size + 2 * args.kv_size) * 4
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, cos, sin, AttentionMeta.from_cu_seqlens(None, 256))
+    assert saved and max(saved) < fused, (max(saved), fused)

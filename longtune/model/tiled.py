@@ -148,13 +148,20 @@ class TiledMLP(nn.Module):
     or without tiling: checkpoints move between the two); ``mlp`` itself is held outside the
     module tree, for its forward.
 
+    With ``norm`` (the block's ``ffn_norm``, as :func:`~longtune.parallel.parallelize.apply_tiled_mlp`
+    gives it) each tile is normalized first, by the plain formula: the block passes the norm's
+    input (``TransformerBlock.forward``), and the normalized rows exist for one tile only, in
+    both passes, instead of being kept whole for the backward pass. The norm stays where it is
+    in the module tree (its weight keeps its name); it is held here outside it, like ``mlp``.
+
     Args:
         mlp: a row-wise module (each output token depends on that input token only), with
             parameters only in its submodules.
         tile: tokens per tile; None = :func:`tile_tokens` of the input (about ``dim`` tokens).
+        norm: an :class:`~longtune.model.llama.RMSNorm` to apply to each tile first, or None.
     """
 
-    def __init__(self, mlp: nn.Module, tile: int | None = None) -> None:
+    def __init__(self, mlp: nn.Module, tile: int | None = None, norm: nn.Module | None = None) -> None:
         super().__init__()
         own = [n for n, _ in mlp.named_parameters(recurse=False)]
         own += [n for n, _ in mlp.named_buffers(recurse=False)]
@@ -168,7 +175,14 @@ class TiledMLP(nn.Module):
         for name, child in mlp.named_children():
             self.add_module(name, child)
         self.__dict__["mlp"] = mlp  # not a submodule: no name level added
+        self.__dict__["norm"] = norm  # the block's: named there
         self.tile = tile
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP (after the norm, if any) of ``(n, dim)`` rows: what each tile runs."""
+        if self.norm is not None:
+            x = RMSNorm.forward(self.norm, x)  # the plain formula, whatever the norm's class
+        return self.mlp.forward(x)
 
     def train(self, mode: bool = True) -> TiledMLP:
         self.mlp.training = mode
@@ -188,13 +202,15 @@ def _tiled_forward(module: TiledMLP, x: torch.Tensor) -> torch.Tensor:
         isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()
     )
     params = [p for p in module.parameters() if p.requires_grad]
+    if module.norm is not None and module.norm.weight.requires_grad:
+        params.append(module.norm.weight)
     saved_by = None
     if x.requires_grad and torch.is_grad_enabled():
         x = _KeepInput.apply(x)
         saved_by = x.grad_fn
     # (Else, e.g. LoRA on the MLP only, whose first input needs no gradient: the function
     # saves x itself.)
-    return TiledMLPFunction.apply(module.mlp.forward, x, tile, preserve_rng, saved_by, *params)
+    return TiledMLPFunction.apply(module.rows, x, tile, preserve_rng, saved_by, *params)
 
 
 class TiledRMSNormFunction(torch.autograd.Function):
@@ -255,8 +271,7 @@ class TiledRMSNorm(RMSNorm):
     runs :class:`TiledRMSNormFunction`; made by :func:`tile_norms`."""
 
     tile: int | None = None
-    """Tokens per tile; None = :func:`tile_tokens` of the input, in at most
-    :data:`NORM_TILES` tiles."""
+    """Tokens per tile; None = :func:`norm_tile` of the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
@@ -274,15 +289,35 @@ def tile_norms(model: nn.Module, tile: int | None = None) -> None:
 
 
 NORM_TILES = 8
-"""A norm's tiles by default: at most this many (its work is elementwise and cheap; fewer,
-larger tiles mean fewer kernel launches, and its float32 transients are already 1/8)."""
+"""A norm's tiles by default: at most this many while they stay under :data:`NORM_TILE_BYTES`
+(its work is elementwise and cheap; fewer, larger tiles mean fewer kernel launches)."""
+
+NORM_TILE_BYTES = 2**27
+"""The most float32 bytes one tile's ``tile x dim`` work may take: its backward holds about four
+such tensors at once, in the peak of a block's backward (128 MiB: 8,192 tokens of 8B's 4096;
+eight tiles of 8B at 1M tokens would be 2 GiB each)."""
+
+
+def norm_tile(tokens: int, dim: int) -> int:
+    """Tokens per tile of a tiled norm: :data:`NORM_TILES` tiles, or more where a tile's
+    float32 work would pass :data:`NORM_TILE_BYTES`; never fewer tokens than
+    :func:`tile_tokens` (the MLP's tiles).
+
+    Args:
+        tokens: tokens the norm runs over (``bs * seq`` of this rank).
+        dim: the model dimension.
+
+    Returns:
+        Tokens per tile, in ``[1, tokens]``.
+    """
+    cap = max(1, NORM_TILE_BYTES // (4 * dim))
+    return max(tile_tokens(tokens, dim), min(-(-tokens // NORM_TILES), cap))
 
 
 def _tiled_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    tokens = x.numel() // x.shape[-1]
     tile = module.tile
     if tile is None:
-        tile = max(tile_tokens(tokens, x.shape[-1]), -(-tokens // NORM_TILES))
+        tile = norm_tile(x.numel() // x.shape[-1], x.shape[-1])
     return TiledRMSNormFunction.apply(x, module.weight, module.eps, tile)
 
 

@@ -91,10 +91,11 @@ def apply_tiled_mlp(model: Transformer, tile: int | None = None) -> None:
     Each ``feed_forward`` becomes a :class:`~longtune.model.tiled.TiledMLP` of itself: the same
     parameters under the same names (a checkpoint saved with tiling loads without, and back),
     computed ``tile`` tokens at a time so that the ``tokens x 2 ffn_dim`` gate/up
-    intermediates exist for one tile only (their gradients too). The RMSNorms are tiled too
-    (:func:`~longtune.model.tiled.tile_norms`: their float32 work one tile at a time, only the
-    input and ``1 / rms`` saved). Apply after sequence parallelism (the tiles are over a rank's
-    own tokens) and before activation checkpointing.
+    intermediates exist for one tile only (their gradients too). The block's ``ffn_norm`` runs
+    inside the tiles (its normalized rows are not kept whole for the backward pass); the other
+    RMSNorms are tiled too (:func:`~longtune.model.tiled.tile_norms`: their float32 work one
+    tile at a time, only the input and ``1 / rms`` saved). Apply after sequence parallelism
+    (the tiles are over a rank's own tokens) and before activation checkpointing.
 
     Args:
         model: the native model (any device, the meta device included).
@@ -103,7 +104,7 @@ def apply_tiled_mlp(model: Transformer, tile: int | None = None) -> None:
     """
     for block in model.layers.values():
         if not isinstance(block.feed_forward, TiledMLP):
-            block.feed_forward = TiledMLP(block.feed_forward, tile)
+            block.feed_forward = TiledMLP(block.feed_forward, tile, norm=block.ffn_norm)
     tile_norms(model, tile)
 
 
