@@ -19,13 +19,19 @@ rank at the largest degree, so the loss's fixed-size chunk buffers are in both p
   (optimizer-step temporaries, loss chunk buffers) cancels. Under SP=N it should be about 1/N of
   SP=1's: the check printed is ``grows(N) <= 1.2 / N * grows(1)``.
 
-With ``--transformers`` the same step of ``transformers``' ``LlamaForCausalLM`` (one process,
-gradient checkpointing on, SDPA, full-sequence causal attention) is measured too, for reference.
+With ``--tiled-mlp off on`` every degree runs without and with the tiled MLP
+(``model.tiled_mlp``: the MLP and its norm over the tokens in tiles, the other norms tiled), and
+the table gives tiled / untiled of ``peak`` and ``grows``. With ``--transformers`` the same step
+of ``transformers``' ``LlamaForCausalLM`` (one process, gradient checkpointing on, SDPA,
+full-sequence causal attention) is measured too, for reference, and every row's ``peak`` and
+``grows`` is given as a ratio of its.
 
     .venv/bin/python benchmarks/bench_sp.py                               # SmolLM2 shape, SP 1, 3
     .venv/bin/python benchmarks/bench_sp.py --shape smollm2-8h --degrees 1 2 4
     .venv/bin/python benchmarks/bench_sp.py --context 16384 --transformers
     .venv/bin/python benchmarks/bench_sp.py --shape smollm2-8h --keep-exchanges  # the other policy
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sp.py --context 16384 --degrees 1 \
+        --tiled-mlp off on --transformers                    # tiled MLP against untiled
 
 Shapes: ``smollm2`` is SmolLM2-135M (9 query / 3 KV heads, so SP degrees 1, 3, 9);
 ``smollm2-8h`` is the same size with 8 query / 2 KV heads of dimension 72 (SP 1, 2, 4, 8).
@@ -41,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SHAPES = {
@@ -61,7 +68,13 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
-def measure_protocol(step, opts: argparse.Namespace, layout: int | str, rank: int) -> None:  # noqa: ANN001
+def measure_protocol(
+    step: Callable[[int], float],
+    opts: argparse.Namespace,
+    layout: int | str,
+    rank: int,
+    tiled: bool = False,
+) -> None:
     """Warm up at ``L0``, measure one step at ``L0`` and one at ``L``, append the record."""
     import torch
 
@@ -84,6 +97,7 @@ def measure_protocol(step, opts: argparse.Namespace, layout: int | str, rank: in
     base, peak, seconds = measured(opts.context)
     record = {
         "sp": layout,
+        "tiled": tiled,
         "rank": rank,
         "base": base,
         "peak": peak,
@@ -117,6 +131,7 @@ def worker(opts: argparse.Namespace) -> None:
         opts.ac,
         torch.bfloat16 if on_gpu else None,
         keep_exchanges=opts.keep_exchanges,
+        tiled_mlp=opts.tiled_mlp == ["on"],
     )
     model.to_empty(device=device)
     torch.manual_seed(0)
@@ -155,7 +170,7 @@ def worker(opts: argparse.Namespace) -> None:
         dist.barrier()
         return time.perf_counter() - t0
 
-    measure_protocol(step, opts, world, rank)
+    measure_protocol(step, opts, world, rank, tiled=opts.tiled_mlp == ["on"])
     dist.destroy_process_group()
 
 
@@ -207,6 +222,13 @@ def main() -> None:
     parser.add_argument("--ac", choices=("none", "selective", "full"), default="selective")
     parser.add_argument("--transformers", action="store_true", help="also measure transformers")
     parser.add_argument(
+        "--tiled-mlp",
+        nargs="+",
+        choices=("off", "on"),
+        default=["off"],
+        help="model.tiled_mlp for each degree (off on: both, and their ratio)",
+    )
+    parser.add_argument(
         "--keep-exchanges",
         action="store_true",
         help="selective checkpointing keeps the all-to-all outputs (parallel.keep_exchanges)",
@@ -240,36 +262,59 @@ def main() -> None:
     )
     script = str(Path(__file__).resolve())
     for sp in degrees:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd = [*torchrun, f"--nproc-per-node={sp}", script, "--worker", "longtune", *same]
-        subprocess.run(cmd, env=env, check=True)
+        for tiled in opts.tiled_mlp:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            cmd = [*torchrun, f"--nproc-per-node={sp}", script, "--worker", "longtune", *same]
+            subprocess.run([*cmd, "--tiled-mlp", tiled], env=env, check=True)
     if opts.transformers:
         subprocess.run(
             [sys.executable, script, "--worker", "transformers", *same], env=env, check=True
         )
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    gib = 2**30
     print(
         f"\n{opts.shape} ({SHAPES[opts.shape]}), context {opts.context} tokens (L0 = {short}) in "
         f"documents of {opts.doc_len}, activation checkpointing {opts.ac}"
         f"{' keeping the exchanges' if opts.keep_exchanges else ''} (transformers: full); "
         f"CPU allocator: {opts.allocator}"
     )
-    print("| layout | rank | base GiB | peak GiB | grows GiB | grows / SP=1 | limit 1.2/N | s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    ref = None
+    print_table(records)
+
+
+def print_table(records: list[dict]) -> None:
+    """The markdown table: per layout and rank, memory and its ratios (``grows`` to SP=1 of the
+    same tiling; with both tilings, tiled to untiled; with transformers, to transformers)."""
+    gib = 2**30
+    hf = next((r for r in records if r["sp"] == "transformers"), None)
+    one = {r.get("tiled", False): r["grows"] for r in records if r["sp"] == 1 and r["rank"] == 0}
+    untiled = {
+        (r["sp"], r["rank"]): r for r in records if r["sp"] != "transformers" and not r["tiled"]
+    }
+    print(
+        "| layout | tiled MLP | rank | base GiB | peak GiB | grows GiB | grows / SP=1 | limit 1.2/N "
+        "| tiled / untiled peak, grows | / transformers peak, grows | s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:
-        grows = r["grows"] / gib
-        if r["sp"] == 1:
-            ref = grows
         is_sp = isinstance(r["sp"], int)
-        ratio = f"{grows / ref:.3f}" if ref and is_sp else "—"
+        tiled = r.get("tiled", False)
+        ref = one.get(tiled) if is_sp else None
+        ratio = f"{r['grows'] / ref:.3f}" if ref else "—"
         limit = f"{1.2 / r['sp']:.3f}" if is_sp else "—"
+        twin = untiled.get((r["sp"], r["rank"])) if tiled else None
+        vs_untiled = (
+            f"{r['peak'] / twin['peak']:.3f}, {r['grows'] / twin['grows']:.3f}" if twin else "—"
+        )
+        vs_hf = (
+            f"{r['peak'] / hf['peak']:.3f}, {r['grows'] / hf['grows']:.3f}"
+            if hf and r is not hf
+            else "—"
+        )
         layout = f"SP={r['sp']}" if is_sp else "transformers"
         print(
-            f"| {layout} | {r['rank']} | {r['base'] / gib:.2f} | {r['peak'] / gib:.2f} | "
-            f"{grows:.2f} | {ratio} | {limit} | {r['seconds']:.1f} |"
+            f"| {layout} | {'on' if tiled else 'off'} | {r['rank']} | {r['base'] / gib:.2f} | "
+            f"{r['peak'] / gib:.2f} | {r['grows'] / gib:.2f} | {ratio} | {limit} | {vs_untiled} | "
+            f"{vs_hf} | {r['seconds']:.1f} |"
         )
 
 

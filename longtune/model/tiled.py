@@ -161,7 +161,9 @@ class TiledMLP(nn.Module):
         norm: an :class:`~longtune.model.llama.RMSNorm` to apply to each tile first, or None.
     """
 
-    def __init__(self, mlp: nn.Module, tile: int | None = None, norm: nn.Module | None = None) -> None:
+    def __init__(
+        self, mlp: nn.Module, tile: int | None = None, norm: nn.Module | None = None
+    ) -> None:
         super().__init__()
         own = [n for n, _ in mlp.named_parameters(recurse=False)]
         own += [n for n, _ in mlp.named_buffers(recurse=False)]
