@@ -19,9 +19,11 @@ Tile size: ALST's rule, ``ceil(tokens / dim)`` tiles (:func:`tile_tokens`): abou
 tokens per tile, so a tile's intermediates are about ``dim x 3 ffn_dim`` values, of the order of
 the layer's own weights. Like the model, nothing here knows about distribution.
 
-The RMSNorms are the other full-sequence float32 work of a block: :class:`TiledRMSNormFunction`
-computes them in tiles too, saving only the input and each row's ``1 / rms``
-(:func:`tile_norms`; the same lever, ``model.tiled_mlp``).
+The MLP's norm (the block's ``ffn_norm``) can run inside the tiles too (``TiledMLP(norm=)``, as
+``apply_tiled_mlp`` sets it up): its normalized rows then exist for one tile only instead of
+being kept whole for the backward pass. The other RMSNorms are the rest of a block's
+full-sequence float32 work: :class:`TiledRMSNormFunction` computes them in tiles, saving only
+the input and each row's ``1 / rms`` (:func:`tile_norms`; the same lever, ``model.tiled_mlp``).
 """
 
 from __future__ import annotations
