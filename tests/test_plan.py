@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -125,6 +127,68 @@ def test_ctrl_c_during_a_command_is_one_line_and_code_130(monkeypatch, capsys):
         main(["plan", "llama-3.1-8b"])
     assert done.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == ["longtune plan: interrupted"]
+
+
+def _trace_workers(parent: int) -> list[int]:
+    """The live (not zombie) trace workers a process spawned (``spawn_main`` in their command
+    line; multiprocessing's resource tracker is left out)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == parent and state != "Z" and b"spawn_main" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_a_killed_plan_takes_its_trace_workers_with_it():
+    """``longtune plan`` killed outright (SIGKILL: no handler of its runs) leaves no trace
+    worker tracing on as an orphan (two did, for 30 minutes, before the workers asked the
+    kernel for a signal at their parent's death)."""
+    import time
+
+    from longtune.plan import planner
+
+    if planner.TRACE_WORKERS < 2:
+        pytest.skip("one CPU: traces run in the planning process")
+    cmd = [sys.executable, "-m", "longtune", "plan", "llama-3.1-8b", "--context", "65536"]
+    proc = subprocess.Popen(
+        [*cmd, "--sp", "1", "--ac", "full", "--micro-batch", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _trace_workers(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(workers) == 2, "the plan started no trace workers"
+        time.sleep(1.0)  # past their initializer
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while (left := [w for w in workers if _alive(w)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:  # not left running by this test either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"trace workers {left} outlived the plan"
+
+
+def _alive(pid: int) -> bool:
+    """A process exists and is not a zombie (an orphan is re-parented, so not by its parent)."""
+    from pathlib import Path
+
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def test_fsdp_cpu_offload_moves_shards_gradients_and_optimizer_state_to_the_host():

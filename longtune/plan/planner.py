@@ -12,10 +12,12 @@ cannot hide added.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -219,10 +221,28 @@ def _pool() -> ProcessPoolExecutor:
         _POOL = ProcessPoolExecutor(
             TRACE_WORKERS,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=signal.signal,
-            initargs=(signal.SIGINT, signal.SIG_IGN),  # Ctrl-C is the parent's to answer
+            initializer=_worker_start,
+            initargs=(os.getpid(),),
         )
     return _POOL
+
+
+def _worker_start(parent: int) -> None:
+    """A trace worker leaves Ctrl-C to its parent (which answers it and ends the workers) and,
+    on Linux, asks the kernel for SIGKILL when its parent dies: a parent killed outright runs
+    no code of its own, and a worker in a trace would go on for minutes as an orphan."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before the request: nobody waits for this worker
+        os._exit(0)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def stop_workers() -> None:
