@@ -181,6 +181,27 @@ def test_a_killed_plan_takes_its_trace_workers_with_it():
     assert not left, f"trace workers {left} outlived the plan"
 
 
+def test_trace_workers_started_in_a_thread_outlive_it():
+    """The death signal the workers ask for is their starting thread's: a pool started by a
+    thread that then ends (``longtune.plan`` called from a worker thread) must stay usable, so
+    workers started outside the main thread do not ask for it."""
+    import threading
+
+    from longtune.plan import planner
+
+    planner.stop_workers()
+    pids = []
+    thread = threading.Thread(
+        target=lambda: pids.append(planner._pool().submit(os.getpid).result())
+    )
+    thread.start()
+    thread.join()
+    try:
+        assert pids and planner._pool().submit(os.getpid).result(timeout=60) > 0
+    finally:
+        planner.stop_workers()
+
+
 def _alive(pid: int) -> bool:
     """A process exists and is not a zombie (an orphan is re-parented, so not by its parent)."""
     from pathlib import Path

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -222,17 +223,19 @@ def _pool() -> ProcessPoolExecutor:
             TRACE_WORKERS,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_start,
-            initargs=(os.getpid(),),
+            # (The death signal is the starting thread's: asked for only from the main thread,
+            # whose end is the process's, so that a pool made in another thread outlives it.)
+            initargs=(os.getpid(), threading.current_thread() is threading.main_thread()),
         )
     return _POOL
 
 
-def _worker_start(parent: int) -> None:
+def _worker_start(parent: int, die_with_parent: bool) -> None:
     """A trace worker leaves Ctrl-C to its parent (which answers it and ends the workers) and,
     on Linux, asks the kernel for SIGKILL when its parent dies: a parent killed outright runs
     no code of its own, and a worker in a trace would go on for minutes as an orphan."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
+    if die_with_parent and sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
