@@ -383,7 +383,7 @@ def test_tiled_rmsnorm_equals_the_plain_formula(dtype, tile):
 
 
 def test_norm_tiles_bound_their_float32_work_at_any_length(monkeypatch):
-    """A tiled norm runs in at most NORM_TILES tiles, but no tile's float32 work is larger than
+    """A tiled norm runs in NORM_TILES tiles, more where one tile's float32 work would pass
     NORM_TILE_BYTES: a long sequence gets more tiles (8B at 1M tokens: eight tiles would make
     2 GiB float32 temporaries, four at once in the backward). Checked on every float32 tensor
     made in forward and backward, with the cap lowered to 128 rows of 64."""
