@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,21 +130,28 @@ def test_ctrl_c_during_a_command_is_one_line_and_code_130(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["longtune plan: interrupted"]
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid, from ``/proc`` (None: it is gone)."""
+    try:
+        state, ppid = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(ppid)
+
+
 def _trace_workers(parent: int) -> list[int]:
     """The live (not zombie) trace workers a process spawned (``spawn_main`` in their command
     line; multiprocessing's resource tracker is left out)."""
-    from pathlib import Path
-
     found = []
     for proc in Path("/proc").iterdir():
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes()
-        except (OSError, ValueError):
+        st = _stat(int(proc.name)) if proc.name.isdigit() else None
+        if st is None or st[1] != parent or st[0] == "Z":
             continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == parent and state != "Z" and b"spawn_main" in cmdline:
-            found.append(int(proc.name))
+        try:
+            if b"spawn_main" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
     return found
 
 
@@ -204,12 +212,8 @@ def test_trace_workers_started_in_a_thread_outlive_it():
 
 def _alive(pid: int) -> bool:
     """A process exists and is not a zombie (an orphan is re-parented, so not by its parent)."""
-    from pathlib import Path
-
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"
 
 
 def test_fsdp_cpu_offload_moves_shards_gradients_and_optimizer_state_to_the_host():

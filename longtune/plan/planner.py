@@ -185,6 +185,7 @@ TRACE_WORKERS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaff
 """Processes that trace a layout's two block counts at once (1: in this process). A trace is
 single-threaded Python dispatch, so two cores trace the pair in about the time of the larger."""
 _POOL: ProcessPoolExecutor | None = None
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _trace_keys(args: ModelArgs, layout: Layout, sizes: tuple[int, ...], kw: dict) -> list[tuple]:
@@ -243,9 +244,6 @@ def _worker_start(parent: int, die_with_parent: bool) -> None:
             pass
     if os.getppid() != parent:  # it died before the request: nobody waits for this worker
         os._exit(0)
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def stop_workers() -> None:
