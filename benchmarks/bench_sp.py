@@ -24,7 +24,7 @@ With ``--tiled-mlp off on`` every degree runs without and with the tiled MLP
 the table gives tiled / untiled of ``peak`` and ``grows``. With ``--transformers`` the same step
 of ``transformers``' ``LlamaForCausalLM`` (one process, gradient checkpointing on, SDPA,
 full-sequence causal attention) is measured too, for reference, and every row's ``peak`` and
-``grows`` is given as a ratio of its.
+``grows`` is also given as a ratio to transformers'.
 
     .venv/bin/python benchmarks/bench_sp.py                               # SmolLM2 shape, SP 1, 3
     .venv/bin/python benchmarks/bench_sp.py --shape smollm2-8h --degrees 1 2 4
@@ -118,6 +118,7 @@ def worker(opts: argparse.Namespace) -> None:
     from longtune.parallel.parallelize import parallelize
 
     rank, world, device = init_distributed()
+    tiled = opts.tiled_mlp == ["on"]  # a worker gets one setting
     args = ModelArgs(**SHAPES[opts.shape], **COMMON)
     dims = ParallelDims.build(
         world, world, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads
@@ -131,7 +132,7 @@ def worker(opts: argparse.Namespace) -> None:
         opts.ac,
         torch.bfloat16 if on_gpu else None,
         keep_exchanges=opts.keep_exchanges,
-        tiled_mlp=opts.tiled_mlp == ["on"],
+        tiled_mlp=tiled,
     )
     model.to_empty(device=device)
     torch.manual_seed(0)
@@ -170,7 +171,7 @@ def worker(opts: argparse.Namespace) -> None:
         dist.barrier()
         return time.perf_counter() - t0
 
-    measure_protocol(step, opts, world, rank, tiled=opts.tiled_mlp == ["on"])
+    measure_protocol(step, opts, world, rank, tiled=tiled)
     dist.destroy_process_group()
 
 
