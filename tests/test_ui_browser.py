@@ -64,10 +64,14 @@ def wait_points(page, at_least: int, timeout_s: float) -> int:
 
 # Records, from the moment it is installed, the cancel button's state with the run's status
 # each time either changes.
+# Records the cancel button's state at every change from the click on (a poll that rewrites the
+# status text between this and the click is not the button's doing: it was logged as clickable).
 WATCH_CANCEL = """() => {
   window.cancelLog = [];
+  let clicked = false;
   const button = document.querySelector('#cancel'), status = document.querySelector('#status');
-  const note = () => window.cancelLog.push([status.textContent, button.disabled, button.hidden]);
+  document.addEventListener('click', (e) => { if (e.target === button) clicked = true; }, true);
+  const note = () => clicked && window.cancelLog.push([status.textContent, button.disabled, button.hidden]);
   const watch = new MutationObserver(note);
   watch.observe(button, { attributes: true });
   watch.observe(status, { childList: true, characterData: true, subtree: true });
